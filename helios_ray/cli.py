@@ -1,0 +1,201 @@
+"""The ``helios-ray`` command.
+
+Each subcommand is a ``(configure, run)`` pair; heavy imports (torch, transformers, ray) happen inside ``run``
+so ``helios-ray --help`` and ``models`` stay fast.  User errors (:class:`HeliosError`, bad config) print one
+line on stderr and exit 2; only genuine bugs show a traceback.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from typing import Any, Callable
+
+from helios_ray.errors import HeliosError
+
+Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
+
+
+def _emit(obj: Any, as_json: bool, human: Callable[[Any], str] | None = None) -> None:
+    if as_json or human is None:
+        print(json.dumps(obj, indent=2, default=str))
+    else:
+        print(human(obj))
+
+
+# ----------------------------------------------------------------------------------------------- models
+def _cfg_models(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--models-file", help="extra model registrations (YAML/JSON); default $HELIOS_MODELS_FILE")
+
+
+def _run_models(a: argparse.Namespace) -> int:
+    from helios_ray.models.repository import ModelRepository
+
+    repo = ModelRepository(models_file=a.models_file)
+    infos = [i.model_dump(mode="json") for i in repo.all_info()]
+
+    def table(rows: list[dict[str, Any]]) -> str:
+        lines = [f"{'name':<16} {'family':<12} {'layers':>6} {'layer MB':>9} {'KV B/tok/layer':>15} {'trained exits':<16} status"]
+        for r in rows:
+            ex = (r.get("exits") or {}).get("trained") or []
+            status = "ready" if r["prepared"] else (r.get("problem") or "not prepared")
+            lb = f"{r['layer_bytes'] / 2**20:.1f}" if r.get("layer_bytes") else "-"
+            lines.append(f"{r['name']:<16} {r.get('family') or '-':<12} {r.get('num_layers') or '-':>6} {lb:>9} "
+                         f"{r.get('kv_bytes_per_token_per_layer') or '-':>15} {','.join(map(str, ex)) or '-':<16} {status}")
+        return "\n".join(lines)
+
+    _emit(infos, a.json, table)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- prepare
+def _cfg_prepare(p: argparse.ArgumentParser) -> None:
+    p.add_argument("names", nargs="*", help="models to prepare (default: every built-in model)")
+    p.add_argument("--force", action="store_true", help="convert again even if the cache exists")
+    p.add_argument("--models-file")
+
+
+def _run_prepare(a: argparse.Namespace) -> int:
+    import time
+
+    from helios_ray.models.repository import BUILTIN_MODELS, ModelRepository
+
+    repo = ModelRepository(models_file=a.models_file)
+    names = a.names or [m.name for m in BUILTIN_MODELS]
+    for n in names:
+        repo.spec(n)
+    for n in names:
+        t0 = time.time()
+        print(f"preparing {n} ...", file=sys.stderr, flush=True)
+        path = repo.prepare(n, force=a.force)
+        print(f"{n}: ready at {path} ({time.time() - t0:.1f} s)", file=sys.stderr, flush=True)
+    return 0
+
+
+# ---------------------------------------------------------------------------------------------- inspect
+def _add_load_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("model", help="registered model name (see `helios-ray models`)")
+    p.add_argument("--depth", type=int, default=None, help="layers to load (default: all)")
+    p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
+    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
+    p.add_argument("--exits", default="auto", choices=["auto", "shared"],
+                   help="auto: trained exit head at the depth when available; shared: final norm + LM head")
+    p.add_argument("--models-file")
+
+
+def _load(a: argparse.Namespace, **kw: Any):  # noqa: ANN202
+    from helios_ray.models.early_exit import load_model
+    from helios_ray.models.repository import ModelRepository
+
+    repo = ModelRepository(models_file=a.models_file)
+    return load_model(a.model, a.depth, repo=repo, device=a.device, dtype=a.dtype, exits=a.exits, **kw)
+
+
+def _cfg_inspect(p: argparse.ArgumentParser) -> None:
+    _add_load_args(p)
+    p.add_argument("--json", action="store_true")
+
+
+def _run_inspect(a: argparse.Namespace) -> int:
+    from helios_ray.models.loading import rss_bytes
+
+    rss0 = rss_bytes()
+    m = _load(a)
+    load_rss = rss_bytes()
+    # Safetensors tensors are mmap-backed: pages become resident when first used.  One forward pass touches
+    # every loaded weight, so the RSS reported is what a serving replica actually holds.
+    ids = m.encode(prompt="Hello")
+    m.generate(ids, max_tokens=1)
+    out = {
+        "model": m.name,
+        "family": m.spec.family,
+        "total_layers": m.total_layers,
+        "loaded_layers": m.depth,
+        "exit_head": m.exit_head.kind,
+        "param_bytes": m.param_bytes,
+        "kv_bytes_per_token": m.kv_bytes_per_token,
+        "load_seconds": round(m.load_seconds, 3),
+        "rss_bytes": rss_bytes(),
+        "rss_after_load_bytes": load_rss,
+        "rss_delta_bytes": rss_bytes() - rss0,
+        "device": str(m.device),
+        "dtype": str(m.lm.dtype).replace("torch.", ""),
+    }
+    _emit(out, a.json, lambda o: "\n".join(f"{k:>20}: {v}" for k, v in o.items()))
+    return 0
+
+
+# --------------------------------------------------------------------------------------------- generate
+def _cfg_generate(p: argparse.ArgumentParser) -> None:
+    _add_load_args(p)
+    p.add_argument("--prompt", required=True)
+    p.add_argument("--max-tokens", type=int, default=64)
+    p.add_argument("--chat", action="store_true", help="wrap the prompt as a user message in the chat template")
+    p.add_argument("--threshold", type=float, default=0.9, help="confidence below this counts as a breach")
+    p.add_argument("--confidence", default="max_prob", choices=["max_prob", "margin", "entropy"])
+    p.add_argument("--json", action="store_true")
+
+
+def _run_generate(a: argparse.Namespace) -> int:
+    if a.max_tokens < 1:
+        raise HeliosError(f"--max-tokens must be >= 1 (got {a.max_tokens})")
+    if not 0 < a.threshold <= 1:
+        raise HeliosError(f"--threshold must be in (0, 1] (got {a.threshold})")
+    m = _load(a, confidence_kind=a.confidence, threshold=a.threshold)
+    ids = m.encode(messages=[{"role": "user", "content": a.prompt}]) if a.chat else m.encode(prompt=a.prompt)
+    if not a.json:
+        for t in m.generate_stream(ids, a.max_tokens):
+            if t.token not in m.eos_ids:
+                print(t.text, end="", flush=True)
+        print()
+        return 0
+    g = m.generate(ids, a.max_tokens)
+    out = {
+        "model": m.name, "depth": m.depth, "total_layers": m.total_layers, "exit_head": m.exit_head.kind,
+        "text": g.text, "finish_reason": g.finish_reason, "prompt_tokens": g.prompt_tokens,
+        "completion_tokens": len(g.tokens), "seconds": round(g.seconds, 3),
+        "tokens_per_s": round(len(g.tokens) / g.seconds, 2) if g.seconds else None,
+        "breaches": sum(t.breach for t in g.tokens),
+        "tokens": [{"token": t.token, "text": t.text, "exit_layer": t.exit_layer,
+                    "confidence": round(t.confidence, 4), "breach": t.breach} for t in g.tokens],
+    }
+    _emit(out, True)
+    return 0
+
+
+COMMANDS: list[Command] = [
+    ("models", "list registered models and their static metadata", _cfg_models, _run_models),
+    ("prepare", "convert model sources into the safetensors cache (one-time)", _cfg_prepare, _run_prepare),
+    ("inspect", "load a model to a depth and report its size", _cfg_inspect, _run_inspect),
+    ("generate", "generate with greedy exit at a depth, per-token exit and confidence", _cfg_generate, _run_generate),
+]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="helios-ray", description=__doc__.splitlines()[0])
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    for name, help_text, configure, run in COMMANDS:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        configure(p)
+        p.set_defaults(_run=run)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from local files; never hit a hub by accident
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args._run(args) or 0)
+    except HeliosError as e:
+        print(f"helios-ray {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,311 @@
+"""EarlyExitLM: a truncated decoder plus its exit head, and "profile mode" over every exit.
+
+Serving (HELIOS "greedy exit"): the model holds layers [0, D) and the exit head at D; every token leaves at D.
+Its confidence there is still measured - a token below the threshold is a *confidence breach*, the signal
+the control plane counts to decide when to load more layers or switch models.
+
+Profile mode: the full model evaluates every available exit for each generated token and reports each exit's
+argmax and confidence next to the final layer's argmax.  Generation follows the final layer, so the record
+answers "had this token exited at D, would it have been the same?" - the raw material for exit histograms and
+the accuracy guard.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterator, Literal
+
+import torch
+from torch import Tensor
+
+from helios_ray.errors import HeliosError, InvalidRequestError
+from helios_ray.models.decoder import DecoderLM, DenseKVCache, KVCache
+from helios_ray.models.exit_heads import ExitHead, SharedHead, load_heads
+from helios_ray.models.loading import (
+    check_depth, load_decoder, param_bytes, pick_device, pick_dtype, read_spec,
+)
+
+ConfidenceKind = Literal["max_prob", "margin", "entropy"]
+
+
+def confidence(logits: Tensor, kind: ConfidenceKind = "max_prob") -> tuple[Tensor, Tensor]:
+    """(argmax token, confidence in [0, 1]) for logits [..., V].
+
+    ``max_prob``: top-1 softmax probability (CALM/EE-LLM default).  ``margin``: top-1 minus top-2 probability.
+    ``entropy``: 1 - H(p)/log V, so that 1 means certain and 0 uniform.
+    """
+    logp = torch.log_softmax(logits.float(), dim=-1)
+    top = logp.topk(2, dim=-1)
+    token = top.indices[..., 0]
+    p1 = top.values[..., 0].exp()
+    if kind == "max_prob":
+        conf = p1
+    elif kind == "margin":
+        conf = p1 - top.values[..., 1].exp()
+    elif kind == "entropy":
+        ent = -(logp.exp() * logp).sum(-1)
+        conf = 1.0 - ent / math.log(logits.shape[-1])
+    else:
+        raise HeliosError(f"unknown confidence measure {kind!r}")
+    return token, conf
+
+
+@dataclass
+class TokenExit:
+    token: int
+    text: str
+    exit_layer: int
+    confidence: float
+    breach: bool
+
+
+@dataclass
+class Generation:
+    prompt_tokens: int
+    tokens: list[TokenExit] = field(default_factory=list)
+    text: str = ""
+    finish_reason: str = "length"
+    seconds: float = 0.0
+
+
+class EarlyExitLM:
+    """A loaded (possibly truncated) model, its tokenizer and its exit heads."""
+
+    def __init__(self, name: str, lm: DecoderLM, heads: dict[int, ExitHead], tokenizer: Any,
+                 confidence_kind: ConfidenceKind = "max_prob", threshold: float = 0.9,
+                 load_seconds: float = 0.0):
+        self.name, self.lm, self.tokenizer = name, lm, tokenizer
+        self.heads = heads
+        self.confidence_kind = confidence_kind
+        self.threshold = threshold
+        self.load_seconds = load_seconds
+        spec = lm.spec
+        eos = set(spec.eos_token_ids)
+        if tokenizer is not None and tokenizer.eos_token_id is not None:
+            eos.add(int(tokenizer.eos_token_id))
+        self.eos_ids = eos
+
+    # ------------------------------------------------------------------------------------- facts
+    @property
+    def spec(self):  # noqa: ANN201 - ArchSpec
+        return self.lm.spec
+
+    @property
+    def depth(self) -> int:
+        return self.lm.depth
+
+    @property
+    def total_layers(self) -> int:
+        return self.lm.spec.num_layers
+
+    @property
+    def device(self) -> torch.device:
+        return self.lm.embed.weight.device
+
+    @property
+    def exit_head(self) -> ExitHead:
+        """The head tokens leave through: the trained head at D, else the shared head (exact at full depth)."""
+        return self.heads.get(self.depth) or SharedHead(self.depth)
+
+    @property
+    def param_bytes(self) -> int:
+        total = param_bytes(self.lm)
+        if self.depth in self.heads:
+            total += param_bytes(self.heads[self.depth])
+        return total
+
+    @property
+    def kv_bytes_per_token(self) -> int:
+        """KV bytes one token costs at this depth (the exit head's block, if any, counts as a layer)."""
+        s = self.spec
+        layers = self.depth + (1 if self.exit_head.kind == "block" else 0)
+        return layers * 2 * s.num_kv_heads * s.head_dim * self.lm.embed.weight.element_size()
+
+    @property
+    def has_chat_template(self) -> bool:
+        return bool(getattr(self.tokenizer, "chat_template", None))
+
+    # ------------------------------------------------------------------------------- tokenizing
+    def encode(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None) -> list[int]:
+        if messages is not None:
+            if not self.has_chat_template:
+                raise InvalidRequestError(
+                    f"model {self.name!r} has no chat template (it is a base model); send a plain prompt instead"
+                )
+            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        else:
+            if prompt is None:
+                raise InvalidRequestError("either a prompt or chat messages are required")
+            ids = self.tokenizer(prompt)["input_ids"]
+        if not ids:
+            raise InvalidRequestError("the prompt is empty after tokenization")
+        return list(ids)
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True)
+
+    # --------------------------------------------------------------------------------- forward
+    def new_cache(self) -> DenseKVCache:
+        return DenseKVCache()
+
+    @torch.inference_mode()
+    def forward_exit(self, ids: Tensor, q_pos: Tensor, cache: KVCache, last_only: bool = True) -> Tensor:
+        """Logits at the exit (depth D) for [B, T] tokens at positions q_pos (-1 = padding)."""
+        ctx = self.lm.context(q_pos, cache)
+        h = self.lm.run_layers(self.lm.embed_tokens(ids, ctx), ctx)
+        head = self.exit_head
+        h = head.transform(h, ctx)
+        if last_only:
+            h = h[:, -1:]
+        return self.lm.logits(h)
+
+    @torch.inference_mode()
+    def step(self, ids: Tensor, q_pos: Tensor, cache: KVCache) -> tuple[Tensor, Tensor, Tensor]:
+        """Greedy exit at D for the last position: (token [B], confidence [B], logits [B, V])."""
+        logits = self.forward_exit(ids, q_pos, cache, last_only=True)[:, -1]
+        token, conf = confidence(logits, self.confidence_kind)
+        return token, conf, logits
+
+    @torch.inference_mode()
+    def profile_step(self, ids: Tensor, q_pos: Tensor, cache: KVCache, exits: list[int]) -> dict[str, Any]:
+        """Every exit in ``exits`` (< D) plus the final layer, for the last position of each sequence.
+
+        Returns ``{"exits": {d: (tokens [B], conf [B])}, "final": (tokens [B], conf [B]), "final_logits": [B,V]}``.
+        Block heads run on every position so that their own KV entries stay complete.
+        """
+        ctx = self.lm.context(q_pos, cache)
+        h = self.lm.embed_tokens(ids, ctx)
+        out: dict[int, tuple[Tensor, Tensor]] = {}
+        wanted = sorted(set(e for e in exits if e < self.depth))
+        done = 0
+        for d in wanted:
+            h = self.lm.run_layers(h, ctx, done, d)
+            done = d
+            head = self.heads.get(d) or SharedHead(d)
+            z = head.transform(h, ctx)
+            out[d] = confidence(self.lm.logits(z[:, -1]), self.confidence_kind)
+        h = self.lm.run_layers(h, ctx, done, self.depth)
+        final_logits = self.lm.logits(self.exit_head.transform(h, ctx)[:, -1])
+        return {"exits": out, "final": confidence(final_logits, self.confidence_kind), "final_logits": final_logits}
+
+    # ------------------------------------------------------------------------------ generation
+    def _check_context(self, n_prompt: int, max_tokens: int) -> None:
+        if max_tokens < 1:
+            raise InvalidRequestError(f"max_tokens must be >= 1 (got {max_tokens})")
+        limit = self.spec.max_positions
+        if n_prompt + max_tokens > limit:
+            raise InvalidRequestError(
+                f"prompt ({n_prompt} tokens) + max_tokens ({max_tokens}) exceeds the model's context of {limit} tokens"
+            )
+
+    @torch.inference_mode()
+    def generate_stream(self, prompt_ids: list[int], max_tokens: int = 32,
+                        sample: Callable[[Tensor], Tensor] | None = None) -> Iterator[TokenExit]:
+        """Single-sequence generation with greedy exit at D (the serving engine batches; this is for
+        the CLI, tests and profiling).  ``sample`` maps logits [1, V] -> token [1]; default greedy."""
+        self._check_context(len(prompt_ids), max_tokens)
+        cache = self.new_cache()
+        dev = self.device
+        ids = torch.tensor([prompt_ids], device=dev)
+        pos = torch.arange(len(prompt_ids), device=dev)[None]
+        out_ids: list[int] = []
+        prev_text = ""
+        for i in range(max_tokens):
+            token, conf, logits = self.step(ids, pos, cache)
+            if sample is not None:
+                token = sample(logits)
+            t = int(token[0])
+            out_ids.append(t)
+            text = self.decode(out_ids)
+            piece, prev_text = text[len(prev_text):], text
+            c = float(conf[0])
+            yield TokenExit(token=t, text=piece, exit_layer=self.depth, confidence=c, breach=c < self.threshold)
+            if t in self.eos_ids:
+                return
+            ids = token.view(1, 1).to(dev)
+            pos = torch.tensor([[len(prompt_ids) + i]], device=dev)
+
+    def generate(self, prompt_ids: list[int], max_tokens: int = 32) -> Generation:
+        t0 = time.perf_counter()
+        g = Generation(prompt_tokens=len(prompt_ids))
+        for tok in self.generate_stream(prompt_ids, max_tokens):
+            g.tokens.append(tok)
+        g.seconds = time.perf_counter() - t0
+        ids = [t.token for t in g.tokens]
+        g.finish_reason = "stop" if ids and ids[-1] in self.eos_ids else "length"
+        g.text = self.decode([i for i in ids if i not in self.eos_ids])
+        return g
+
+    @torch.inference_mode()
+    def profile_generate(self, prompt_ids: list[int], max_tokens: int, exits: list[int] | None = None
+                         ) -> list[dict[str, Any]]:
+        """Generate following the final layer; per token, every exit's (argmax, confidence) and the final
+        argmax and its log-probability.  Requires the full model (depth == total layers)."""
+        if self.depth != self.total_layers:
+            raise HeliosError("profile mode needs the full model loaded (depth = total layers)")
+        self._check_context(len(prompt_ids), max_tokens)
+        exits = self.available_exits() if exits is None else exits
+        cache = self.new_cache()
+        dev = self.device
+        ids = torch.tensor([prompt_ids], device=dev)
+        pos = torch.arange(len(prompt_ids), device=dev)[None]
+        records: list[dict[str, Any]] = []
+        for i in range(max_tokens):
+            r = self.profile_step(ids, pos, cache, exits)
+            final_tok, final_conf = r["final"]
+            t = int(final_tok[0])
+            logprob = float(torch.log_softmax(r["final_logits"][0].float(), -1)[t])
+            records.append({
+                "pos": i,
+                "exits": {d: (int(tok[0]), round(float(c[0]), 5)) for d, (tok, c) in r["exits"].items()},
+                "final": t,
+                "final_confidence": round(float(final_conf[0]), 5),
+                "final_logprob": round(logprob, 5),
+            })
+            if t in self.eos_ids:
+                break
+            ids = final_tok.view(1, 1)
+            pos = torch.tensor([[len(prompt_ids) + i]], device=dev)
+        return records
+
+    def available_exits(self) -> list[int]:
+        """Trained exits if the model has any, otherwise every layer through the shared head."""
+        if self.heads:
+            return sorted(d for d in self.heads if d < self.depth)
+        return list(range(1, self.depth))
+
+
+def load_model(name: str, depth: int | None = None, *, repo: Any = None, device: str = "auto", dtype: str = "auto",
+               exits: Literal["auto", "shared", "all"] | Path = "auto", confidence_kind: ConfidenceKind = "max_prob",
+               threshold: float = 0.9) -> EarlyExitLM:
+    """Load registered model ``name`` truncated to ``depth`` layers with its exit head.
+
+    ``exits``: ``auto`` loads the trained head at D when one exists (shared head otherwise); ``shared`` forces
+    the logit lens; ``all`` loads every trained head (profile mode); a path loads heads from that file.
+    """
+    from transformers import AutoTokenizer
+
+    from helios_ray.models.repository import ModelRepository
+
+    repo = repo or ModelRepository()
+    repo.spec(name)  # unknown name -> UnknownModelError before anything else
+    ckpt_dir = repo.checkpoint_dir(name)
+    spec = read_spec(ckpt_dir)
+    depth = check_depth(depth, spec, name)
+    dev = pick_device(device)
+    dt = pick_dtype(dtype, dev)
+    t0 = time.perf_counter()
+    lm, _ = load_decoder(ckpt_dir, depth, dev, dt, name)
+    heads: dict[int, ExitHead] = {}
+    heads_path = Path(exits) if isinstance(exits, Path) else (repo.exits_path(name) if exits != "shared" else None)
+    if heads_path is not None:
+        if not heads_path.exists():
+            raise HeliosError(f"exit heads file {heads_path} does not exist")
+        wanted = None if exits == "all" else [depth]
+        heads = load_heads(heads_path, spec, wanted, dtype=dt, device=dev)
+    tok = AutoTokenizer.from_pretrained(str(ckpt_dir))
+    return EarlyExitLM(name, lm, heads, tok, confidence_kind, threshold, load_seconds=time.perf_counter() - t0)

@@ -1,0 +1,168 @@
+"""Exit heads: how a hidden state after D layers becomes next-token logits.
+
+Three kinds, all ending in the model's own (frozen, shared) final norm + LM head, because the 576x49152
+head of SmolLM2 is a third of its FLOPs and must not be duplicated per exit:
+
+* ``shared`` - LayerSkip style: the final norm + LM head applied directly ("logit lens").  Exact for
+  exit-trained checkpoints (LayerSkip, EE-LLM); weak on models that never learned to exit.
+* ``linear`` - EE-Tuning's light adapter: RMS norm, then a residual (optionally low-rank) linear map whose
+  output projection starts at zero, so an untrained head *is* the logit lens and training only improves it.
+* ``block`` - one transformer block of the model's own family (with its own KV entry), output projections
+  zero-initialised for the same reason; the strongest head measured on SmolLM2 (see DESIGN.md).
+
+On disk: ``exits.safetensors`` with tensors named ``exit.<D>.<param>`` and a ``__metadata__`` entry
+``"heads"`` holding ``{D: {"kind": ..., "rank": ...}}``; the exit card (accuracy, calibration) is the
+JSON file next to it and belongs to the tuner.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Hashable
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from helios_ray.errors import HeliosError
+from helios_ray.models.decoder import Block, DecoderLM, Norm, StepContext
+from helios_ray.models.families import ArchSpec
+
+
+class ExitHead(nn.Module):
+    kind = "shared"
+
+    def __init__(self, depth: int):
+        super().__init__()
+        self.depth = depth
+
+    def transform(self, h: Tensor, ctx: StepContext | None) -> Tensor:
+        """The head's own computation on the hidden state, before the shared final norm + LM head."""
+        return h
+
+    def forward(self, h: Tensor, ctx: StepContext | None, lm: DecoderLM) -> Tensor:
+        return lm.logits(self.transform(h, ctx))
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": self.kind}
+
+
+class SharedHead(ExitHead):
+    kind = "shared"
+
+
+class LinearHead(ExitHead):
+    """h + up(down(norm(h))); ``rank=None`` means one square matrix instead of the low-rank pair."""
+
+    kind = "linear"
+
+    def __init__(self, depth: int, spec: ArchSpec, rank: int | None = None):
+        super().__init__(depth)
+        hdim = spec.hidden_size
+        self.rank = rank
+        self.norm = Norm("rms", hdim, 1e-6, False)
+        nn.init.ones_(self.norm.weight)
+        if rank is None:
+            self.down = None
+            self.up = nn.Linear(hdim, hdim, bias=True)
+        else:
+            self.down = nn.Linear(hdim, rank, bias=False)
+            self.up = nn.Linear(rank, hdim, bias=True)
+            nn.init.normal_(self.down.weight, std=hdim**-0.5)
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def transform(self, h: Tensor, ctx: StepContext | None) -> Tensor:
+        z = self.norm(h)
+        if self.down is not None:
+            z = self.down(z)
+        return h + self.up(z)
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": self.kind, "rank": self.rank}
+
+
+class BlockHead(ExitHead):
+    """One decoder block on top of layer D-1; it attends over its own KV entry (key ``("exit", D)``)."""
+
+    kind = "block"
+
+    def __init__(self, depth: int, spec: ArchSpec):
+        super().__init__(depth)
+        self.block = Block(spec, spec.layer_rope[-1], spec.layer_window[-1])
+
+    @property
+    def cache_key(self) -> Hashable:
+        return ("exit", self.depth)
+
+    def transform(self, h: Tensor, ctx: StepContext | None) -> Tensor:
+        if ctx is None:
+            raise ValueError("a block exit head needs the step context (it has attention)")
+        return self.block(h, ctx, self.cache_key)
+
+    def init_from(self, layer: Block, zero_outputs: bool = True) -> None:
+        """Start from the model's own block; zeroed output projections make it start as the logit lens."""
+        self.block.load_state_dict(layer.state_dict())
+        if zero_outputs:
+            for lin in (self.block.attn.o, self.block.mlp.down):
+                nn.init.zeros_(lin.weight)
+                if lin.bias is not None:
+                    nn.init.zeros_(lin.bias)
+
+    def config(self) -> dict[str, Any]:
+        return {"kind": self.kind}
+
+
+def make_head(kind: str, depth: int, spec: ArchSpec, rank: int | None = None) -> ExitHead:
+    if kind == "shared":
+        return SharedHead(depth)
+    if kind == "linear":
+        return LinearHead(depth, spec, rank)
+    if kind == "block":
+        return BlockHead(depth, spec)
+    raise HeliosError(f"unknown exit head kind {kind!r} (known: shared, linear, block)")
+
+
+def save_heads(path: Path, heads: dict[int, ExitHead], extra_metadata: dict[str, str] | None = None) -> None:
+    tensors: dict[str, Tensor] = {}
+    meta = {str(d): h.config() for d, h in sorted(heads.items())}
+    for d, h in heads.items():
+        for name, t in h.state_dict().items():
+            tensors[f"exit.{d}.{name}"] = t.detach().to(torch.float32).contiguous()
+    md = {"heads": json.dumps(meta), **(extra_metadata or {})}
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file(tensors, str(tmp), metadata=md)
+    tmp.replace(path)
+
+
+def heads_metadata(path: Path) -> dict[int, dict[str, Any]]:
+    with safe_open(str(path), framework="pt") as f:
+        md = f.metadata() or {}
+    if "heads" not in md:
+        raise HeliosError(f"{path} is not an exit-heads file (no 'heads' metadata)")
+    return {int(k): v for k, v in json.loads(md["heads"]).items()}
+
+
+def load_heads(
+    path: Path, spec: ArchSpec, depths: list[int] | None = None, dtype: torch.dtype = torch.float32,
+    device: str | torch.device = "cpu",
+) -> dict[int, ExitHead]:
+    """Load the heads at ``depths`` (all when None) from an exits file - and only their tensors."""
+    meta = heads_metadata(path)
+    wanted = sorted(meta) if depths is None else [d for d in depths if d in meta]
+    heads: dict[int, ExitHead] = {}
+    with safe_open(str(path), framework="pt") as f:
+        names = list(f.keys())
+        for d in wanted:
+            cfg = meta[d]
+            if not 1 <= d < spec.num_layers:
+                raise HeliosError(f"{path}: exit at depth {d} does not fit a {spec.num_layers}-layer model")
+            head = make_head(cfg["kind"], d, spec, cfg.get("rank"))
+            prefix = f"exit.{d}."
+            sd = {n[len(prefix):]: f.get_tensor(n) for n in names if n.startswith(prefix)}
+            head.load_state_dict(sd, strict=True)
+            heads[d] = head.to(device=device, dtype=dtype).eval()
+    return heads

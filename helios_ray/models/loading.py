@@ -1,0 +1,100 @@
+"""Truncated loading: build the decoder for layers [0, D) and read exactly the tensors it needs.
+
+The module tree is created on the ``meta`` device (no memory, no random init), then every parameter is
+assigned from a tensor read by name from safetensors.  Layers >= D are never constructed and their tensors
+are never read, so both parameter bytes and resident memory scale with D (``helios-ray inspect`` shows it).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import torch
+
+from helios_ray.errors import HeliosError
+from helios_ray.models.checkpoint import Checkpoint
+from helios_ray.models.decoder import DecoderLM
+from helios_ray.models.families import ArchSpec, global_names, layer_names, spec_from_config
+from helios_ray.models.repository import resolve_name
+
+_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+def pick_device(device: str = "auto") -> torch.device:
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise HeliosError(f"device {device!r} requested but CUDA is not available on this machine")
+    return torch.device(device)
+
+
+def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
+    """float32 on CPU (bf16 matmuls are slow there and change results), bfloat16 on CUDA."""
+    if dtype == "auto":
+        return torch.bfloat16 if device.type == "cuda" else torch.float32
+    if dtype not in _DTYPES:
+        raise HeliosError(f"unknown dtype {dtype!r} (known: auto, {', '.join(_DTYPES)})")
+    return _DTYPES[dtype]
+
+
+def read_spec(ckpt_dir: Path) -> ArchSpec:
+    return spec_from_config(json.loads((Path(ckpt_dir) / "config.json").read_text()))
+
+
+def check_depth(depth: int | None, spec: ArchSpec, name: str = "model") -> int:
+    if depth is None:
+        return spec.num_layers
+    if not isinstance(depth, int) or not 1 <= depth <= spec.num_layers:
+        raise HeliosError(f"depth {depth} is out of range for {name}: it has {spec.num_layers} layers (use 1..{spec.num_layers})")
+    return depth
+
+
+def param_bytes(module: torch.nn.Module) -> int:
+    """Bytes of distinct parameter storage (a tied LM head is counted once)."""
+    seen: set[int] = set()
+    total = 0
+    for p in module.parameters():
+        key = p.data_ptr()
+        if key not in seen:
+            seen.add(key)
+            total += p.numel() * p.element_size()
+    return total
+
+
+def rss_bytes() -> int:
+    return int(psutil.Process().memory_info().rss)
+
+
+@dataclass
+class LoadStats:
+    seconds: float
+    tensors_read: int
+    bytes_read: int
+
+
+def load_decoder(ckpt_dir: Path, depth: int | None = None, device: torch.device | str = "cpu",
+                 dtype: torch.dtype = torch.float32, name: str = "model") -> tuple[DecoderLM, LoadStats]:
+    t0 = time.perf_counter()
+    spec = read_spec(ckpt_dir)
+    depth = check_depth(depth, spec, name)
+    with torch.device("meta"):
+        lm = DecoderLM(spec, depth)
+    sd: dict[str, torch.Tensor] = {}
+    n_read = n_bytes = 0
+    with Checkpoint(Path(ckpt_dir)) as ck:
+        groups = [("", global_names(spec))] + [(f"layers.{i}.", layer_names(spec, i)) for i in range(depth)]
+        for prefix, names in groups:
+            raw: dict[str, torch.Tensor] = {}  # one read per checkpoint tensor (GPT-2's fused c_attn feeds q, k, v)
+            for ours, (theirs, transform) in names.items():
+                if theirs not in raw:
+                    raw[theirs] = ck.read(resolve_name(ck, theirs))
+                    n_read += 1
+                    n_bytes += raw[theirs].numel() * raw[theirs].element_size()
+                sd[prefix + ours] = transform(raw[theirs]).to(device=device, dtype=dtype)
+    lm.load_state_dict(sd, strict=True, assign=True)
+    lm.eval().requires_grad_(False)
+    return lm, LoadStats(seconds=time.perf_counter() - t0, tensors_read=n_read, bytes_read=n_bytes)

