@@ -39,7 +39,7 @@ def confidence(logits: Tensor, kind: ConfidenceKind = "max_prob") -> tuple[Tenso
     """
     logp = torch.log_softmax(logits.float(), dim=-1)
     top = logp.topk(2, dim=-1)
-    token = top.indices[..., 0]
+    token = logits.argmax(dim=-1)  # first index on ties, as greedy decoding everywhere else does
     p1 = top.values[..., 0].exp()
     if kind == "max_prob":
         conf = p1

@@ -172,6 +172,8 @@ class ModelRepository:
         if d is not None and (d / "config.json").exists():
             return d
         if required:
+            if spec.source in ("package", "gguf"):
+                self.source_file(name)  # a missing package/file is the more useful message
             raise ModelUnavailableError(
                 f"model {name!r} is not prepared; run `helios-ray prepare {name}` (the README's setup command "
                 "does this for the built-in models)"

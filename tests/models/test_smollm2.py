@@ -1,0 +1,87 @@
+"""Truth on the real bundled SmolLM2-135M-Instruct (prepared by the README's setup command)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from helios_ray.models.early_exit import load_model
+
+CHAT = [{"role": "user", "content": "What is the capital of France?"}]
+
+
+@pytest.fixture(scope="module")
+def hf_smollm2(smollm2_dir):
+    from transformers import AutoModelForCausalLM
+
+    return AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32).eval()
+
+
+def test_full_depth_logits_and_depth_20_hidden_state_match_transformers(smollm2_full, hf_smollm2):
+    ids = smollm2_full.encode(messages=CHAT)
+    x = torch.tensor([ids])
+    pos = torch.arange(len(ids))[None]
+    with torch.no_grad():
+        ref = hf_smollm2(x, output_hidden_states=True)
+    ours = smollm2_full.forward_exit(x, pos, smollm2_full.new_cache(), last_only=False)
+    torch.testing.assert_close(ours, ref.logits, atol=1e-4, rtol=1e-4)
+    m20 = load_model("smollm2-135m", depth=20, exits="shared")
+    with torch.no_grad():
+        h20 = m20.lm(x, pos, m20.new_cache())
+    torch.testing.assert_close(h20, ref.hidden_states[20], atol=1e-4, rtol=1e-4)
+
+
+def test_greedy_generation_equals_transformers_generate(smollm2_full, hf_smollm2):
+    ids = smollm2_full.encode(messages=CHAT)
+    ours = [t.token for t in smollm2_full.generate_stream(ids, 12)]
+    with torch.no_grad():
+        ref = hf_smollm2.generate(torch.tensor([ids]), max_new_tokens=12, do_sample=False)[0, len(ids):].tolist()
+    assert ours == ref[: len(ours)]
+
+
+def test_profile_mode_reports_every_exit_against_the_final_layer(smollm2_full):
+    ids = smollm2_full.encode(messages=CHAT)
+    recs = smollm2_full.profile_generate(ids, 10)
+    greedy = [t.token for t in smollm2_full.generate_stream(ids, 10)]
+    assert [r["final"] for r in recs] == greedy  # profile mode follows the full model
+    assert all(sorted(r["exits"]) == list(range(1, 30)) for r in recs)
+    assert all(0.0 <= c <= 1.0 for r in recs for _, c in r["exits"].values())
+    agree = {d: sum(r["exits"][d][0] == r["final"] for r in recs) for d in (5, 29)}
+    assert agree[29] > agree[5]  # the logit lens improves with depth (DESIGN.md: 54% at 29)
+    assert all(r["final_logprob"] <= 0.0 for r in recs)
+
+
+def _cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "helios_ray.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+@pytest.mark.slow
+def test_cli_generate_answers_paris():
+    r = _cli("generate", "smollm2-135m", "--depth", "30", "--chat", "--prompt", "What is the capital of France?",
+             "--max-tokens", "16", "--json")
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout)
+    assert "Paris" in out["text"]
+    assert out["depth"] == 30 and len(out["tokens"]) == out["completion_tokens"]
+    assert all(t["exit_layer"] == 30 and 0 <= t["confidence"] <= 1 for t in out["tokens"])
+
+
+@pytest.mark.slow
+def test_cli_inspect_depth_20_is_smaller_than_30():
+    runs = {}
+    for d in (20, 30):
+        r = _cli("inspect", "smollm2-135m", "--depth", str(d), "--json")
+        assert r.returncode == 0, r.stderr
+        runs[d] = json.loads(r.stdout)
+    for d in (20, 30):
+        assert {"model", "total_layers", "loaded_layers", "param_bytes", "kv_bytes_per_token", "load_seconds",
+                "rss_bytes"} <= set(runs[d])
+        assert runs[d]["loaded_layers"] == d and runs[d]["total_layers"] == 30
+    assert runs[20]["param_bytes"] <= 0.75 * runs[30]["param_bytes"]
+    assert runs[20]["kv_bytes_per_token"] * 30 == runs[30]["kv_bytes_per_token"] * 20
+    # 10 fewer layers of 14.2 MB are not resident; allow noise but demand most of it shows
+    assert runs[30]["rss_bytes"] - runs[20]["rss_bytes"] > 0.7 * (runs[30]["param_bytes"] - runs[20]["param_bytes"])
