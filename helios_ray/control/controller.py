@@ -102,10 +102,6 @@ class Controller:
         self._profile_targets: list[str] = []
 
     # ------------------------------------------------------------------ helpers
-    @property
-    def unit(self) -> str:
-        return cost_unit(list(self.candidates.values()))
-
     def _refresh_shortlist(self) -> list[str]:
         chosen = shortlist(
             list(self.candidates.values()), self.slo, self.hardware, self.pht, self.config
@@ -371,7 +367,7 @@ class Controller:
         cand = self.candidates[self.current.model]
         entry, _ = profile_entry(self.pht, cand)
         here = _depth_evidence_choice(cand, entry, self.config, self.current.depth)
-        if here.reason.startswith("guard fails"):
+        if not here.guard_ok:
             return None  # the current placement is no longer safe: move regardless of margin
         best_cand = self.candidates[best.model]
         best_entry, _ = profile_entry(self.pht, best_cand)

@@ -111,6 +111,8 @@ class DepthChoice(BaseModel):
     ppl_increase: float | None
     evidence: Literal["pht", "prior", "none", "full"]
     reason: str
+    guard_ok: bool = True
+    """False only for a depth evaluated as-is (the current placement) whose guard no longer holds."""
 
 
 class Estimate(BaseModel):
@@ -205,23 +207,24 @@ def _beff(batch: int, config: PolicyConfig) -> int:
 def profile_entry(
     pht: PHT | None, candidate: CandidateInfo
 ) -> tuple[PHTEntry | None, list[str]]:
-    """The fresh PHT entry that holds the candidate's exit statistics, and stale keys skipped.
+    """The PHT entry holding the candidate's fresh exit statistics, and the keys skipped as stale.
 
     Profile mode loads the full model, so the entry at the full depth is preferred; otherwise the
-    deepest fresh entry with per-exit statistics.
+    deepest entry with per-exit statistics. Freshness is judged on ``profiled_at``: serving timings
+    refresh an entry but say nothing about today's exit distribution.
     """
     if pht is None:
         return None, []
+    now = pht.now()
+    profiled = [e for e in pht.for_model(candidate.name, include_stale=True) if e.exits]
+    fresh = [e for e in profiled if not e.profile_is_stale(now, pht.stale_after_s)]
     stale = [
-        f"{e.model}@{e.depth}"
-        for e in pht.for_model(candidate.name, include_stale=True)
-        if e.is_stale(pht.now(), pht.stale_after_s)
+        f"{e.model}@{e.depth}" for e in profiled if e.profile_is_stale(now, pht.stale_after_s)
     ]
-    full = pht.get(candidate.name, candidate.num_layers)
-    if full is not None and full.exits:
-        return full, stale
-    with_exits = [e for e in pht.for_model(candidate.name) if e.exits]
-    return (with_exits[-1] if with_exits else None), stale
+    if not fresh:
+        return None, stale
+    full = [e for e in fresh if e.depth == candidate.num_layers]
+    return (full[0] if full else fresh[-1]), stale
 
 
 def _evidence(
@@ -348,6 +351,7 @@ def _depth_evidence_choice(
         ppl_increase=ppl,
         evidence=source,
         reason=why if ok else f"guard fails: {why}",
+        guard_ok=ok,
     )
 
 
@@ -419,6 +423,7 @@ def score_placements(
                 for e in pht.for_model(cand.name, include_stale=True)
                 if e.is_stale(now, pht.stale_after_s)
             ]
+            stale += [s for s in profile_entry(pht, cand)[1] if s not in stale]
         raw.append((cand, choice, batch, spt, energy, token_cost(cand, depth, unit), stale))
     fitting = [r for r in raw if r[2] >= 1]
     if slo == SLO.ENERGY:
@@ -508,7 +513,8 @@ def _fmt_score(slo: SLO, estimate: Estimate) -> str:
             return f"{-estimate.score:.4g} J/token"
     if slo == SLO.BATCH_SIZE:
         return f"{estimate.batch} sequences"
-    return f"{estimate.score:.4g} (static, {estimate.cost_unit})"
+    formula = "batch/cost" if slo == SLO.THROUGHPUT else "-cost"
+    return f"{estimate.score:.4g} (static {formula}, cost in {estimate.cost_unit})"
 
 
 def _estimate_numbers(est: Estimate, prefix: str = "") -> dict[str, Number]:

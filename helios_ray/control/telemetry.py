@@ -157,6 +157,10 @@ class PHTEntry(BaseModel):
     measured_tokens_per_s: float | None = None
     measured_weight: float = 0.0
     updated_at: float | None = None
+    """Last update of any kind (tokens, requests, throughput)."""
+    profiled_at: float | None = None
+    """Last profiled token: exit statistics age separately, because serving timings keep
+    refreshing ``updated_at`` of the full-depth entry while its profile grows old."""
 
     def model_post_init(self, __context: Any) -> None:
         # Reservoirs take the entry's size unless they were deserialised with their own.
@@ -202,6 +206,7 @@ class PHTEntry(BaseModel):
             self.final_logprob_n += 1
             self.final_logprob_sum += record.final_logprob
         self.updated_at = now
+        self.profiled_at = now
 
     def observe_request(self, record: RequestRecord, now: float) -> None:
         """Add one finished request's timings (and energy when measured)."""
@@ -263,6 +268,8 @@ class PHTEntry(BaseModel):
             self.merge_throughput(other.measured_tokens_per_s, other.measured_weight, other.updated_at)
         stamps = [t for t in (self.updated_at, other.updated_at) if t is not None]
         self.updated_at = max(stamps) if stamps else None
+        profiled = [t for t in (self.profiled_at, other.profiled_at) if t is not None]
+        self.profiled_at = max(profiled) if profiled else None
 
     # ----------------------------------------------------------------- read
     def exit_share(self, depth: int) -> float | None:
@@ -321,6 +328,10 @@ class PHTEntry(BaseModel):
         age = self.age(now)
         return age is None or age > stale_after_s
 
+    def profile_is_stale(self, now: float, stale_after_s: float) -> bool:
+        """Whether the exit statistics (not the timings) are too old to trust."""
+        return self.profiled_at is None or now - self.profiled_at > stale_after_s
+
     def summary(self, now: float | None = None, stale_after_s: float | None = None) -> dict[str, Any]:
         """A compact view for status pages and logs."""
         out: dict[str, Any] = {
@@ -337,11 +348,14 @@ class PHTEntry(BaseModel):
             "tpot_s": self.tpot.summary().model_dump(),
             "energy_j_per_token": self.energy_per_token,
             "updated_at": self.updated_at,
+            "profiled_at": self.profiled_at,
         }
         if now is not None:
             out["age_s"] = self.age(now)
             if stale_after_s is not None:
                 out["stale"] = self.is_stale(now, stale_after_s)
+                if self.exits:
+                    out["profile_stale"] = self.profile_is_stale(now, stale_after_s)
         return out
 
 
