@@ -76,8 +76,9 @@ class EarlyExitLM:
 
     def __init__(self, name: str, lm: DecoderLM, heads: dict[int, ExitHead], tokenizer: Any,
                  confidence_kind: ConfidenceKind = "max_prob", threshold: float = 0.9,
-                 load_seconds: float = 0.0):
+                 load_seconds: float = 0.0, ckpt_dir: Path | None = None, heads_path: Path | None = None):
         self.name, self.lm, self.tokenizer = name, lm, tokenizer
+        self.ckpt_dir, self.heads_path = ckpt_dir, heads_path
         self.heads = heads
         self.confidence_kind = confidence_kind
         self.threshold = threshold
@@ -127,6 +128,20 @@ class EarlyExitLM:
     @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self.tokenizer, "chat_template", None))
+
+    def set_depth(self, depth: int) -> float:
+        """Load more layers (reading only the new ones) or drop some, and switch to the exit head at the new
+        depth.  Returns the seconds it took.  The caller owns the KV cache: its contents are invalid after."""
+        from helios_ray.models.loading import set_depth as _set_depth
+
+        if self.ckpt_dir is None:
+            raise HeliosError(f"model {self.name!r} was not loaded from a checkpoint; cannot change depth")
+        t0 = time.perf_counter()
+        _set_depth(self.lm, self.ckpt_dir, depth)
+        if self.heads_path is not None and depth not in self.heads and depth < self.total_layers:
+            self.heads.update(load_heads(self.heads_path, self.spec, [depth], dtype=self.lm.dtype, device=self.device))
+        self.heads = {depth: self.heads[depth]} if depth in self.heads else {}
+        return time.perf_counter() - t0
 
     # ------------------------------------------------------------------------------- tokenizing
     def encode(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None) -> list[int]:
@@ -308,4 +323,5 @@ def load_model(name: str, depth: int | None = None, *, repo: Any = None, device:
         wanted = None if exits == "all" else [depth]
         heads = load_heads(heads_path, spec, wanted, dtype=dt, device=dev)
     tok = AutoTokenizer.from_pretrained(str(ckpt_dir))
-    return EarlyExitLM(name, lm, heads, tok, confidence_kind, threshold, load_seconds=time.perf_counter() - t0)
+    return EarlyExitLM(name, lm, heads, tok, confidence_kind, threshold, load_seconds=time.perf_counter() - t0,
+                       ckpt_dir=ckpt_dir, heads_path=heads_path)

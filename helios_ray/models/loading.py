@@ -17,7 +17,7 @@ import torch
 
 from helios_ray.errors import HeliosError
 from helios_ray.models.checkpoint import Checkpoint
-from helios_ray.models.decoder import DecoderLM
+from helios_ray.models.decoder import Block, DecoderLM
 from helios_ray.models.families import ArchSpec, global_names, layer_names, spec_from_config
 from helios_ray.models.repository import resolve_name
 
@@ -76,6 +76,21 @@ class LoadStats:
     bytes_read: int
 
 
+def _read_tensors(ck: Checkpoint, groups: list[tuple[str, dict]], device: torch.device | str,
+                  dtype: torch.dtype) -> tuple[dict[str, torch.Tensor], int, int]:
+    sd: dict[str, torch.Tensor] = {}
+    n_read = n_bytes = 0
+    for prefix, names in groups:
+        raw: dict[str, torch.Tensor] = {}  # one read per checkpoint tensor (GPT-2's fused c_attn feeds q, k, v)
+        for ours, (theirs, transform) in names.items():
+            if theirs not in raw:
+                raw[theirs] = ck.read(resolve_name(ck, theirs))
+                n_read += 1
+                n_bytes += raw[theirs].numel() * raw[theirs].element_size()
+            sd[prefix + ours] = transform(raw[theirs]).to(device=device, dtype=dtype)
+    return sd, n_read, n_bytes
+
+
 def load_decoder(ckpt_dir: Path, depth: int | None = None, device: torch.device | str = "cpu",
                  dtype: torch.dtype = torch.float32, name: str = "model") -> tuple[DecoderLM, LoadStats]:
     t0 = time.perf_counter()
@@ -83,18 +98,31 @@ def load_decoder(ckpt_dir: Path, depth: int | None = None, device: torch.device 
     depth = check_depth(depth, spec, name)
     with torch.device("meta"):
         lm = DecoderLM(spec, depth)
-    sd: dict[str, torch.Tensor] = {}
-    n_read = n_bytes = 0
+    groups = [("", global_names(spec))] + [(f"layers.{i}.", layer_names(spec, i)) for i in range(depth)]
     with Checkpoint(Path(ckpt_dir)) as ck:
-        groups = [("", global_names(spec))] + [(f"layers.{i}.", layer_names(spec, i)) for i in range(depth)]
-        for prefix, names in groups:
-            raw: dict[str, torch.Tensor] = {}  # one read per checkpoint tensor (GPT-2's fused c_attn feeds q, k, v)
-            for ours, (theirs, transform) in names.items():
-                if theirs not in raw:
-                    raw[theirs] = ck.read(resolve_name(ck, theirs))
-                    n_read += 1
-                    n_bytes += raw[theirs].numel() * raw[theirs].element_size()
-                sd[prefix + ours] = transform(raw[theirs]).to(device=device, dtype=dtype)
+        sd, n_read, n_bytes = _read_tensors(ck, groups, device, dtype)
     lm.load_state_dict(sd, strict=True, assign=True)
     lm.eval().requires_grad_(False)
     return lm, LoadStats(seconds=time.perf_counter() - t0, tensors_read=n_read, bytes_read=n_bytes)
+
+
+def set_depth(lm: DecoderLM, ckpt_dir: Path, depth: int) -> LoadStats:
+    """Grow or shrink a loaded decoder in place.  Growing reads only layers [old depth, depth) - the cost the
+    policy weighs as "extend"; shrinking just drops layers (their memory is freed)."""
+    t0 = time.perf_counter()
+    depth = check_depth(depth, lm.spec)
+    n_read = n_bytes = 0
+    if depth > lm.depth:
+        groups = [(f"{i}.", layer_names(lm.spec, i)) for i in range(lm.depth, depth)]
+        with Checkpoint(Path(ckpt_dir)) as ck:
+            sd, n_read, n_bytes = _read_tensors(ck, groups, lm.embed.weight.device, lm.dtype)
+        for i in range(lm.depth, depth):
+            with torch.device("meta"):
+                block = Block(lm.spec, lm.spec.layer_rope[i], lm.spec.layer_window[i])
+            block.load_state_dict({k[len(f"{i}."):]: v for k, v in sd.items() if k.startswith(f"{i}.")},
+                                  strict=True, assign=True)
+            lm.layers.append(block.eval().requires_grad_(False))
+    else:
+        del lm.layers[depth:]
+    lm.depth = depth
+    return LoadStats(seconds=time.perf_counter() - t0, tensors_read=n_read, bytes_read=n_bytes)

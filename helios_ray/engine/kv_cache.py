@@ -1,0 +1,163 @@
+"""KV memory under a byte budget: block accounting and the paged store the model reads through.
+
+HELIOS's memory saving becomes throughput here.  The budget minus the loaded weights is the KV capacity; one
+token costs ``loaded layers x per-layer KV bytes``, so every layer not loaded directly becomes more blocks and
+more concurrent sequences.  ``BlockManager`` is pure arithmetic (what the scheduler admits by);
+``PagedKVCache`` is the physical store, a pool of ``num_blocks x block_size`` token slots per layer, and
+implements the decoder's ``KVCache`` protocol for one step of a batch.
+
+CPU note: attention needs each sequence's keys as one tensor, so a step gathers the sequence's blocks
+(``index_select``).  That costs ~0.8 ms per layer at 16 sequences x 320 tokens on 2 cores - the price of
+paging without a paged-attention kernel; it is measured in ``helios-ray bench engine``.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Hashable
+
+import torch
+from torch import Tensor
+
+from helios_ray.engine.sequence import Sequence
+from helios_ray.errors import HeliosError
+
+
+@dataclass(frozen=True)
+class KVLayout:
+    """Everything that fixes the KV arithmetic of one loaded model."""
+
+    num_kv_layers: int  # loaded layers (+1 for a block exit head, which attends too)
+    num_kv_heads: int
+    head_dim: int
+    dtype_bytes: int
+    block_size: int
+
+    @property
+    def bytes_per_token(self) -> int:
+        return self.num_kv_layers * 2 * self.num_kv_heads * self.head_dim * self.dtype_bytes
+
+    @property
+    def bytes_per_block(self) -> int:
+        return self.block_size * self.bytes_per_token
+
+    def num_blocks(self, kv_budget_bytes: int) -> int:
+        return max(0, kv_budget_bytes // self.bytes_per_block)
+
+    def blocks_for(self, num_tokens: int) -> int:
+        return math.ceil(num_tokens / self.block_size)
+
+
+class BlockManager:
+    """Free list of block ids.  No hidden caps: capacity is exactly ``num_blocks``."""
+
+    def __init__(self, num_blocks: int, block_size: int):
+        if num_blocks < 1:
+            raise HeliosError("the memory budget leaves no room for a single KV block after the weights; "
+                              "raise the budget or load fewer layers")
+        self.num_blocks, self.block_size = num_blocks, block_size
+        self._free = list(range(num_blocks - 1, -1, -1))  # pop() hands out low ids first
+
+    @property
+    def num_free(self) -> int:
+        return len(self._free)
+
+    @property
+    def num_used(self) -> int:
+        return self.num_blocks - len(self._free)
+
+    def blocks_needed(self, seq: Sequence, num_tokens: int) -> int:
+        return max(0, math.ceil(num_tokens / self.block_size) - len(seq.block_table))
+
+    def can_allocate(self, seq: Sequence, num_tokens: int) -> bool:
+        return self.blocks_needed(seq, num_tokens) <= len(self._free)
+
+    def allocate(self, seq: Sequence, num_tokens: int) -> None:
+        """Make ``seq`` own enough blocks for ``num_tokens`` tokens."""
+        need = self.blocks_needed(seq, num_tokens)
+        if need > len(self._free):
+            raise RuntimeError("allocate() without can_allocate()")
+        for _ in range(need):
+            seq.block_table.append(self._free.pop())
+
+    def free(self, seq: Sequence) -> None:
+        self._free.extend(reversed(seq.block_table))
+        seq.block_table = []
+        seq.num_cached = 0
+
+
+class PagedKVCache:
+    """Per-layer pools of token slots; slot ``b * block_size + o`` is offset ``o`` of block ``b``.
+
+    Pools are allocated with ``torch.empty`` on first use of a layer: the budget bounds them, and pages become
+    resident only as tokens are written.
+    """
+
+    def __init__(self, layout: KVLayout, num_blocks: int, device: torch.device, dtype: torch.dtype):
+        self.layout, self.num_blocks = layout, num_blocks
+        self.device, self.dtype = device, dtype
+        self._pools: dict[Hashable, tuple[Tensor, Tensor]] = {}
+        self._write: Tensor | None = None
+        self._write_mask: Tensor | None = None
+        self._gather: Tensor | None = None
+        self._k_pos: Tensor | None = None
+
+    def _pool(self, key: Hashable) -> tuple[Tensor, Tensor]:
+        pool = self._pools.get(key)
+        if pool is None:
+            n = self.num_blocks * self.layout.block_size
+            shape = (n, self.layout.num_kv_heads, self.layout.head_dim)
+            pool = (torch.empty(shape, device=self.device, dtype=self.dtype),
+                    torch.empty(shape, device=self.device, dtype=self.dtype))
+            if len(self._pools) >= self.layout.num_kv_layers:
+                raise RuntimeError(f"more KV layers than the layout's {self.layout.num_kv_layers}")
+            self._pools[key] = pool
+        return pool
+
+    def begin_step(self, seqs: list[Sequence], q_pos: Tensor) -> None:
+        """Prepare slot indices for this step: where new tokens go, which slots each sequence attends to."""
+        bs = self.layout.block_size
+        B, T = q_pos.shape
+        ctx_len = [int(q_pos[i].max()) + 1 for i in range(B)]
+        S = max(ctx_len)
+        gather = torch.zeros(B, S, dtype=torch.long)
+        k_pos = torch.full((B, S), -1, dtype=torch.long)
+        for i, seq in enumerate(seqs):
+            n = ctx_len[i]
+            pos = torch.arange(n)
+            table = torch.tensor(seq.block_table, dtype=torch.long)
+            gather[i, :n] = table[pos // bs] * bs + pos % bs
+            k_pos[i, :n] = pos
+        valid = q_pos >= 0
+        qp = q_pos.clamp(min=0)
+        write = torch.gather(gather, 1, qp)  # slot of each query token (its position indexes the gather map)
+        self._write = write[valid].to(self.device)
+        self._write_mask = valid.to(self.device)
+        self._gather = gather.to(self.device)
+        self._k_pos = k_pos.to(self.device)
+
+    # --- the decoder's KVCache protocol -------------------------------------------------------------
+    def append_positions(self, q_pos: Tensor) -> None:
+        assert self._k_pos is not None, "begin_step() must run before the model"
+
+    def key_positions(self) -> Tensor:
+        assert self._k_pos is not None
+        return self._k_pos
+
+    def update(self, key: Hashable, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
+        assert self._write is not None and self._gather is not None and self._write_mask is not None
+        kp, vp = self._pool(key)
+        # [B, H, T, d] -> valid tokens [N, H, d]
+        kt, vt = k.transpose(1, 2)[self._write_mask], v.transpose(1, 2)[self._write_mask]
+        kp.index_copy_(0, self._write, kt.to(kp.dtype))
+        vp.index_copy_(0, self._write, vt.to(vp.dtype))
+        B, S = self._gather.shape
+        flat = self._gather.reshape(-1)
+        kk = kp.index_select(0, flat).view(B, S, *kp.shape[1:]).transpose(1, 2)
+        vv = vp.index_select(0, flat).view(B, S, *vp.shape[1:]).transpose(1, 2)
+        return kk, vv
+
+    @property
+    def allocated_bytes(self) -> int:
+        return sum(k.numel() * k.element_size() * 2 for k, _ in self._pools.values())

@@ -1,0 +1,38 @@
+"""Turn a batch of exit logits into next tokens: greedy, temperature, top-k, top-p, per-request seeds."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from helios_ray.engine.sequence import Sequence
+
+
+def _filter(logits: Tensor, top_k: int, top_p: float) -> Tensor:
+    if top_k > 0 and top_k < logits.shape[-1]:
+        kth = logits.topk(top_k).values[..., -1, None]
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    if top_p < 1.0:
+        sorted_logits, idx = logits.sort(descending=True)
+        probs = sorted_logits.softmax(-1)
+        # drop tokens once the mass *before* them already reaches top_p (the top token always stays)
+        drop = probs.cumsum(-1) - probs >= top_p
+        sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, idx, sorted_logits)
+    return logits
+
+
+def sample(logits: Tensor, seqs: list[Sequence]) -> list[int]:
+    """One token per sequence from ``logits`` [B, V] (float32 recommended)."""
+    logits = logits.float()
+    greedy = logits.argmax(-1).tolist()
+    out: list[int] = []
+    for i, seq in enumerate(seqs):
+        p = seq.params
+        if p.greedy:
+            out.append(int(greedy[i]))
+            continue
+        row = _filter(logits[i] / p.temperature, p.top_k, p.top_p)
+        probs = row.softmax(-1)
+        out.append(int(torch.multinomial(probs, 1, generator=seq.generator)))
+    return out

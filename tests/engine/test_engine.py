@@ -1,0 +1,195 @@
+"""The continuous-batching engine: exactness, memory arithmetic, preemption, sampling, bad input, live depth."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from helios_ray.engine.engine import AsyncEngine, EngineConfig, LLMEngine
+from helios_ray.engine.kv_cache import KVLayout
+from helios_ray.engine.sampling import _filter
+from helios_ray.engine.sequence import SamplingParams
+from helios_ray.errors import HeliosError, InvalidRequestError
+from helios_ray.models.early_exit import EarlyExitLM, load_model
+from helios_ray.models.loading import load_decoder
+
+QUESTIONS = [
+    "What is the capital of France?",
+    "Write a haiku about the sea.",
+    "Explain recursion in one sentence, please, for a child who is five years old.",
+]
+GREEDY = dict(temperature=0.0)
+
+
+def run_all(eng: LLMEngine) -> None:
+    while eng.scheduler.has_work:
+        eng.step()
+
+
+@pytest.fixture(scope="module")
+def smol() -> EarlyExitLM:
+    return load_model("smollm2-135m", exits="shared")
+
+
+@pytest.fixture(scope="module")
+def prompts(smol):
+    return [smol.encode(messages=[{"role": "user", "content": q}]) for q in QUESTIONS]
+
+
+@pytest.fixture(scope="module")
+def tiny(tiny_dir, smol) -> EarlyExitLM:
+    """A tiny random Llama with SmolLM2's tokenizer (its ids < 160 are valid SmolLM2 tokens)."""
+    d, _ = tiny_dir("llama")
+    lm, _ = load_decoder(d)
+    return EarlyExitLM("tiny", lm, {}, smol.tokenizer, ckpt_dir=d)
+
+
+def test_batched_greedy_equals_transformers_generate(smol, prompts, smollm2_dir):
+    from transformers import AutoModelForCausalLM
+
+    eng = LLMEngine(smol, EngineConfig(memory_budget_bytes=1 << 30, block_size=4))
+    seqs = [eng.add_request(p, SamplingParams(max_tokens=16, **GREEDY)) for p in prompts]
+    run_all(eng)
+    hf = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32).eval()
+    for s, p in zip(seqs, prompts):
+        with torch.no_grad():
+            ref = hf.generate(torch.tensor([p]), max_new_tokens=16, do_sample=False)[0, len(p):].tolist()
+        assert s.output_ids == ref[: len(s.output_ids)]
+        assert len(s.output_ids) == 16 or s.output_ids[-1] in smol.eos_ids
+    assert "Paris" in seqs[0].text
+    assert eng.scheduler.blocks.num_used == 0  # everything freed
+
+
+def test_admission_follows_the_byte_arithmetic(smol):
+    budget = 1 << 30
+    admitted = {}
+    for depth in (30, 20):
+        smol.set_depth(depth)
+        eng = LLMEngine(smol, EngineConfig(memory_budget_bytes=budget, max_num_seqs=10_000,
+                                           max_num_batched_tokens=10**9))
+        layout = eng.layout
+        assert layout.bytes_per_token == depth * 2 * 3 * 64 * 4
+        blocks = (budget - smol.param_bytes) // (16 * layout.bytes_per_token)
+        assert eng.scheduler.blocks.num_blocks == blocks
+        for _ in range(200):
+            eng.add_request([1] * 512, SamplingParams(max_tokens=1))
+        batch, prefill = eng.scheduler.schedule()
+        assert prefill
+        admitted[depth] = len(batch)
+        assert len(batch) == blocks // 32 == eng.max_concurrent(512)
+    smol.set_depth(30)
+    assert admitted[20] > admitted[30]
+
+
+def test_preemption_under_a_tight_budget_loses_nothing(tiny):
+    params = SamplingParams(max_tokens=24, ignore_eos=True, **GREEDY)
+    prompts = [[5 + i, 17, 99, 3, 42, 7, 150, 8 + i] for i in range(6)]
+    roomy = LLMEngine(tiny, EngineConfig(memory_budget_bytes=tiny.param_bytes + (1 << 24), block_size=4))
+    ref = [roomy.add_request(p, params) for p in prompts]
+    run_all(roomy)
+    layout = KVLayout(tiny.depth, tiny.spec.num_kv_heads, tiny.spec.head_dim, 4, 4)
+    # room for 24 blocks = 96 tokens; six sequences of 32 tokens need 48 blocks -> preemption must happen
+    tight = LLMEngine(tiny, EngineConfig(memory_budget_bytes=tiny.param_bytes + 24 * layout.bytes_per_block,
+                                         block_size=4))
+    got = [tight.add_request(p, params) for p in prompts]
+    run_all(tight)
+    assert tight.totals.preemptions > 0
+    assert [s.output_ids for s in got] == [s.output_ids for s in ref]
+    assert all(s.finish_reason == "length" for s in got)
+
+
+def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(tiny):
+    eng = LLMEngine(tiny, EngineConfig(memory_budget_bytes=tiny.param_bytes + (1 << 24)))
+    p = [5, 17, 99, 3]
+    mk = lambda **kw: eng.add_request(p, SamplingParams(max_tokens=12, ignore_eos=True, **kw))  # noqa: E731
+    a, b, c = mk(temperature=1.5, seed=7), mk(temperature=1.5, seed=7), mk(temperature=1.5, seed=8)
+    g, k1 = mk(temperature=0.0), mk(temperature=1.0, top_k=1)
+    run_all(eng)
+    assert a.output_ids == b.output_ids != c.output_ids
+    assert g.output_ids == k1.output_ids
+
+
+def test_top_p_and_top_k_filters():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    kept = torch.isfinite(_filter(logits.clone(), 0, 0.7))
+    assert kept.tolist() == [True, True, False, False]  # 0.5 < 0.7 so the second token is needed
+    kept = torch.isfinite(_filter(logits.clone(), 3, 1.0))
+    assert kept.tolist() == [True, True, True, False]
+
+
+def test_stop_strings_truncate_and_finish(smol, prompts):
+    eng = LLMEngine(smol, EngineConfig(memory_budget_bytes=1 << 30))
+    s = eng.add_request(prompts[0], SamplingParams(max_tokens=16, stop=[" Paris"], **GREEDY))
+    run_all(eng)
+    assert s.finish_reason == "stop" and s.text == "The capital of France is"
+
+
+def test_bad_requests_are_rejected_and_the_engine_keeps_serving(tiny):
+    eng = LLMEngine(tiny, EngineConfig(memory_budget_bytes=tiny.param_bytes + (1 << 22), max_model_len=64))
+    with pytest.raises(InvalidRequestError, match="exceeds the maximum context of 64"):
+        eng.add_request([1] * 60, SamplingParams(max_tokens=10))
+    with pytest.raises(InvalidRequestError, match="empty"):
+        eng.add_request([], SamplingParams())
+    with pytest.raises(InvalidRequestError, match=r"\[0, 160\)"):
+        eng.add_request([1, 999], SamplingParams())
+    for bad in ({"max_tokens": 0}, {"temperature": -0.1}, {"top_p": 0}, {"frequency_boost": 1}, {"stop": [""]}):
+        with pytest.raises(ValidationError):
+            SamplingParams(**bad)
+    small = LLMEngine(tiny, EngineConfig(memory_budget_bytes=tiny.param_bytes + 2 * 4 * 16 * 5 * 2 * 2 * 16))
+    with pytest.raises(InvalidRequestError, match="KV blocks"):
+        small.add_request([1] * 40, SamplingParams(max_tokens=40))
+    with pytest.raises(HeliosError, match="does not hold the weights"):
+        LLMEngine(tiny, EngineConfig(memory_budget_bytes=tiny.param_bytes))
+    ok = eng.add_request([1, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True))
+    run_all(eng)
+    assert len(ok.output_ids) == 3
+
+
+def test_async_streaming_cancellation_frees_blocks(tiny):
+    eng = LLMEngine(tiny, EngineConfig(memory_budget_bytes=tiny.param_bytes + (1 << 22), block_size=4))
+    aeng = AsyncEngine(eng)
+
+    async def main():
+        async def full(p):
+            return [ev async for ev in aeng.generate(p, SamplingParams(max_tokens=10, ignore_eos=True))]
+
+        async def cancel_after_two():
+            n = 0
+            async for _ in aeng.generate([9, 8, 7, 6, 5], SamplingParams(max_tokens=100, ignore_eos=True)):
+                n += 1
+                if n == 2:
+                    break
+            return n
+
+        outs = await asyncio.gather(full([1, 2, 3]), full([4, 5, 6, 7]), cancel_after_two())
+        await asyncio.sleep(0.2)
+        free = await aeng.run(lambda: eng.scheduler.blocks.num_free)
+        return outs, free
+
+    try:
+        (a, b, n), free = asyncio.run(main())
+    finally:
+        aeng.shutdown()
+    assert n == 2
+    assert [len(a), len(b)] == [10, 10] and a[-1].finished and a[-1].finish_reason == "length"
+    assert all(ev.exit_layer == tiny.depth for ev in a)
+    assert free == eng.scheduler.blocks.num_blocks
+
+
+def test_live_depth_change_keeps_every_request(tiny):
+    eng = LLMEngine(tiny, EngineConfig(memory_budget_bytes=tiny.param_bytes + (1 << 22), block_size=4))
+    seqs = [eng.add_request([3 + i, 1, 4, 1, 5], SamplingParams(max_tokens=12, ignore_eos=True, **GREEDY))
+            for i in range(4)]
+    for _ in range(4):
+        eng.step()
+    blocks_full = eng.scheduler.blocks.num_blocks
+    change = eng.set_depth(2)
+    assert change.preempted == 4 and change.new_depth == 2 and change.pause_seconds >= change.load_seconds
+    assert eng.scheduler.blocks.num_blocks > blocks_full  # fewer layers -> more KV blocks in the same budget
+    run_all(eng)
+    assert all(len(s.output_ids) == 12 and s.finish_reason == "length" for s in seqs)
+    grow = eng.set_depth(tiny.spec.num_layers)
+    assert grow.load_seconds > 0 and eng.scheduler.blocks.num_blocks == blocks_full
