@@ -166,18 +166,107 @@ def _run_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+# ------------------------------------------------------------------------------------------------ bench
+def _cfg_bench(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    e = sub.add_parser("engine", help="our engine vs transformers generate() on ShareGPT, side by side")
+    e.add_argument("--model", default="smollm2-135m")
+    e.add_argument("--batches", default="1,8,16", help="comma-separated batch sizes")
+    e.add_argument("--requests", type=int, default=32, help="requests per batched run (batch 1 uses a quarter)")
+    e.add_argument("--quick", action="store_true", help="batches 1,8; 16 requests; 64 output tokens (~3 min)")
+    e.add_argument("--max-prompt-tokens", type=int, default=256)
+    e.add_argument("--max-output-tokens", type=int, default=128)
+    e.add_argument("--repeats", type=int, default=2, choices=[1, 2], help="2 = A-B-B-A order, times averaged")
+    e.add_argument("--budget-mb", type=int, default=2048)
+    e.add_argument("--threads", type=int, default=1, help="torch threads for both sides")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--json", action="store_true")
+    m = sub.add_parser("memory", help="max concurrent sequences the scheduler admits at each depth")
+    m.add_argument("--model", default="smollm2-135m")
+    m.add_argument("--budget-mb", type=int, default=1024)
+    m.add_argument("--depths", default=None, help="comma-separated depths (default: full and 2/3 of it)")
+    m.add_argument("--seq-len", type=int, default=512)
+    m.add_argument("--block-size", type=int, default=16)
+    m.add_argument("--json", action="store_true")
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise HeliosError(f"{what} must be comma-separated integers (got {text!r})") from None
+    if not vals or any(v < 1 for v in vals):
+        raise HeliosError(f"{what} must be positive integers (got {text!r})")
+    return vals
+
+
+def _run_bench(a: argparse.Namespace) -> int:
+    from helios_ray.bench import engine_bench
+
+    if a.bench == "engine":
+        if a.quick:
+            a.batches, a.requests, a.max_output_tokens = "1,8", 16, 64
+        res = engine_bench.bench_engine(a.model, _ints(a.batches, "--batches"), a.requests, a.max_prompt_tokens,
+                                        a.max_output_tokens, a.budget_mb, a.seed, a.threads, progress=not a.json,
+                                        repeats=a.repeats)
+        _emit(res, a.json, lambda r: "\n".join(
+            f"batch {x['batch']:>3}: engine {x['engine_tokens_per_s']:>7} tok/s | transformers "
+            f"{x['transformers_tokens_per_s']:>7} tok/s | {x['ratio_engine_over_transformers']}x | "
+            f"agreement {x['token_agreement_with_transformers']:.1%}" for x in r["runs"]))
+    else:
+        from helios_ray.models.repository import ModelRepository
+
+        info = ModelRepository().info(a.model)
+        if not info.prepared:
+            raise HeliosError(info.problem or f"model {a.model!r} is not prepared")
+        depths = _ints(a.depths, "--depths") if a.depths else [info.num_layers, max(1, info.num_layers * 2 // 3)]
+        res = engine_bench.bench_memory(a.model, a.budget_mb, depths, a.seq_len, a.block_size)
+        _emit(res, a.json, lambda r: "\n".join(
+            [f"depth {d:>3}: {v['max_concurrent_sequences']} concurrent {r['seq_len']}-token sequences "
+             f"({v['kv_blocks']} blocks, weights {v['weight_bytes'] / 2**20:.0f} MiB)" for d, v in r["depths"].items()]
+            + [f"ratio: {r['ratio_max_concurrency']}x"]))
+    return 0
+
+
 COMMANDS: list[Command] = [
     ("models", "list registered models and their static metadata", _cfg_models, _run_models),
     ("prepare", "convert model sources into the safetensors cache (one-time)", _cfg_prepare, _run_prepare),
     ("inspect", "load a model to a depth and report its size", _cfg_inspect, _run_inspect),
     ("generate", "generate with greedy exit at a depth, per-token exit and confidence", _cfg_generate, _run_generate),
+    ("bench", "benchmarks that print side-by-side ratios (engine, memory)", _cfg_bench, _run_bench),
 ]
+
+
+#: Subcommands that live next to their feature: (name, help, module exposing configure_parser() and run()).
+#: The module is imported only when the parser is built, and must not import torch/ray at module level.
+PLUGGED: list[tuple[str, str, str]] = [
+    ("tune-exits", "train exit heads on a frozen backbone (self-distillation)", "helios_ray.models.tuning_cli"),
+    ("eval-exits", "measure exit agreement/calibration on a prompt file", "helios_ray.models.tuning_cli:eval"),
+    ("simulate", "replay a recorded per-token trace through the HELIOS policy", "helios_ray.control.simulate"),
+]
+
+
+def _plugged() -> list[Command]:
+    import importlib
+
+    out: list[Command] = []
+    for name, help_text, target in PLUGGED:
+        mod_name, _, prefix = target.partition(":")
+        try:
+            mod = importlib.import_module(mod_name)
+        except ImportError:
+            continue  # feature not installed in this build
+        configure = getattr(mod, f"{prefix}_configure_parser" if prefix else "configure_parser", None)
+        run = getattr(mod, f"{prefix}_run" if prefix else "run", None)
+        if configure is not None and run is not None:
+            out.append((name, help_text, configure, run))
+    return out
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="helios-ray", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    for name, help_text, configure, run in COMMANDS:
+    for name, help_text, configure, run in COMMANDS + _plugged():
         p = sub.add_parser(name, help=help_text, description=help_text)
         configure(p)
         p.set_defaults(_run=run)

@@ -11,7 +11,8 @@ import torch
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-torch.set_num_threads(max(1, min(2, os.cpu_count() or 1)))
+# One intra-op thread: on 2 cores, 2 OpenMP threads stall badly whenever anything else runs (docs/engine.md).
+torch.set_num_threads(1)
 
 
 def _tiny_config(family: str):

@@ -207,22 +207,18 @@ class LLMEngine:
         if not seqs:
             return []
         t0 = time.perf_counter()
-        dev = self.model.device
-        if prefill:
-            T = max(s.num_tokens for s in seqs)
-            ids = torch.zeros(len(seqs), T, dtype=torch.long)
-            q_pos = torch.full((len(seqs), T), -1, dtype=torch.long)
-            for i, s in enumerate(seqs):  # left padding: the last column is every sequence's last token
-                n = s.num_tokens
-                ids[i, T - n:] = torch.tensor(s.all_ids)
-                q_pos[i, T - n:] = torch.arange(n)
-        else:
-            ids = torch.tensor([[s.all_ids[-1]] for s in seqs])
-            q_pos = torch.tensor([[s.num_tokens - 1] for s in seqs])
-        tokens_in = int((q_pos >= 0).sum())
         try:
-            self.kv.begin_step(seqs, q_pos)
-            _, conf, logits = self.model.step(ids.to(dev), q_pos.to(dev), self.kv)
+            if prefill:
+                # One forward pass per prompt: prompts differ in length, and padding them into one batch would
+                # spend compute on pad tokens; a prompt alone is already a GEMM-sized matrix.
+                outs = [self._forward([s], torch.tensor([s.all_ids]), torch.arange(s.num_tokens)[None])
+                        for s in seqs]
+                conf, logits = torch.cat([c for c, _ in outs]), torch.cat([lg for _, lg in outs])
+                tokens_in = sum(s.num_tokens for s in seqs)
+            else:
+                conf, logits = self._forward(seqs, torch.tensor([[s.all_ids[-1]] for s in seqs]),
+                                             torch.tensor([[s.num_tokens - 1] for s in seqs]))
+                tokens_in = len(seqs)
             new_tokens = sample(logits, seqs)
         except Exception as e:  # a failing batch never takes the engine down
             log.exception("engine step failed")
@@ -250,6 +246,12 @@ class LLMEngine:
         for fn in self.step_listeners:
             fn(stats)
         return events
+
+    def _forward(self, seqs: list[Sequence], ids: torch.Tensor, q_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        dev = self.model.device
+        self.kv.begin_step(seqs, q_pos)
+        _, conf, logits = self.model.step(ids.to(dev), q_pos.to(dev), self.kv)
+        return conf, logits
 
     def _append(self, s: Sequence, tok: int, conf: float, breach: bool, now: float) -> TokenEvent:
         if s.first_token_at is None:

@@ -1,0 +1,168 @@
+"""``helios-ray bench engine`` and ``bench memory``: our engine against what a user would otherwise run.
+
+Both sides run in one process, on the same model, prompts, output lengths, threads and seed:
+
+* **engine** - our continuous-batching engine with ``max_num_seqs = B``; all requests submitted at once.
+* **transformers** - ``generate()`` in static batches of B (left-padded, greedy).  It cannot stop each
+  sequence at its own length, so a batch runs to its longest request; only each request's own tokens count.
+
+Output lengths come from the ShareGPT reply lengths (capped), with EOS ignored on both sides - the usual
+serving-benchmark convention, so that both produce exactly the same number of tokens.  Accuracy stands next
+to speed: the share of generated tokens where the engine's greedy output equals ``generate()``'s.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import torch
+
+from helios_ray.engine.engine import EngineConfig, LLMEngine
+from helios_ray.engine.sequence import SamplingParams
+from helios_ray.models.early_exit import EarlyExitLM
+
+
+def sharegpt_requests(model: EarlyExitLM, n: int, seed: int, max_prompt_tokens: int, max_output_tokens: int,
+                      min_output_tokens: int = 4) -> list[tuple[list[int], int]]:
+    """(prompt ids, output length) pairs from ShareGPT: first user turn through the chat template, output
+    length = the recorded reply's token count, clipped to [min_output_tokens, max_output_tokens]."""
+    from helios_ray.data.sources import load_sharegpt
+
+    out: list[tuple[list[int], int]] = []
+    for conv in load_sharegpt(limit=None, seed=seed, min_len=8, max_len=4 * max_prompt_tokens):
+        msgs = conv.prompt_messages
+        if model.has_chat_template:
+            ids = model.encode(messages=msgs)
+        else:
+            ids = model.encode(prompt=conv.prompt)
+        if len(ids) > max_prompt_tokens:
+            continue
+        reply = next((m["content"] for m in conv.messages[len(msgs):] if m["role"] == "assistant"), "")
+        n_out = len(model.tokenizer(reply, add_special_tokens=False)["input_ids"]) if reply else max_output_tokens
+        out.append((ids, max(min_output_tokens, min(max_output_tokens, n_out))))
+        if len(out) == n:
+            break
+    return out
+
+
+def run_engine(model: EarlyExitLM, reqs: list[tuple[list[int], int]], batch: int, budget: int
+               ) -> tuple[float, list[list[int]], dict[str, Any]]:
+    eng = LLMEngine(model, EngineConfig(memory_budget_bytes=budget, max_num_seqs=batch))
+    seqs = [eng.add_request(p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)) for p, n in reqs]
+    t0 = time.perf_counter()
+    while eng.scheduler.has_work:
+        eng.step()
+    dt = time.perf_counter() - t0
+    ttft = sorted((s.first_token_at or 0) - t0 for s in seqs)
+    return dt, [s.output_ids for s in seqs], {"steps": eng.totals.steps, "preemptions": eng.totals.preemptions,
+                                              "ttft_p50_s": round(ttft[len(ttft) // 2], 3)}
+
+
+def run_transformers(hf: Any, reqs: list[tuple[list[int], int]], batch: int, pad_id: int
+                     ) -> tuple[float, list[list[int]]]:
+    outs: list[list[int]] = []
+    t0 = time.perf_counter()
+    for i in range(0, len(reqs), batch):
+        chunk = reqs[i:i + batch]
+        T = max(len(p) for p, _ in chunk)
+        ids = torch.full((len(chunk), T), pad_id, dtype=torch.long)
+        mask = torch.zeros((len(chunk), T), dtype=torch.long)
+        for j, (p, _) in enumerate(chunk):
+            ids[j, T - len(p):] = torch.tensor(p)
+            mask[j, T - len(p):] = 1
+        with torch.inference_mode():
+            gen = hf.generate(ids, attention_mask=mask, max_new_tokens=max(n for _, n in chunk), min_new_tokens=max(
+                n for _, n in chunk), do_sample=False, pad_token_id=pad_id)
+        for j, (_, n) in enumerate(chunk):
+            outs.append(gen[j, T:T + n].tolist())
+    return time.perf_counter() - t0, outs
+
+
+def agreement(a: list[list[int]], b: list[list[int]]) -> float:
+    same = total = 0
+    for x, y in zip(a, b):
+        total += len(x)
+        same += sum(p == q for p, q in zip(x, y))
+    return same / total if total else 0.0
+
+
+def bench_engine(model_name: str, batches: list[int], requests_per_batch: int, max_prompt_tokens: int,
+                 max_output_tokens: int, budget_mb: int, seed: int, threads: int, progress: bool = True,
+                 repeats: int = 2) -> dict[str, Any]:
+    from transformers import AutoModelForCausalLM
+
+    from helios_ray.models.early_exit import load_model
+
+    torch.set_num_threads(threads)
+    model = load_model(model_name, exits="shared")
+    hf = AutoModelForCausalLM.from_pretrained(str(model.ckpt_dir), dtype=torch.float32).eval()
+    pad = model.spec.pad_token_id if model.spec.pad_token_id is not None else 0
+    results: dict[str, Any] = {"model": model_name, "device": str(model.device), "threads": threads,
+                               "budget_mb": budget_mb, "seed": seed, "workload": "sharegpt", "runs": []}
+    for b in batches:
+        n_req = max(b, requests_per_batch if b > 1 else max(2, requests_per_batch // 4))
+        reqs = sharegpt_requests(model, n_req, seed, max_prompt_tokens, max_output_tokens)
+        n_tokens = sum(n for _, n in reqs)
+        if progress:
+            print(f"[bench engine] batch {b}: {len(reqs)} requests, {n_tokens} output tokens ...", flush=True)
+        run_transformers(hf, reqs[:1], 1, pad)  # warm-up both paths (allocator, first-call overheads)
+        run_engine(model, reqs[:1], 1, budget_mb << 20)
+        # A-B-B-A: anything else using the CPU during the run is shared by both sides instead of biasing one.
+        t_hf1, out_hf = run_transformers(hf, reqs, b, pad)
+        t_en1, out_en, extra = run_engine(model, reqs, b, budget_mb << 20)
+        t_en2, _, _ = run_engine(model, reqs, b, budget_mb << 20) if repeats > 1 else (t_en1, None, None)
+        t_hf2, _ = run_transformers(hf, reqs, b, pad) if repeats > 1 else (t_hf1, None)
+        t_hf, t_en = (t_hf1 + t_hf2) / 2, (t_en1 + t_en2) / 2
+        lens = sorted(n for _, n in reqs)
+        padded = sum(max(n for _, n in reqs[i:i + b]) * len(reqs[i:i + b]) for i in range(0, len(reqs), b))
+        run = {
+            "batch": b, "requests": len(reqs), "output_tokens": n_tokens,
+            "prompt_tokens_mean": round(sum(len(p) for p, _ in reqs) / len(reqs), 1),
+            "output_tokens_min_median_max": [lens[0], lens[len(lens) // 2], lens[-1]],
+            "static_batch_decode_slots_wasted": round(1 - n_tokens / padded, 3),
+            "engine_tokens_per_s": round(n_tokens / t_en, 2),
+            "transformers_tokens_per_s": round(n_tokens / t_hf, 2),
+            "ratio_engine_over_transformers": round(t_hf / t_en, 3),
+            "token_agreement_with_transformers": round(agreement(out_en, out_hf), 4),
+            "engine_seconds": round(t_en, 2), "transformers_seconds": round(t_hf, 2),
+            "seconds_per_repeat": {"engine": [round(t_en1, 2), round(t_en2, 2)],
+                                   "transformers": [round(t_hf1, 2), round(t_hf2, 2)]}, **extra,
+        }
+        results["runs"].append(run)
+        if progress:
+            print(f"[bench engine] batch {b}: engine {run['engine_tokens_per_s']} tok/s, transformers "
+                  f"{run['transformers_tokens_per_s']} tok/s, ratio {run['ratio_engine_over_transformers']}x, "
+                  f"agreement {run['token_agreement_with_transformers']:.1%}", flush=True)
+    return results
+
+
+def bench_memory(model_name: str, budget_mb: int, depths: list[int], seq_len: int, block_size: int) -> dict[str, Any]:
+    """Admit as many ``seq_len``-token sequences as the scheduler will, at each depth, in one budget."""
+    from helios_ray.models.early_exit import load_model
+
+    model = load_model(model_name, depth=max(depths), exits="auto")
+    out: dict[str, Any] = {"model": model_name, "budget_mb": budget_mb, "seq_len": seq_len, "block_size": block_size,
+                           "depths": {}}
+    for d in sorted(depths, reverse=True):
+        model.set_depth(d)
+        eng = LLMEngine(model, EngineConfig(memory_budget_bytes=budget_mb << 20, block_size=block_size,
+                                            max_num_seqs=1 << 20, max_num_batched_tokens=1 << 40))
+        limit = eng.max_concurrent(seq_len) + 1
+        for _ in range(limit):
+            eng.scheduler.add(_probe_sequence(seq_len))
+        admitted, _ = eng.scheduler.schedule()
+        out["depths"][d] = {
+            "weight_bytes": model.param_bytes, "kv_bytes_per_token": eng.layout.bytes_per_token,
+            "kv_blocks": eng.scheduler.blocks.num_blocks, "max_concurrent_sequences": len(admitted),
+        }
+    hi, lo = max(depths), min(depths)
+    out["ratio_max_concurrency"] = round(out["depths"][lo]["max_concurrent_sequences"] /
+                                         max(1, out["depths"][hi]["max_concurrent_sequences"]), 3)
+    return out
+
+
+def _probe_sequence(n: int):  # noqa: ANN202 - n prompt tokens: exactly n KV slots
+    from helios_ray.engine.sequence import Sequence
+
+    return Sequence([1] * n, SamplingParams(max_tokens=1))

@@ -1,0 +1,39 @@
+"""The engine/memory benchmarks' JSON contract (speed itself is measured, never asserted)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from helios_ray.cli import main
+
+
+def test_bench_memory_reports_admission_from_byte_arithmetic(capsys):
+    assert main(["bench", "memory", "--model", "smollm2-135m", "--budget-mb", "1024", "--json"]) == 0
+    res = json.loads(capsys.readouterr().out)
+    d30, d20 = res["depths"]["30"], res["depths"]["20"]
+    for d, v in ((30, d30), (20, d20)):
+        assert v["kv_bytes_per_token"] == d * 2 * 3 * 64 * 4
+        blocks = ((1024 << 20) - v["weight_bytes"]) // (16 * v["kv_bytes_per_token"])
+        assert v["kv_blocks"] == blocks and v["max_concurrent_sequences"] == blocks // (512 // 16)
+    assert res["ratio_max_concurrency"] == round(d20["max_concurrent_sequences"] / d30["max_concurrent_sequences"], 3)
+
+
+@pytest.mark.slow
+def test_bench_engine_prints_both_sides_and_agreement(capsys):
+    rc = main(["bench", "engine", "--batches", "1,2", "--requests", "2", "--max-output-tokens", "4",
+               "--repeats", "1", "--json"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)
+    assert [r["batch"] for r in res["runs"]] == [1, 2]
+    for r in res["runs"]:
+        assert r["engine_tokens_per_s"] > 0 and r["transformers_tokens_per_s"] > 0
+        assert r["ratio_engine_over_transformers"] == pytest.approx(
+            r["transformers_seconds"] / r["engine_seconds"], rel=0.02)
+    assert res["runs"][0]["token_agreement_with_transformers"] == 1.0  # batch 1: no padding, exact
+
+
+def test_bench_rejects_bad_arguments(capsys):
+    assert main(["bench", "engine", "--batches", "8,x"]) == 2
+    assert "--batches must be comma-separated integers" in capsys.readouterr().err
