@@ -166,6 +166,65 @@ def _run_generate(a: argparse.Namespace) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------- profile
+def _cfg_profile(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--candidates", default="smollm2-135m,gemma3-270m", help="comma-separated registered models")
+    p.add_argument("--prompts", type=int, default=5, help="prompts per candidate (HELIOS default 5)")
+    p.add_argument("--data", default="sharegpt", help="sharegpt, humaneval, or a JSONL file of prompts")
+    p.add_argument("--split", default="heldout", choices=["train", "heldout", "all"])
+    p.add_argument("--max-tokens", type=int, default=16)
+    p.add_argument("--slo", default="throughput", help="throughput, latency, energy or batch_size")
+    p.add_argument("--budget-mb", type=int, default=2048, help="memory budget per replica for the choice")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--trace-out", help="also write the per-token trace (JSONL) here, for `helios-ray simulate`")
+    p.add_argument("--models-file")
+    p.add_argument("--json", action="store_true")
+
+
+def _run_profile(a: argparse.Namespace) -> int:
+    from helios_ray.control import PHT, SLO, Hardware, PolicyConfig, choose, write_trace
+    from helios_ray.control.trace import parse_record
+    from helios_ray.data.sources import load_dataset
+    from helios_ray.models.early_exit import load_model
+    from helios_ray.models.profiling import candidate_info, profile_prompts
+    from helios_ray.models.repository import ModelRepository
+
+    if a.prompts < 1 or a.max_tokens < 1:
+        raise HeliosError("--prompts and --max-tokens must be >= 1")
+    try:
+        slo = SLO(a.slo)
+    except ValueError:
+        raise HeliosError(f"unknown SLO {a.slo!r} (known: {', '.join(s.value for s in SLO)})") from None
+    repo = ModelRepository(models_file=a.models_file)
+    names = [n.strip() for n in a.candidates.split(",") if n.strip()]
+    if not names:
+        raise HeliosError("--candidates is empty")
+    infos = [candidate_info(repo, n) for n in names]
+    convs = load_dataset(a.data, split=a.split, limit=a.prompts, seed=a.seed)
+    if not convs:
+        raise HeliosError(f"no prompts found in {a.data!r} ({a.split} split)")
+    prompts = [{"request": i, "kind": c.kind, "prompt": c.prompt, "messages": c.prompt_messages or None}
+               for i, c in enumerate(convs)]
+    config = PolicyConfig()
+    pht = PHT.from_config(config)
+    records: list[dict[str, Any]] = []
+    for n in names:
+        model = load_model(n, repo=repo, exits="all")
+        recs = profile_prompts(model, prompts, a.max_tokens, progress=not a.json)
+        for r in recs:
+            pht.observe_token(parse_record(r)) if r["type"] == "token" else pht.observe_request(parse_record(r))
+        records += recs
+        del model
+    if a.trace_out:
+        write_trace(a.trace_out, [parse_record(r) for r in records])
+    hw = Hardware(device="cpu", memory_budget_bytes=a.budget_mb << 20)
+    decision = choose(infos, slo, hw, pht, config)
+    out = {"candidates": names, "prompts": len(prompts), "data": a.data, "slo": slo.value,
+           "pht": pht.summary(), "choice": decision.model_dump(mode="json")}
+    _emit(out, a.json, lambda o: json.dumps(o, indent=2, default=str))
+    return 0
+
+
 # ------------------------------------------------------------------------------------------------ bench
 def _cfg_bench(p: argparse.ArgumentParser) -> None:
     sub = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
@@ -233,6 +292,8 @@ COMMANDS: list[Command] = [
     ("prepare", "convert model sources into the safetensors cache (one-time)", _cfg_prepare, _run_prepare),
     ("inspect", "load a model to a depth and report its size", _cfg_inspect, _run_inspect),
     ("generate", "generate with greedy exit at a depth, per-token exit and confidence", _cfg_generate, _run_generate),
+    ("profile", "profile candidates on real prompts (all exits) and show the PHT and the policy's choice",
+     _cfg_profile, _run_profile),
     ("bench", "benchmarks that print side-by-side ratios (engine, memory)", _cfg_bench, _run_bench),
 ]
 

@@ -101,3 +101,49 @@ class RuntimeOptions(StrictModel):
     depth: int | None = Field(default=None, ge=1, description="Layers to load; None = all.")
     confidence: Literal["max_prob", "margin", "entropy"] = "max_prob"
     threshold: float = Field(default=0.9, gt=0.0, le=1.0)
+
+
+class PlacementSpec(StrictModel):
+    """A fixed (model, depth) to start with, instead of the policy's first choice."""
+
+    model: str
+    depth: int | None = Field(default=None, ge=1)
+
+
+class EngineOptions(StrictModel):
+    block_size: int = Field(default=16, ge=1, le=1024)
+    max_num_seqs: int = Field(default=32, ge=1)
+    max_num_batched_tokens: int = Field(default=2048, ge=16)
+    max_model_len: int | None = Field(default=2048, ge=2)
+    torch_threads: int | None = Field(default=1, ge=1)
+
+
+class ServeConfig(StrictModel):
+    """Everything ``build_app(args)`` needs; the ``args`` of ``deployments/helios.yaml`` are this model.
+
+    Policy knobs (``policy``) are the control plane's ``PolicyConfig`` with the paper's defaults.
+    """
+
+    candidates: list[str] = Field(default_factory=lambda: ["smollm2-135m", "gemma3-270m"], min_length=1)
+    models: list[ModelSpec] = Field(default_factory=list, description="Extra model registrations.")
+    models_file: Path | None = None
+    slo: str = "throughput"
+    policy: dict = Field(default_factory=dict, description="PolicyConfig fields (validated at build time).")
+    initial: PlacementSpec | None = None
+    served_model_name: str = Field(default="helios", description="The OpenAI `model` id that lets HELIOS choose.")
+    replicas: int = Field(default=1, ge=1)
+    replica_num_cpus: float = Field(default=1.0, ge=0)
+    replica_num_gpus: float = Field(default=0.0, ge=0)
+    memory_budget_mb: int | None = Field(default=2048, ge=64, description="Per replica, weights + KV. None on CUDA "
+                                                                            "= a fraction of free GPU memory.")
+    device: DeviceName = "auto"
+    engine: EngineOptions = Field(default_factory=EngineOptions)
+    threshold: float = Field(default=0.9, gt=0.0, le=1.0)
+    mirror_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
+    profiler: bool = True
+    profile_max_tokens: int = Field(default=16, ge=1)
+    profile_queue: int = Field(default=8, ge=1, description="Mirrored prompts waiting beyond this are dropped.")
+    telemetry_every_tokens: int = Field(default=16, ge=1)
+    api_key_env: str | None = Field(default="HELIOS_API_KEY",
+                                    description="Env var holding the API key; unset or empty = no key needed.")
+    max_ongoing_requests: int = Field(default=256, ge=1)

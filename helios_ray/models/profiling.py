@@ -1,0 +1,110 @@
+"""Profile candidates on real prompts: per-token exit records for the performance history table.
+
+This is the bridge between the runtime and the (pure) control plane: the full model runs in profile mode over a
+few prompts, and every generated token becomes a trace record - each exit's argmax and confidence next to the
+final layer's argmax and log-probability - in exactly the format ``helios_ray.control.trace`` reads.  The same
+function serves ``helios-ray profile``, the recorded traces the simulator tests replay, and the Serve profiling
+actor on mirrored traffic.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+from typing import Any, Iterable
+
+from helios_ray.control.config import CalibrationPoint, CandidateInfo, ExitPrior
+from helios_ray.models.early_exit import EarlyExitLM
+
+
+def default_profile_exits(num_layers: int) -> list[int]:
+    """Without trained exits, sample the upper part of the stack through the shared head (40%..90% depth).
+    Every extra exit costs one LM-head product per token, the largest matmul of small models."""
+    return sorted({max(1, round(num_layers * f)) for f in (0.4, 0.5, 0.6, 0.7, 0.8, 0.9)} - {num_layers})
+
+
+def profile_exits(model: EarlyExitLM) -> list[int]:
+    trained = sorted(d for d in model.heads if d < model.total_layers)
+    return trained or default_profile_exits(model.total_layers)
+
+
+def encode_prompt(model: EarlyExitLM, prompt: str | None = None, messages: list[dict[str, str]] | None = None
+                  ) -> list[int]:
+    """Chat models get messages through their template; base models get the plain prompt text."""
+    if messages and model.has_chat_template:
+        return model.encode(messages=messages)
+    if prompt is None and messages:
+        prompt = next((m["content"] for m in messages if m["role"] == "user"), "")
+    return model.encode(prompt=prompt)
+
+
+def profile_prompts(model: EarlyExitLM, prompts: Iterable[dict[str, Any]], max_tokens: int = 16,
+                    exits: list[int] | None = None, request_offset: int = 0, progress: bool = False
+                    ) -> list[dict[str, Any]]:
+    """Trace records for ``prompts`` (dicts with ``prompt`` or ``messages``, optional ``kind``, ``request``).
+
+    Token records carry every profiled exit plus the full depth itself (``exits[L]`` = the final layer), so a
+    replica at any profiled depth can be replayed; request records carry timing of the profile run.
+    """
+    exits = exits if exits is not None else profile_exits(model)
+    prompts = list(prompts)
+    records: list[dict[str, Any]] = []
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(prompts), desc=f"profiling {model.name}", unit="prompt")
+    L = model.total_layers
+    for i, p in enumerate(prompts):
+        req = int(p.get("request", request_offset + i))
+        kind = p.get("kind")
+        ids = encode_prompt(model, p.get("prompt"), p.get("messages"))
+        t0 = time.perf_counter()
+        toks = model.profile_generate(ids, max_tokens, exits)
+        dt = time.perf_counter() - t0
+        for t in toks:
+            ex = {str(d): [tok, conf] for d, (tok, conf) in t["exits"].items()}
+            ex[str(L)] = [t["final"], t["final_confidence"]]
+            records.append({"type": "token", "model": model.name, "request": req, "kind": kind, "pos": t["pos"],
+                            "exits": ex, "final": t["final"], "final_logprob": t["final_logprob"]})
+        records.append({"type": "request", "model": model.name, "request": req, "kind": kind,
+                        "prompt_tokens": len(ids), "output_tokens": len(toks), "seconds": round(dt, 4)})
+        if bar is not None:
+            bar.update(1)
+    if bar is not None:
+        bar.close()
+    return records
+
+
+def candidate_info(repo: Any, name: str) -> CandidateInfo:
+    """Static metadata of a registered model in the control plane's terms, with its exit card as prior."""
+    info = repo.info(name)
+    if not info.prepared:
+        from helios_ray.errors import ModelUnavailableError
+
+        raise ModelUnavailableError(info.problem or f"model {name!r} is not prepared")
+    assert info.num_layers and info.layer_bytes is not None and info.hidden_size and info.vocab_size
+    exits = sorted(set((info.exits.trained if info.exits else []) + [info.num_layers]))
+    prior: dict[int, ExitPrior] = {}
+    exit_head_bytes = 0
+    card_path = Path(info.exits.card_path) if info.exits and info.exits.card_path else None
+    if card_path is not None and card_path.exists():
+        card = json.loads(card_path.read_text())
+        for key, e in (card.get("exits") or {}).items():
+            d = int(key)
+            if d not in exits:
+                continue
+            cal = [CalibrationPoint(threshold=c["threshold"], coverage=c["coverage"], agreement=c["agreement"])
+                   for c in e.get("calibration", []) if c.get("agreement") is not None]
+            if e.get("agreement") is not None:
+                prior[d] = ExitPrior(agreement=e["agreement"], calibration=cal)
+            exit_head_bytes = max(exit_head_bytes, int(e.get("parameters", 0)) * 4)
+    bytes_per_param = 4 if info.dtype == "float32" else 2
+    return CandidateInfo(
+        name=name, num_layers=info.num_layers, embed_bytes=info.embed_bytes or 0, layer_bytes=info.layer_bytes,
+        head_bytes=info.head_bytes or 0, exit_head_bytes=exit_head_bytes,
+        kv_bytes_per_token_per_layer=info.kv_bytes_per_token_per_layer or 0, exits=exits, exit_prior=prior,
+        flops_per_token_per_layer=2 * info.layer_bytes // bytes_per_param,
+        head_flops_per_token=2 * info.hidden_size * info.vocab_size,
+    )

@@ -1,0 +1,69 @@
+"""``build_app(args)``: the Serve application behind ``deployments/helios.yaml``.
+
+Four deployments (names are what ``deployments:`` overrides in a Serve config refer to):
+
+* ``Router`` - ingress: OpenAI HTTP + helios.v1 gRPC, token relay, telemetry, mirroring (no CPU reserved);
+* ``EarlyExitReplica`` - one truncated early-exit engine per replica (``replica_num_cpus``/``replica_num_gpus``);
+* ``HeliosControl`` - the policy and the versioned placement (one replica);
+* ``HeliosProfiler`` - profile-mode evaluation of candidates on mirrored prompts (one replica).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pydantic import ValidationError
+from ray import serve
+from ray.serve import Application
+
+from helios_ray.config import ServeConfig
+from helios_ray.errors import HeliosError
+from helios_ray.serve.control import Control
+from helios_ray.serve.profiler import Profiler
+from helios_ray.serve.replica import EarlyExitReplica
+from helios_ray.serve.router import Router
+
+
+def load_config(args: dict[str, Any] | None) -> ServeConfig:
+    try:
+        cfg = ServeConfig.model_validate(args or {})
+    except ValidationError as e:
+        raise HeliosError(f"invalid helios application args: {e}") from None
+    from helios_ray.control import SLO, PolicyConfig
+    from helios_ray.models.repository import ModelRepository
+
+    try:
+        SLO(cfg.slo)
+    except ValueError:
+        raise HeliosError(f"unknown slo {cfg.slo!r} (known: {', '.join(s.value for s in SLO)})") from None
+    try:
+        PolicyConfig.model_validate({"confidence_threshold": cfg.threshold, **cfg.policy})
+    except ValidationError as e:
+        raise HeliosError(f"invalid policy config: {e}") from None
+    repo = ModelRepository(extra=cfg.models, models_file=cfg.models_file)
+    for name in cfg.candidates:
+        repo.checkpoint_dir(name)  # unknown or unprepared candidates fail here, with the fix in the message
+    if cfg.initial is not None and cfg.initial.model not in cfg.candidates:
+        raise HeliosError(f"initial model {cfg.initial.model!r} is not among the candidates")
+    return cfg
+
+
+def build_app(args: dict[str, Any] | None = None) -> Application:
+    cfg = load_config(args)
+    conf = cfg.model_dump(mode="json")
+    control = serve.deployment(Control, name="HeliosControl", num_replicas=1, max_ongoing_requests=100_000,
+                               ray_actor_options={"num_cpus": 0}).bind(conf)
+    profiler = None
+    if cfg.profiler:
+        profiler = serve.deployment(Profiler, name="HeliosProfiler", num_replicas=1, max_ongoing_requests=1000,
+                                    ray_actor_options={"num_cpus": 0}).bind(conf, control)
+    replica = serve.deployment(
+        EarlyExitReplica, name="EarlyExitReplica", num_replicas=cfg.replicas,
+        max_ongoing_requests=4 * cfg.engine.max_num_seqs, health_check_period_s=1, health_check_timeout_s=30,
+        graceful_shutdown_timeout_s=30,
+        ray_actor_options={"num_cpus": cfg.replica_num_cpus, "num_gpus": cfg.replica_num_gpus},
+    ).bind(conf, control)
+    ingress = serve.deployment(Router, name="Router", num_replicas=1,
+                               max_ongoing_requests=cfg.max_ongoing_requests,
+                               ray_actor_options={"num_cpus": 0}).bind(conf, replica, control, profiler)
+    return ingress

@@ -1,0 +1,80 @@
+"""The profiling deployment: candidates evaluated on mirrored prompts, in the background.
+
+The router mirrors a request here fire-and-forget; ``mirror`` only enqueues (a full queue drops the prompt and
+says so), so user traffic never waits on profiling.  A background task runs each queued prompt through every
+requested candidate in profile mode (full depth, every exit) and sends the per-token records to Control, which
+folds them into the PHT.  Models are loaded lazily, once, at full depth with all their trained exits.
+
+Its CPU cost is real on a small host - it shares cores with the replicas - which is why only a few percent of
+traffic is mirrored and each profile is capped at ``profile_max_tokens`` tokens.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from typing import Any
+
+from helios_ray.config import ServeConfig
+
+log = logging.getLogger("ray.serve")
+
+
+class Profiler:
+    def __init__(self, config: dict[str, Any], control: Any):
+        import torch
+
+        self.cfg = ServeConfig.model_validate(config)
+        self.control = control
+        torch.set_num_threads(1)
+        from helios_ray.models.repository import ModelRepository
+
+        self.repo = ModelRepository(extra=self.cfg.models, models_file=self.cfg.models_file)
+        self.models: dict[str, Any] = {}
+        self.queue: asyncio.Queue[tuple[dict[str, Any], list[str]]] = asyncio.Queue(maxsize=self.cfg.profile_queue)
+        self.done = self.dropped = self.failed = 0
+        self.busy_seconds = 0.0
+        self._task: asyncio.Task | None = None
+
+    def _model(self, name: str) -> Any:
+        m = self.models.get(name)
+        if m is None:
+            from helios_ray.models.early_exit import load_model
+
+            m = self.models[name] = load_model(name, repo=self.repo, exits="all", threshold=self.cfg.threshold)
+        return m
+
+    def _profile(self, item: dict[str, Any], name: str) -> list[dict[str, Any]]:
+        from helios_ray.models.profiling import profile_prompts
+
+        return profile_prompts(self._model(name), [item], self.cfg.profile_max_tokens)
+
+    async def _worker(self) -> None:
+        while True:
+            item, names = await self.queue.get()
+            for name in names:
+                t0 = time.perf_counter()
+                try:
+                    records = await asyncio.to_thread(self._profile, item, name)
+                    await self.control.observe_profile.remote(records)
+                    self.done += 1
+                except Exception:
+                    self.failed += 1
+                    log.exception("helios profiler: profiling %s failed", name)
+                self.busy_seconds += time.perf_counter() - t0
+
+    async def mirror(self, item: dict[str, Any], models: list[str]) -> bool:
+        """Enqueue a mirrored prompt; never waits.  Returns False when the queue is full (dropped)."""
+        if self._task is None or self._task.done():
+            self._task = asyncio.get_running_loop().create_task(self._worker())
+        try:
+            self.queue.put_nowait((item, models))
+            return True
+        except asyncio.QueueFull:
+            self.dropped += 1
+            return False
+
+    async def stats(self) -> dict[str, Any]:
+        return {"queued": self.queue.qsize(), "profiled": self.done, "dropped": self.dropped, "failed": self.failed,
+                "busy_seconds": round(self.busy_seconds, 2), "loaded": sorted(self.models)}

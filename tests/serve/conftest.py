@@ -1,0 +1,71 @@
+"""One real local Ray cluster for the whole serve test session, running deployments/helios.yaml's application."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import socket
+import tempfile
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+
+ROOT = Path(__file__).resolve().parents[2]
+API_KEY = "test-key-123"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def cluster():
+    os.environ["RAY_AUTH_MODE"] = "disabled"
+    os.environ["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] = "60"  # 2 loaded cores: the proxy can start slowly
+    os.environ["HELIOS_TEST_API_KEY"] = API_KEY  # inherited by the cluster's workers (the Router reads it)
+    import ray
+    from ray import serve
+
+    from helios_ray.serve.app import build_app
+
+    tmp = tempfile.mkdtemp(prefix="hr", dir="/tmp")  # short: Ray's socket paths have a length limit
+    metrics_port = _free_port()
+    ray.init(num_cpus=4, _temp_dir=tmp, object_store_memory=100 * 2**20, include_dashboard=False,
+             _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000},
+             logging_level="WARNING")
+    http_port, grpc_port = _free_port(), _free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": http_port},
+                grpc_options={"port": grpc_port, "grpc_servicer_functions": [
+                    "helios_ray.grpc.helios_pb2_grpc.add_HeliosServiceServicer_to_server"]})
+    cfg = yaml.safe_load((ROOT / "deployments" / "helios.yaml").read_text())
+    app_cfg = cfg["applications"][0]
+    args = dict(app_cfg["args"])
+    # Same application as the YAML; test-sized knobs: a small breach window so a storm is quick to provoke,
+    # starting at a shallow SmolLM2 depth where the logit lens is unconfident (a real, not simulated, storm).
+    args.update({
+        "api_key_env": "HELIOS_TEST_API_KEY", "memory_budget_mb": 1024, "mirror_fraction": 0.0,
+        "initial": {"model": "smollm2-135m", "depth": 30},
+        "policy": {**args.get("policy", {}), "breach_window": 20, "breach_limit": 10, "profile_prompts": 2,
+                   "reassess_every": 1000, "hysteresis_requests": 2, "min_agreement": 0.0},
+    })
+    serve.run(build_app(args), name=app_cfg["name"], route_prefix=app_cfg["route_prefix"], blocking=False)
+    base = f"http://127.0.0.1:{http_port}"
+    import httpx
+
+    deadline = time.time() + 300
+    while time.time() < deadline:
+        try:
+            if httpx.get(f"{base}/health", timeout=5).status_code == 200:
+                break
+        except httpx.HTTPError:
+            pass
+        time.sleep(1)
+    yield {"base": base, "grpc": f"127.0.0.1:{grpc_port}", "metrics": f"http://127.0.0.1:{metrics_port}",
+           "headers": {"Authorization": f"Bearer {API_KEY}"}, "key": API_KEY, "app": app_cfg["name"]}
+    serve.shutdown()
+    ray.shutdown()
+    shutil.rmtree(tmp, ignore_errors=True)
