@@ -677,11 +677,20 @@ def on_storm(
         if not fits(cand, choice.depth):
             numbers[f"{key}_skipped"] = "does not fit memory"
             continue
+        confident = choice.exit_share if choice.depth < cand.num_layers else None
+        if choice.depth == cand.num_layers and c_entry is not None:
+            stats = c_entry.exits.get(cand.num_layers)
+            confident = stats.confident_rate if stats and stats.tokens else None
+        # A target whose own profile breaches at storm rate would storm too: switching there only
+        # ping-pongs between candidates (seen on real traces at threshold 0.9, where both bundled
+        # models breach on >80% of tokens even at full depth).
+        storm_rate = config.breach_limit / config.breach_window
+        if confident is not None and 1.0 - confident > storm_rate:
+            numbers[f"{key}_skipped"] = (
+                f"would storm too: profiled breach rate {1.0 - confident:.3f} > {storm_rate:.3f}"
+            )
+            continue
         if current_depth >= current.num_layers:
-            confident = choice.exit_share if choice.depth < cand.num_layers else None
-            if choice.depth == cand.num_layers and c_entry is not None:
-                stats = c_entry.exits.get(cand.num_layers)
-                confident = stats.confident_rate if stats and stats.tokens else None
             if confident is None or confident <= observed_confident:
                 numbers[f"{key}_skipped"] = (
                     f"not better: confident share {confident} vs {observed_confident:.3f} now"
