@@ -100,3 +100,31 @@ def test_real_entry_point_has_no_traceback():
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert r.stderr.strip() == "helios-ray generate: error: unknown model 'nope'; registered models: gemma3-270m, smollm2-135m"
+
+
+@pytest.mark.slow
+def test_profile_runs_real_models_and_prints_pht_and_choice(capsys, tmp_path):
+    trace = tmp_path / "t.jsonl"
+    rc, out, err = _run(capsys, "profile", "--candidates", "smollm2-135m,gemma3-270m", "--prompts", "1",
+                        "--max-tokens", "4", "--trace-out", str(trace), "--json")
+    assert rc == 0, err
+    res = json.loads(out)
+    models = {e["model"] for e in res["pht"]}
+    assert models == {"smollm2-135m", "gemma3-270m"}
+    assert res["choice"]["model"] in models and res["choice"]["depth"] >= 1
+    lines = trace.read_text().splitlines()
+    assert sum('"type":"token"' in ln for ln in lines) == 8  # 4 tokens x 2 models (EOS may not come that early)
+    rc, out, err = _run(capsys, "profile", "--candidates", "smollm2-135m", "--slo", "speed")
+    assert rc == 2 and "unknown SLO 'speed'" in err
+
+
+def test_simulate_replays_the_recorded_real_trace(capsys):
+    from pathlib import Path
+
+    trace = Path(__file__).resolve().parent / "data" / "traces" / "chat_then_code.jsonl"
+    rc, out, err = _run(capsys, "simulate", "--trace", str(trace), "--slo", "throughput", "--json")
+    assert rc == 0, err
+    res = json.loads(out)
+    assert res["decisions"] and res["decisions"][0]["action"] == "deploy"
+    rc, _, err = _run(capsys, "simulate", "--trace", "/nonexistent.jsonl", "--slo", "throughput")
+    assert rc == 2 and "error" in err and "Traceback" not in err
