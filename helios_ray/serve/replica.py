@@ -110,11 +110,29 @@ class EarlyExitReplica:
                 await asyncio.sleep(1.0)
 
     async def _report_stats(self, every_s: float = 2.0) -> None:
-        """Push this replica's stats to Control, which shows them in /v1/helios/status."""
+        """Every ``every_s``: Prometheus gauges, energy per token (NVML, GPU only), and the stats Control shows
+        in /v1/helios/status."""
+        from helios_ray.metrics import EnergyMeter, ReplicaMetrics
+
+        metrics, meter = ReplicaMetrics(), EnergyMeter()
+        last_j, last_tokens, last_switches = meter.joules(), 0, 0
         while True:
             await asyncio.sleep(every_s)
             try:
-                await self.control.report_replica.remote(await self.stats())
+                st = await self.stats()
+                metrics.running.set(st["running"])
+                metrics.waiting.set(st["waiting"])
+                metrics.kv_usage.set(st["kv_blocks_used"] / max(1, st["kv_blocks_total"]))
+                metrics.loaded_layers.set(st["depth"], tags={"model": st["model"]})
+                if self.switches > last_switches and self.last_change:
+                    metrics.switches.inc(self.switches - last_switches, tags={"kind": self.last_change["kind"]})
+                    last_switches = self.switches
+                j = meter.joules()
+                if j is not None and last_j is not None and st["tokens_out"] > last_tokens:
+                    st["energy_j_per_token"] = (j - last_j) / (st["tokens_out"] - last_tokens)
+                    metrics.energy.set(st["energy_j_per_token"])
+                last_j, last_tokens = j, st["tokens_out"]
+                await self.control.report_replica.remote(st)
             except asyncio.CancelledError:
                 raise
             except Exception:

@@ -135,11 +135,13 @@ def test_metrics_are_exported(cluster):
     text = ""
     while time.time() < deadline:
         text = httpx.get(cluster["metrics"], timeout=10).text
-        if "ray_helios_time_to_first_token_seconds" in text and "ray_helios_exit_depth" in text:
+        if all(m in text for m in ("ray_helios_time_to_first_token_seconds", "ray_helios_exit_depth",
+                                   "ray_helios_kv_cache_usage_ratio", "ray_helios_loaded_layers")):
             break
         time.sleep(2)
     assert "ray_helios_time_to_first_token_seconds" in text
     assert "ray_helios_generation_tokens" in text and "ray_helios_exit_depth" in text
+    assert "ray_helios_kv_cache_usage_ratio" in text and "ray_helios_loaded_layers" in text
 
 
 def test_live_shift_changes_placement_without_failures(cluster):
@@ -184,6 +186,12 @@ def test_live_shift_changes_placement_without_failures(cluster):
         change = changed["changes"][-1]
         assert change["from"] == {"model": "smollm2-135m", "depth": 12}
         assert change["action"] in ("extend", "switch") and change["trigger"]
+        deadline = time.time() + 60
+        text = ""
+        while time.time() < deadline and "ray_helios_placement_changes" not in text:
+            time.sleep(2)
+            text = httpx.get(cluster["metrics"], timeout=10).text
+        assert "ray_helios_placement_changes" in text  # the change is visible in the metrics too
     finally:
         time.sleep(3)
         done.set()
