@@ -51,7 +51,9 @@ def load_config(args: dict[str, Any] | None) -> ServeConfig:
 def build_app(args: dict[str, Any] | None = None) -> Application:
     cfg = load_config(args)
     conf = cfg.model_dump(mode="json")
+    # Its in-flight requests are placement long-polls, safe to cut: a short graceful shutdown.
     control = serve.deployment(Control, name="HeliosControl", num_replicas=1, max_ongoing_requests=100_000,
+                               graceful_shutdown_timeout_s=1, graceful_shutdown_wait_loop_s=0.5,
                                ray_actor_options={"num_cpus": 0}).bind(conf)
     profiler = None
     if cfg.profiler:
