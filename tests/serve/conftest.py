@@ -36,7 +36,7 @@ def cluster():
     metrics_port = _free_port()
     ray.init(num_cpus=4, _temp_dir=tmp, object_store_memory=100 * 2**20, include_dashboard=False,
              _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000},
-             logging_level="WARNING")
+             logging_level="WARNING", log_to_driver=False)  # worker logs stay in the temp dir
     http_port, grpc_port = _free_port(), _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": http_port},
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": [
