@@ -129,8 +129,10 @@ class Router:
         first_at: float | None = None
         confs: list[float] = []
         n = breaches = 0
+        ended = False
         try:
             async for item in gen:
+                ended = item["type"] in ("end", "error")
                 if item["type"] == "token":
                     n += 1
                     if first_at is None:
@@ -143,6 +145,7 @@ class Router:
                         confs = []
                 yield item
         except Exception as e:  # the replica died mid-stream (ActorDiedError, RayTaskError, ...)
+            ended = True
             self.metrics.errors.inc(tags={"status": "503"})
             log.warning("helios router: stream from %s@%d failed: %s", model, depth, type(e).__name__)
             yield {"type": "error", "status": 503,
@@ -150,6 +153,8 @@ class Router:
                               "retry the request"}
             return
         finally:
+            if not ended:  # we stopped early: cancel the replica side (Serve also propagates client disconnects)
+                gen.cancel()
             if confs:
                 _fire(self.control.observe_tokens.remote(model, depth, confs))
         e2e = time.perf_counter() - t0

@@ -144,6 +144,25 @@ def test_metrics_are_exported(cluster):
     assert "ray_helios_kv_cache_usage_ratio" in text and "ray_helios_loaded_layers" in text
 
 
+def test_client_disconnect_mid_stream_frees_the_sequence(cluster):
+    from ray import serve
+
+    replica = serve.get_deployment_handle("EarlyExitReplica", app_name=cluster["app"])
+    with httpx.Client(timeout=60, headers=cluster["headers"]) as client:
+        with client.stream("POST", f"{cluster['base']}/v1/completions",
+                           json={"model": "helios", "prompt": "Once upon a time", "max_tokens": 1500,
+                                 "ignore_eos": True, "stream": True}) as r:
+            for i, _ in enumerate(r.iter_lines()):
+                if i >= 6:
+                    break  # hang up after a few tokens (1,500 tokens would take over a minute to finish)
+    deadline = time.time() + 5
+    st = replica.stats.remote().result()
+    while (st["running"] or st["kv_blocks_used"]) and time.time() < deadline:
+        time.sleep(0.5)
+        st = replica.stats.remote().result()
+    assert st["running"] == 0 and st["kv_blocks_used"] == 0, st
+
+
 def test_live_shift_changes_placement_without_failures(cluster):
     """Pin a shallow depth (operator override), then send prompts: SmolLM2's logit lens at 12 layers is
     unconfident, breaches storm, and the policy extends the depth or switches the model - live, while a
