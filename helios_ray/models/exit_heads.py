@@ -125,12 +125,14 @@ def make_head(kind: str, depth: int, spec: ArchSpec, rank: int | None = None) ->
     raise HeliosError(f"unknown exit head kind {kind!r} (known: shared, linear, block)")
 
 
-def save_heads(path: Path, heads: dict[int, ExitHead], extra_metadata: dict[str, str] | None = None) -> None:
+def save_heads(path: Path, heads: dict[int, ExitHead], extra_metadata: dict[str, str] | None = None,
+               dtype: torch.dtype = torch.float32) -> None:
+    """Write ``heads`` to ``path``; ``dtype=torch.bfloat16`` halves the file (``load_heads`` casts back)."""
     tensors: dict[str, Tensor] = {}
     meta = {str(d): h.config() for d, h in sorted(heads.items())}
     for d, h in heads.items():
         for name, t in h.state_dict().items():
-            tensors[f"exit.{d}.{name}"] = t.detach().to(torch.float32).contiguous()
+            tensors[f"exit.{d}.{name}"] = t.detach().to(dtype).contiguous()
     md = {"heads": json.dumps(meta), **(extra_metadata or {})}
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
