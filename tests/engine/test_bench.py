@@ -13,8 +13,11 @@ def test_bench_memory_reports_admission_from_byte_arithmetic(capsys):
     assert main(["bench", "memory", "--model", "smollm2-135m", "--budget-mb", "1024", "--json"]) == 0
     res = json.loads(capsys.readouterr().out)
     d30, d20 = res["depths"]["30"], res["depths"]["20"]
+    from helios_ray.models.repository import ModelRepository
+
+    kinds = ModelRepository().info("smollm2-135m").exits.kinds  # a trained block head at D attends: +1 KV layer
     for d, v in ((30, d30), (20, d20)):
-        assert v["kv_bytes_per_token"] == d * 2 * 3 * 64 * 4
+        assert v["kv_bytes_per_token"] == (d + (kinds.get(d) == "block")) * 2 * 3 * 64 * 4
         blocks = ((1024 << 20) - v["weight_bytes"]) // (16 * v["kv_bytes_per_token"])
         assert v["kv_blocks"] == blocks and v["max_concurrent_sequences"] == blocks // (512 // 16)
     assert res["ratio_max_concurrency"] == round(d20["max_concurrent_sequences"] / d30["max_concurrent_sequences"], 3)

@@ -73,8 +73,8 @@ def test_cli_generate_answers_paris():
 @pytest.mark.slow
 def test_cli_inspect_depth_20_is_smaller_than_30():
     runs = {}
-    for d in (20, 30):
-        r = _cli("inspect", "smollm2-135m", "--depth", str(d), "--json")
+    for d in (20, 30):  # truncation alone (the shared head); a trained exit head adds its own bytes, below
+        r = _cli("inspect", "smollm2-135m", "--depth", str(d), "--exits", "shared", "--json")
         assert r.returncode == 0, r.stderr
         runs[d] = json.loads(r.stdout)
     for d in (20, 30):
@@ -85,3 +85,14 @@ def test_cli_inspect_depth_20_is_smaller_than_30():
     assert runs[20]["kv_bytes_per_token"] * 30 == runs[30]["kv_bytes_per_token"] * 20
     # 10 fewer layers of 14.2 MB are not resident; allow noise but demand most of it shows
     assert runs[30]["rss_bytes"] - runs[20]["rss_bytes"] > 0.7 * (runs[30]["param_bytes"] - runs[20]["param_bytes"])
+    r = _cli("inspect", "smollm2-135m", "--depth", "20", "--json")  # default: the shipped exit head at 20, if any
+    assert r.returncode == 0, r.stderr
+    trained = json.loads(r.stdout)
+    if trained["exit_head"] != "shared":
+        from helios_ray.models.exit_heads import load_heads
+        from helios_ray.models.loading import param_bytes, read_spec
+        from helios_ray.models.repository import ModelRepository
+
+        repo = ModelRepository()
+        head = load_heads(repo.exits_path("smollm2-135m"), read_spec(repo.checkpoint_dir("smollm2-135m")), [20])[20]
+        assert trained["param_bytes"] == runs[20]["param_bytes"] + param_bytes(head)

@@ -202,7 +202,7 @@ def test_live_shift_changes_placement_without_failures(cluster):
                 changed = st
                 break
         assert changed is not None, "no extend/switch within the time limit"
-        change = changed["changes"][-1]
+        change = next(c for c in changed["changes"] if c["version"] == pinned["version"] + 1)
         assert change["from"] == {"model": "smollm2-135m", "depth": 12}
         assert change["action"] in ("extend", "switch") and change["trigger"]
         deadline = time.time() + 60
@@ -251,5 +251,7 @@ def test_killed_replica_mid_stream(cluster):
         time.sleep(1)
     assert ok, "Serve did not bring the replica back"
     after = _status(cluster)
-    assert after["requests"] > before["requests"]  # Control (and its PHT) survived
-    assert after["placement"]["version"] == before["placement"]["version"]
+    # Control survived the replica's death: its counters, placement history and PHT carried on
+    assert after["requests"] > before["requests"]
+    assert after["placement"]["version"] >= before["placement"]["version"]
+    assert len(after["controller"]["pht"]) >= len(before["controller"]["pht"])
