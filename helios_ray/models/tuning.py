@@ -3,7 +3,8 @@
 Two phases, both resumable:
 
 1. **Cache** (one pass over the data): the full model runs once over fixed-length token rows; the hidden state
-   entering each exit (after D layers) is written as float16 to ``.npy`` memory maps, with the final layer's
+   entering each exit (after D layers) is written as float16 (float32 when the model's activations exceed
+   float16, as Gemma 3's do) to ``.npy`` memory maps, with the final layer's
    top-k log-probabilities and token ids.  Memory stays bounded by one batch; the disk holds
    ``rows x seq_len x (2 * hidden * exits + 6 * k)`` bytes.  Rows are whole windows of a conversation
    (not isolated tokens) because a ``block`` head attends over its context.  The held-out rows (other
@@ -44,9 +45,9 @@ from helios_ray.data import Conversation, encode, load_dataset
 from helios_ray.errors import HeliosError
 from helios_ray.models.decoder import DecoderLM, DenseKVCache
 from helios_ray.models.early_exit import confidence
-from helios_ray.models.exit_heads import BlockHead, ExitHead, LinearHead, SharedHead, make_head, save_heads
+from helios_ray.models.exit_heads import BlockHead, ExitHead, SharedHead, make_head, save_heads
 from helios_ray.models.families import ArchSpec
-from helios_ray.models.loading import load_decoder, param_bytes, read_spec
+from helios_ray.models.loading import load_decoder, read_spec
 
 #: Confidence thresholds of the calibration table.
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.85, 0.9, 0.95)
@@ -109,13 +110,15 @@ class TuneConfig:
 
     def cache_key(self) -> str:
         """Identity of the cache: everything that changes what phase 1 writes."""
-        keep = {k: getattr(self, k) for k in ("model", "data", "tokens", "seq_len", "topk", "seed",
-                                              "eval_conversations", "eval_seq_len", "cache_dtype")}
+        keep: dict[str, Any] = {k: getattr(self, k) for k in ("model", "data", "tokens", "seq_len", "topk", "seed",
+                                                              "eval_conversations", "eval_seq_len", "cache_dtype")}
+        if Path(self.data).is_file():  # a user file: its content, not just its name
+            keep["data_sha256"] = hashlib.sha256(Path(self.data).read_bytes()).hexdigest()
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
     def head_key(self, e: ExitSpec) -> str:
-        keep = {k: getattr(self, k) for k in ("steps", "epochs", "linear_epochs", "batch_tokens", "lr", "ce_weight", "vocab",
-                                              "negatives", "block_init", "seed")}
+        keep = {k: getattr(self, k) for k in ("steps", "epochs", "linear_epochs", "batch_tokens", "lr", "ce_weight",
+                                              "vocab", "negatives", "block_init", "seed")}
         keep.update(asdict(e), cache=self.cache_key())
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
@@ -515,15 +518,16 @@ def score_exit(head: ExitHead, lm: DecoderLM, cache: Cache, d: int, stride: int 
     return ExitScores(cat(agree), cat(conf).astype(np.float64), cat(resp), cat(conv))
 
 
-def calibration(agree: np.ndarray, conf: np.ndarray, thresholds: Iterable[float] = THRESHOLDS) -> list[dict[str, float]]:
+def calibration(agree: np.ndarray, conf: np.ndarray,
+                thresholds: Iterable[float] = THRESHOLDS) -> list[dict[str, float | None]]:
     """Rows ``{threshold, coverage, agreement}``: the share of tokens at or above the threshold and how often those
-    agree with the final layer (``agreement`` is 0 when no token is confident)."""
-    out = []
+    agree with the final layer (``agreement`` is None when no token is that confident)."""
+    out: list[dict[str, float | None]] = []
     for t in thresholds:
         sel = conf >= t
         cov = float(sel.mean()) if len(conf) else 0.0
-        agr = float(agree[sel].mean()) if sel.any() else 0.0
-        out.append({"threshold": t, "coverage": round(cov, 4), "agreement": round(agr, 4)})
+        agr = round(float(agree[sel].mean()), 4) if sel.any() else None
+        out.append({"threshold": t, "coverage": round(cov, 4), "agreement": agr})
     return out
 
 

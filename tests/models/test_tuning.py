@@ -96,14 +96,15 @@ def test_card_fields_and_calibration_table_are_sane(card, tiny):
         cov = [r["coverage"] for r in cal]
         assert all(0.0 <= c <= 1.0 for c in cov) and cov == sorted(cov, reverse=True)
         thr = e["recommended_threshold"]
+        assert all(r["agreement"] is None if r["coverage"] == 0 else 0.0 <= r["agreement"] <= 1.0 for r in cal)
         if thr is not None:
             row = next(r for r in cal if r["threshold"] == thr)
             assert row["agreement"] >= T.TARGET_AGREEMENT
     assert card["exits"]["3"]["extra_kv_layers"] == 1 and card["exits"]["2"]["extra_kv_layers"] == 0
     from helios_ray.control import ExitPrior
 
-    for e in card["exits"].values():  # the control plane reads the card as its prior
-        ExitPrior(agreement=e["agreement"], calibration=e["calibration"])
+    for e in card["exits"].values():  # the control plane reads the card as its prior (rows with tokens)
+        ExitPrior(agreement=e["agreement"], calibration=[r for r in e["calibration"] if r["agreement"] is not None])
 
 
 def test_runtime_loads_the_tuned_head_and_reproduces_the_card(card, tiny):
