@@ -1,8 +1,9 @@
 """Configuration schemas shared across helios-ray.
 
 Every config a user writes (model registrations, serving config) is a pydantic model with
-``extra="forbid"`` so that a typo is an error, not a silently ignored knob.  Policy knobs live next to the
-policy in :mod:`helios_ray.control.config` (pure Python, no torch) and are re-exported by the serving config.
+``extra="forbid"`` so that a typo is an error, not a silently ignored knob.  Policy knobs live
+next to the policy in :mod:`helios_ray.control.config` (pure Python, no torch); ``ServeConfig.policy`` holds
+them as a dict that ``build_app`` validates as a ``PolicyConfig``.
 """
 
 from __future__ import annotations
