@@ -129,7 +129,7 @@ class LLMEngine:
     def layout(self) -> KVLayout:
         m = self.model
         return KVLayout(
-            num_kv_layers=m.depth + (1 if m.exit_head.kind == "block" else 0),
+            num_kv_layers=m.kv_layers,
             num_kv_heads=m.spec.num_kv_heads, head_dim=m.spec.head_dim,
             dtype_bytes=m.lm.embed.weight.element_size(), block_size=self.config.block_size,
         )
@@ -213,25 +213,26 @@ class LLMEngine:
                 # spend compute on pad tokens; a prompt alone is already a GEMM-sized matrix.
                 outs = [self._forward([s], torch.tensor([s.all_ids]), torch.arange(s.num_tokens)[None])
                         for s in seqs]
-                conf, logits = torch.cat([c for c, _ in outs]), torch.cat([lg for _, lg in outs])
+                conf, logits = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
+                layers = torch.cat([o[2] for o in outs])
                 tokens_in = sum(s.num_tokens for s in seqs)
             else:
-                conf, logits = self._forward(seqs, torch.tensor([[s.all_ids[-1]] for s in seqs]),
-                                             torch.tensor([[s.num_tokens - 1] for s in seqs]))
+                conf, logits, layers = self._forward(seqs, torch.tensor([[s.all_ids[-1]] for s in seqs]),
+                                                     torch.tensor([[s.num_tokens - 1] for s in seqs]))
                 tokens_in = len(seqs)
             new_tokens = sample(logits, seqs)
         except Exception as e:  # a failing batch never takes the engine down
             log.exception("engine step failed")
             return [self._finish(s, None, f"error: {type(e).__name__}: {e}") for s in seqs]
-        conf_list = conf.tolist()
+        conf_list, layer_list = conf.tolist(), layers.tolist()
         events: list[TokenEvent] = []
         breaches = 0
         now = time.perf_counter()
-        for s, tok, c in zip(seqs, new_tokens, conf_list):
+        for s, tok, c, layer in zip(seqs, new_tokens, conf_list, layer_list):
             s.num_cached = s.num_tokens
             breach = c < self.model.threshold
             breaches += breach
-            events.append(self._append(s, tok, c, breach, now))
+            events.append(self._append(s, tok, c, breach, now, int(layer)))
         dt = time.perf_counter() - t0
         t = self.totals
         t.steps += 1
@@ -247,13 +248,14 @@ class LLMEngine:
             fn(stats)
         return events
 
-    def _forward(self, seqs: list[Sequence], ids: torch.Tensor, q_pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def _forward(self, seqs: list[Sequence], ids: torch.Tensor, q_pos: torch.Tensor
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         dev = self.model.device
         self.kv.begin_step(seqs, q_pos)
-        _, conf, logits = self.model.step(ids.to(dev), q_pos.to(dev), self.kv)
-        return conf, logits
+        _, conf, logits, layers = self.model.step(ids.to(dev), q_pos.to(dev), self.kv)
+        return conf, logits, layers
 
-    def _append(self, s: Sequence, tok: int, conf: float, breach: bool, now: float) -> TokenEvent:
+    def _append(self, s: Sequence, tok: int, conf: float, breach: bool, now: float, layer: int) -> TokenEvent:
         if s.first_token_at is None:
             s.first_token_at = now
         s.output_ids.append(tok)
@@ -276,7 +278,7 @@ class LLMEngine:
         delta = stable[s.emitted_chars:]
         s.emitted_chars = max(s.emitted_chars, len(stable))
         s.text = text
-        ev = TokenEvent(s.seq_id, len(s.output_ids) - 1, tok, delta, self.model.depth, conf, breach)
+        ev = TokenEvent(s.seq_id, len(s.output_ids) - 1, tok, delta, layer, conf, breach)
         if reason is not None:
             self._finish(s, reason)
             ev.finished, ev.finish_reason = True, reason

@@ -100,6 +100,7 @@ class PagedKVCache:
         self._pools: dict[Hashable, tuple[Tensor, Tensor]] = {}
         self._write: Tensor | None = None
         self._write_mask: Tensor | None = None
+        self._write_all: Tensor | None = None
         self._gather: Tensor | None = None
         self._k_pos: Tensor | None = None
 
@@ -132,6 +133,7 @@ class PagedKVCache:
         valid = q_pos >= 0
         qp = q_pos.clamp(min=0)
         write = torch.gather(gather, 1, qp)  # slot of each query token (its position indexes the gather map)
+        self._write_all = write.to(self.device)
         self._write = write[valid].to(self.device)
         self._write_mask = valid.to(self.device)
         self._gather = gather.to(self.device)
@@ -157,6 +159,25 @@ class PagedKVCache:
         kk = kp.index_select(0, flat).view(B, S, *kp.shape[1:]).transpose(1, 2)
         vv = vp.index_select(0, flat).view(B, S, *vp.shape[1:]).transpose(1, 2)
         return kk, vv
+
+    def write(self, key: Hashable, k: Tensor, v: Tensor) -> None:
+        assert self._write is not None and self._write_mask is not None
+        kp, vp = self._pool(key)
+        kp.index_copy_(0, self._write, k.transpose(1, 2)[self._write_mask].to(kp.dtype))
+        vp.index_copy_(0, self._write, v.transpose(1, 2)[self._write_mask].to(vp.dtype))
+
+    def select(self, rows: Tensor) -> "PagedKVCache":
+        """A view for a subset of this step's rows (token-level exit): same pools, the rows' slots only."""
+        assert self._write_all is not None and self._write_mask is not None
+        assert self._gather is not None and self._k_pos is not None
+        sub = PagedKVCache(self.layout, self.num_blocks, self.device, self.dtype)
+        sub._pools = self._pools  # shared: what the subset writes, the whole step sees
+        rows = rows.to(self.device)
+        sub._write_mask = self._write_mask[rows]
+        sub._write_all = self._write_all[rows]
+        sub._write = sub._write_all[sub._write_mask]
+        sub._gather, sub._k_pos = self._gather[rows], self._k_pos[rows]
+        return sub
 
     @property
     def allocated_bytes(self) -> int:

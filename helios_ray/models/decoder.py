@@ -45,6 +45,14 @@ class KVCache(Protocol):
         """Store this step's [B, Hkv, T, hd] k/v for layer ``key``; return all keys/values [B, Hkv, S, hd]."""
         ...
 
+    def write(self, key: Hashable, k: Tensor, v: Tensor) -> None:
+        """Store this step's k/v for layer ``key`` without reading anything back (token-level exit)."""
+        ...
+
+    def select(self, rows: Tensor) -> "KVCache":
+        """The same storage seen by a subset of this step's rows (a [B] bool mask), for token-level exit."""
+        ...
+
 
 class DenseKVCache:
     """Contiguous per-layer cache (concatenation along the sequence axis).  Simple and exact; the serving
@@ -69,6 +77,16 @@ class DenseKVCache:
         self.kv[key] = (k, v)
         return k, v
 
+    def write(self, key: Hashable, k: Tensor, v: Tensor) -> None:
+        self.update(key, k, v)
+
+    def select(self, rows: Tensor) -> "DenseKVCache":
+        # Rows of one dense cache share a length, so a row cannot skip a layer another row runs: only the
+        # trivial subsets exist (the engine's paged cache supports any subset).
+        if bool(rows.all()):
+            return self
+        raise NotImplementedError("DenseKVCache cannot run a subset of its rows; use the engine's paged cache")
+
     @property
     def length(self) -> int:
         return 0 if self._pos is None else int(self._pos.shape[1])
@@ -85,6 +103,14 @@ class StepContext:
         cache.append_positions(q_pos)
         self._masks: dict[int | None, Tensor] = {}
         self._rope: dict[str, tuple[Tensor, Tensor]] = {}
+
+    def select(self, rows: Tensor) -> "StepContext":
+        """This step for a subset of its rows ([B] bool mask): the rows that did not exit yet."""
+        sub = StepContext.__new__(StepContext)
+        sub.spec, sub.q_pos, sub.cache, sub.dtype = self.spec, self.q_pos[rows], self.cache.select(rows), self.dtype
+        sub._masks = {w: m[rows] for w, m in self._masks.items()}
+        sub._rope = {k: (c[rows], s[rows]) for k, (c, s) in self._rope.items()}
+        return sub
 
     def mask(self, window: int | None) -> Tensor:
         """[B, 1, T, S] boolean: key visible to query (causal, not padding, inside the sliding window)."""
@@ -157,18 +183,29 @@ class Attention(nn.Module):
             self.q_norm = Norm(spec.norm, hd, spec.norm_eps, False)
             self.k_norm = Norm(spec.norm, hd, spec.norm_eps, False)
 
+    def kv(self, x: Tensor, ctx: StepContext, rope: str) -> tuple[Tensor, Tensor]:
+        """This step's keys and values [B, Hkv, T, hd] (normed and rotated) - what the cache stores."""
+        s = self.spec
+        B, T, _ = x.shape
+        k = self.k(x).view(B, T, s.num_kv_heads, s.head_dim).transpose(1, 2)
+        v = self.v(x).view(B, T, s.num_kv_heads, s.head_dim).transpose(1, 2)
+        if s.qk_norm:
+            k = self.k_norm(k)
+        if rope:
+            cos, sin = ctx.rope(rope)
+            k = _apply_rope(k, cos, sin)
+        return k, v
+
     def forward(self, x: Tensor, ctx: StepContext, cache_key: Hashable, rope: str, window: int | None) -> Tensor:
         s = self.spec
         B, T, _ = x.shape
         q = self.q(x).view(B, T, s.num_heads, s.head_dim).transpose(1, 2)
-        k = self.k(x).view(B, T, s.num_kv_heads, s.head_dim).transpose(1, 2)
-        v = self.v(x).view(B, T, s.num_kv_heads, s.head_dim).transpose(1, 2)
         if s.qk_norm:
-            q, k = self.q_norm(q), self.k_norm(k)
+            q = self.q_norm(q)
         if rope:
             cos, sin = ctx.rope(rope)
-            q, k = _apply_rope(q, cos, sin), _apply_rope(k, cos, sin)
-        k, v = ctx.cache.update(cache_key, k, v)
+            q = _apply_rope(q, cos, sin)
+        k, v = ctx.cache.update(cache_key, *self.kv(x, ctx, rope))
         mask = ctx.mask(window)
         if s.attn_logit_softcap is None:
             out = F.scaled_dot_product_attention(
@@ -213,6 +250,11 @@ class Block(nn.Module):
             self.post_attn_norm = Norm(spec.norm, spec.hidden_size, spec.norm_eps, spec.norm_bias)
             self.post_mlp_norm = Norm(spec.norm, spec.hidden_size, spec.norm_eps, spec.norm_bias)
         self.sandwich = spec.sandwich_norms
+
+    def propagate_kv(self, x: Tensor, ctx: StepContext, cache_key: Hashable) -> None:
+        """Write this block's KV for tokens that exited below it, computed from their exit hidden state ``x``
+        (CALM's state propagation): later tokens that do reach this block find an entry at every position."""
+        ctx.cache.write(cache_key, *self.attn.kv(self.attn_norm(x), ctx, self.rope))
 
     def forward(self, x: Tensor, ctx: StepContext, cache_key: Hashable) -> Tensor:
         h = self.attn(self.attn_norm(x), ctx, cache_key, self.rope, self.window)

@@ -4,6 +4,12 @@ Serving (HELIOS "greedy exit"): the model holds layers [0, D) and the exit head 
 Its confidence there is still measured - a token below the threshold is a *confidence breach*, the signal
 the control plane counts to decide when to load more layers or switch models.
 
+Token-level exit (``token_exits``; how EE-LLM frameworks serve today, and helios-ray's full-depth baseline):
+every layer is loaded, and each token leaves at the first exit in ``token_exits`` where it is confident, else
+at D.  In a batch the rows that exited drop out of the remaining layers; their KV entries for those layers are
+filled from the exit hidden state (CALM's state propagation: one K/V projection per skipped layer) so that
+later tokens which do go deeper attend over every position.
+
 Profile mode: the full model evaluates every available exit for each generated token and reports each exit's
 argmax and confidence next to the final layer's argmax.  Generation follows the final layer, so the record
 answers "had this token exited at D, would it have been the same?" - the raw material for exit histograms and
@@ -76,8 +82,13 @@ class EarlyExitLM:
 
     def __init__(self, name: str, lm: DecoderLM, heads: dict[int, ExitHead], tokenizer: Any,
                  confidence_kind: ConfidenceKind = "max_prob", threshold: float = 0.9,
-                 load_seconds: float = 0.0, ckpt_dir: Path | None = None, heads_path: Path | None = None):
+                 load_seconds: float = 0.0, ckpt_dir: Path | None = None, heads_path: Path | None = None,
+                 token_exits: list[int] | None = None):
         self.name, self.lm, self.tokenizer = name, lm, tokenizer
+        missing = [d for d in (token_exits or []) if d not in heads or d >= lm.depth]
+        if missing:
+            raise HeliosError(f"token-level exits {missing} of {name!r} have no loaded exit head below depth {lm.depth}")
+        self.token_exits = sorted(token_exits or [])
         self.ckpt_dir, self.heads_path = ckpt_dir, heads_path
         self.heads = heads
         self.confidence_kind = confidence_kind
@@ -112,18 +123,27 @@ class EarlyExitLM:
         return self.heads.get(self.depth) or SharedHead(self.depth)
 
     @property
-    def param_bytes(self) -> int:
-        total = param_bytes(self.lm)
+    def serving_heads(self) -> list[ExitHead]:
+        """The exit heads a served token can pass through: the one at D and the token-level exits."""
+        heads = [self.heads[d] for d in self.token_exits]
         if self.depth in self.heads:
-            total += param_bytes(self.heads[self.depth])
-        return total
+            heads.append(self.heads[self.depth])
+        return heads
+
+    @property
+    def param_bytes(self) -> int:
+        return param_bytes(self.lm) + sum(param_bytes(h) for h in self.serving_heads)
+
+    @property
+    def kv_layers(self) -> int:
+        """Layers that keep KV: the loaded ones plus every block exit head a token can pass (they attend)."""
+        return self.depth + sum(1 for h in self.serving_heads if h.kind == "block")
 
     @property
     def kv_bytes_per_token(self) -> int:
-        """KV bytes one token costs at this depth (the exit head's block, if any, counts as a layer)."""
+        """KV bytes one token costs at this depth (block exit heads count as layers)."""
         s = self.spec
-        layers = self.depth + (1 if self.exit_head.kind == "block" else 0)
-        return layers * 2 * s.num_kv_heads * s.head_dim * self.lm.embed.weight.element_size()
+        return self.kv_layers * 2 * s.num_kv_heads * s.head_dim * self.lm.embed.weight.element_size()
 
     @property
     def has_chat_template(self) -> bool:
@@ -140,7 +160,8 @@ class EarlyExitLM:
         _set_depth(self.lm, self.ckpt_dir, depth)
         if self.heads_path is not None and depth not in self.heads and depth < self.total_layers:
             self.heads.update(load_heads(self.heads_path, self.spec, [depth], dtype=self.lm.dtype, device=self.device))
-        self.heads = {depth: self.heads[depth]} if depth in self.heads else {}
+        self.token_exits = [d for d in self.token_exits if d < depth]
+        self.heads = {d: h for d, h in self.heads.items() if d == depth or d in self.token_exits}
         return time.perf_counter() - t0
 
     # ------------------------------------------------------------------------------- tokenizing
@@ -179,11 +200,69 @@ class EarlyExitLM:
         return self.lm.logits(h)
 
     @torch.inference_mode()
-    def step(self, ids: Tensor, q_pos: Tensor, cache: KVCache) -> tuple[Tensor, Tensor, Tensor]:
-        """Greedy exit at D for the last position: (token [B], confidence [B], logits [B, V])."""
+    def step(self, ids: Tensor, q_pos: Tensor, cache: KVCache) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One serving step for the last position of each row: (token [B], confidence [B], logits [B, V],
+        exit layer [B]).  Greedy exit at D, or token-level exit when ``token_exits`` is set."""
+        if self.token_exits:
+            return self._step_token_exit(ids, q_pos, cache)
         logits = self.forward_exit(ids, q_pos, cache, last_only=True)[:, -1]
         token, conf = confidence(logits, self.confidence_kind)
-        return token, conf, logits
+        return token, conf, logits, torch.full_like(token, self.depth)
+
+    def _step_token_exit(self, ids: Tensor, q_pos: Tensor, cache: KVCache) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Each row leaves at its first confident exit; the rest of the batch runs on without it.
+
+        A prefill step (T > 1) runs every layer and every exit head on all positions - the prompt's KV is needed
+        at every depth - and only its last token chooses its exit.  A decode step skips, for the rows that
+        exited, everything above their exit except one K/V projection per skipped layer (state propagation).
+        """
+        lm = self.lm
+        B, T = ids.shape
+        prefill = T > 1
+        ctx = lm.context(q_pos, cache)
+        h = lm.embed_tokens(ids, ctx)
+        dev = h.device
+        tokens = torch.zeros(B, dtype=torch.long, device=dev)
+        conf = torch.zeros(B, dtype=torch.float32, device=dev)
+        layer = torch.full((B,), self.depth, dtype=torch.long, device=dev)
+        exited = torch.zeros(B, dtype=torch.bool, device=dev)
+        logits_out = torch.zeros(B, self.spec.vocab_size, dtype=h.dtype, device=dev)
+        rows = torch.arange(B, device=dev)  # the original row of each row still running
+        done = 0
+        for d in self.token_exits:
+            h = lm.run_layers(h, ctx, done, d)
+            done = d
+            lg = lm.logits(self.heads[d].transform(h, ctx)[:, -1])
+            tok, c = confidence(lg, self.confidence_kind)
+            out = (c >= self.threshold) & ~exited[rows]
+            if not bool(out.any()):
+                continue
+            idx = rows[out]
+            tokens[idx], conf[idx], logits_out[idx] = tok[out], c[out].float(), lg[out]
+            layer[idx], exited[idx] = d, True
+            if prefill:
+                continue  # the prompt's KV is needed at every depth: nothing is skipped
+            self._propagate(h[out], ctx if bool(out.all()) else ctx.select(out), d)
+            keep = ~out
+            if not bool(keep.any()):
+                return tokens, conf, logits_out, layer
+            h, ctx, rows = h[keep], ctx.select(keep), rows[keep]
+        h = lm.run_layers(h, ctx, done, self.depth)
+        lg = lm.logits(self.exit_head.transform(h, ctx)[:, -1])
+        tok, c = confidence(lg, self.confidence_kind)
+        fin = ~exited[rows]
+        idx = rows[fin]
+        tokens[idx], conf[idx], logits_out[idx] = tok[fin], c[fin].float(), lg[fin]
+        return tokens, conf, logits_out, layer
+
+    def _propagate(self, h: Tensor, ctx: Any, exit_depth: int) -> None:
+        """KV entries above ``exit_depth`` for rows that exited there: every deeper layer and deeper block head."""
+        for i in range(exit_depth, self.depth):
+            self.lm.layers[i].propagate_kv(h, ctx, i)
+        for d in self.token_exits:
+            head = self.heads[d]
+            if d > exit_depth and head.kind == "block":
+                head.block.propagate_kv(h, ctx, head.cache_key)  # type: ignore[attr-defined]
 
     @torch.inference_mode()
     def profile_step(self, ids: Tensor, q_pos: Tensor, cache: KVCache, exits: list[int]) -> dict[str, Any]:
@@ -230,7 +309,7 @@ class EarlyExitLM:
         out_ids: list[int] = []
         prev_text = ""
         for i in range(max_tokens):
-            token, conf, logits = self.step(ids, pos, cache)
+            token, conf, logits, layer = self.step(ids, pos, cache)
             if sample is not None:
                 token = sample(logits)
             t = int(token[0])
@@ -238,7 +317,7 @@ class EarlyExitLM:
             text = self.decode(out_ids)
             piece, prev_text = text[len(prev_text):], text
             c = float(conf[0])
-            yield TokenExit(token=t, text=piece, exit_layer=self.depth, confidence=c, breach=c < self.threshold)
+            yield TokenExit(token=t, text=piece, exit_layer=int(layer[0]), confidence=c, breach=c < self.threshold)
             if t in self.eos_ids:
                 return
             ids = token.view(1, 1).to(dev)
@@ -296,11 +375,12 @@ class EarlyExitLM:
 
 def load_model(name: str, depth: int | None = None, *, repo: Any = None, device: str = "auto", dtype: str = "auto",
                exits: Literal["auto", "shared", "all"] | Path = "auto", confidence_kind: ConfidenceKind = "max_prob",
-               threshold: float = 0.9) -> EarlyExitLM:
+               threshold: float = 0.9, token_exits: list[int] | None = None) -> EarlyExitLM:
     """Load registered model ``name`` truncated to ``depth`` layers with its exit head.
 
     ``exits``: ``auto`` loads the trained head at D when one exists (shared head otherwise); ``shared`` forces
     the logit lens; ``all`` loads every trained head (profile mode); a path loads heads from that file.
+    ``token_exits``: serve with token-level exit at these trained exits (each below ``depth``).
     """
     from transformers import AutoTokenizer
 
@@ -320,8 +400,13 @@ def load_model(name: str, depth: int | None = None, *, repo: Any = None, device:
     if heads_path is not None:
         if not heads_path.exists():
             raise HeliosError(f"exit heads file {heads_path} does not exist")
-        wanted = None if exits == "all" else [depth]
+        wanted = None if exits == "all" else sorted({depth, *(token_exits or [])})
         heads = load_heads(heads_path, spec, wanted, dtype=dt, device=dev)
+    bad = [d for d in (token_exits or []) if d not in heads or d >= depth]
+    if bad:
+        have = sorted(d for d in heads if d < depth)
+        raise HeliosError(f"model {name!r} has no trained exit head at {bad} below depth {depth} for token-level "
+                          f"exit (trained: {have or 'none'})")
     tok = AutoTokenizer.from_pretrained(str(ckpt_dir))
     return EarlyExitLM(name, lm, heads, tok, confidence_kind, threshold, load_seconds=time.perf_counter() - t0,
-                       ckpt_dir=ckpt_dir, heads_path=heads_path)
+                       ckpt_dir=ckpt_dir, heads_path=heads_path, token_exits=token_exits)

@@ -78,7 +78,7 @@ def test_greedy_exit_uses_the_trained_head_at_depth_and_counts_breaches(tiny_dir
     m = EarlyExitLM("tiny", lm, {3: head}, tokenizer=None, threshold=0.5)
     assert m.exit_head is head
     cache = DenseKVCache()
-    tok, conf, logits = m.step(torch.tensor([IDS]), torch.arange(len(IDS))[None], cache)
+    tok, conf, logits, _ = m.step(torch.tensor([IDS]), torch.arange(len(IDS))[None], cache)
     ref = _logits(lm, head)[:, -1]
     torch.testing.assert_close(logits, ref)
     assert int(tok) == int(ref.argmax())
