@@ -125,6 +125,19 @@ class ServeConfig(StrictModel):
     Policy knobs (``policy``) are the control plane's ``PolicyConfig`` with the paper's defaults.
     """
 
+    mode: Literal["helios", "early_exit", "plain"] = Field(
+        default="helios",
+        description="helios: the HELIOS loop (policy, profiling, partial loading). early_exit: the first candidate "
+                    "at full depth with token-level exit at `token_exits` (how EE-LLM frameworks serve; the "
+                    "baseline of `helios-ray bench serve`). plain: transformers generate() in static batches, full "
+                    "model, no exits.  The last two pin one model and never change it.",
+    )
+    token_exits: list[int] | None = Field(
+        default=None,
+        description="early_exit mode: the trained exits tokens may leave at.  None = every trained exit whose "
+                    "exit card says tokens confident at `threshold` agree with the full model at least "
+                    "policy.min_agreement of the time.",
+    )
     candidates: list[str] = Field(default_factory=lambda: ["smollm2-135m", "gemma3-270m"], min_length=1)
     models: list[ModelSpec] = Field(default_factory=list, description="Extra model registrations.")
     models_file: Path | None = None

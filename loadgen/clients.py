@@ -28,6 +28,7 @@ class TokenEvent:
     breach: bool | None = None
     model: str | None = None
     depth: int | None = None
+    token: int | None = None  # the token id, when the server sends it (helios-ray does)
 
 
 @dataclass
@@ -236,7 +237,8 @@ def _sse_events(obj: Any, chat: bool, end: EndEvent) -> list[TokenEvent]:
     if not text and not (info and "exit_layer" in info):
         return []  # the role chunk, the finish chunk
     return [TokenEvent(text=text, exit_layer=info.get("exit_layer") if info else None,
-                       confidence=info.get("confidence") if info else None, model=obj.get("model"))]
+                       confidence=info.get("confidence") if info else None, model=obj.get("model"),
+                       token=info.get("token") if info else None)]
 
 
 # ------------------------------------------------------------------------------------------------ gRPC
@@ -303,7 +305,7 @@ class GrpcClient(_Base):
                 if chunk.HasField("token"):
                     t = chunk.token
                     yield TokenEvent(text=t.text, exit_layer=t.exit_layer, confidence=t.confidence, breach=t.breach,
-                                     model=chunk.model or None, depth=chunk.depth or None)
+                                     model=chunk.model or None, depth=chunk.depth or None, token=t.token)
                 elif chunk.finish_reason or chunk.HasField("usage"):
                     end = EndEvent(finish_reason=chunk.finish_reason or None, model=chunk.model or None,
                                    depth=chunk.depth or None,

@@ -51,6 +51,7 @@ class RequestRecord:
     prompt_tokens: int | None = None  # the server's usage, when reported
     exit_layers: list[int] = field(default_factory=list)
     confidences: list[float] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)  # when the server sends them: for accuracy scoring
     breaches: int = 0                # gRPC only (TokenInfo.breach)
     model: str | None = None         # the model that served it, as the server reports
     depth: int | None = None         # gRPC only

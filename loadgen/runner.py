@@ -154,6 +154,8 @@ async def _measure(client: Client, req: Request, rec: RequestRecord, t0: float) 
                 rec.exit_layers.append(int(ev.exit_layer))
             if ev.confidence is not None:
                 rec.confidences.append(float(ev.confidence))
+            if ev.token is not None:
+                rec.token_ids.append(int(ev.token))
             if ev.breach:
                 rec.breaches += 1
             rec.model = rec.model or ev.model

@@ -108,3 +108,26 @@ def candidate_info(repo: Any, name: str) -> CandidateInfo:
         flops_per_token_per_layer=2 * info.layer_bytes // bytes_per_param,
         head_flops_per_token=2 * info.hidden_size * info.vocab_size,
     )
+
+
+def token_exits_from_card(repo: Any, name: str, threshold: float, min_agreement: float, depth: int | None = None
+                          ) -> list[int]:
+    """The trained exits worth checking at ``threshold``: those whose exit card says the tokens confident there
+    agree with the full model at least ``min_agreement`` of the time.
+
+    Why not every trained exit: an exit check costs an exit head plus the LM head (for SmolLM2 the LM head alone
+    is as much work as 8 layers), and an exit whose confident tokens are often wrong breaks the accuracy guard
+    the rest of the system keeps.  A framework operator would make the same cut.  The agreement used is the
+    calibration row at the largest card threshold <= ``threshold`` (agreement rises with the threshold, so this
+    never overstates it).
+    """
+    info = candidate_info(repo, name)
+    limit = depth or info.num_layers
+    out: list[int] = []
+    for d, prior in sorted(info.exit_prior.items()):
+        if d >= limit:
+            continue
+        rows = [c for c in prior.calibration if c.threshold <= threshold + 1e-12]
+        if rows and max(rows, key=lambda c: c.threshold).agreement >= min_agreement:
+            out.append(d)
+    return out

@@ -6,6 +6,10 @@ Four deployments (names are what ``deployments:`` overrides in a Serve config re
 * ``EarlyExitReplica`` - one truncated early-exit engine per replica (``replica_num_cpus``/``replica_num_gpus``);
 * ``HeliosControl`` - the policy and the versioned placement (one replica);
 * ``HeliosProfiler`` - profile-mode evaluation of candidates on mirrored prompts (one replica).
+
+``mode: early_exit`` and ``mode: plain`` build the two baselines of ``helios-ray bench serve`` behind the same
+Router: the first candidate pinned at full depth with token-level exit (``EarlyExitReplica``), or ``transformers``
+``generate()`` (``PlainReplica``); neither has a profiler, and Control never moves their placement.
 """
 
 from __future__ import annotations
@@ -19,6 +23,7 @@ from ray.serve import Application
 from helios_ray.config import ServeConfig
 from helios_ray.errors import HeliosError
 from helios_ray.serve.control import Control
+from helios_ray.serve.plain_replica import PlainReplica
 from helios_ray.serve.profiler import Profiler
 from helios_ray.serve.replica import EarlyExitReplica
 from helios_ray.serve.router import Router
@@ -45,6 +50,19 @@ def load_config(args: dict[str, Any] | None) -> ServeConfig:
         repo.checkpoint_dir(name)  # unknown or unprepared candidates fail here, with the fix in the message
     if cfg.initial is not None and cfg.initial.model not in cfg.candidates:
         raise HeliosError(f"initial model {cfg.initial.model!r} is not among the candidates")
+    if cfg.mode != "helios" and len(cfg.candidates) != 1:
+        raise HeliosError(f"mode {cfg.mode!r} serves one model: give exactly one candidate "
+                          f"(got {', '.join(cfg.candidates)})")
+    if cfg.mode == "early_exit":
+        from helios_ray.serve.replica import resolve_token_exits
+
+        name = cfg.candidates[0]
+        total = repo.info(name).num_layers or 0
+        exits = resolve_token_exits(cfg, repo, name, total)
+        trained = (repo.info(name).exits.trained if repo.info(name).exits else []) or []
+        bad = [d for d in exits if d not in trained]
+        if bad:
+            raise HeliosError(f"token_exits {bad}: {name!r} has trained exits at {trained or 'none'}")
     return cfg
 
 
@@ -56,11 +74,12 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
                                graceful_shutdown_timeout_s=1, graceful_shutdown_wait_loop_s=0.5,
                                ray_actor_options={"num_cpus": 0}).bind(conf)
     profiler = None
-    if cfg.profiler:
+    if cfg.profiler and cfg.mode == "helios":
         profiler = serve.deployment(Profiler, name="HeliosProfiler", num_replicas=1, max_ongoing_requests=1000,
                                     ray_actor_options={"num_cpus": 0}).bind(conf, control)
+    cls, name = (PlainReplica, "PlainReplica") if cfg.mode == "plain" else (EarlyExitReplica, "EarlyExitReplica")
     replica = serve.deployment(
-        EarlyExitReplica, name="EarlyExitReplica", num_replicas=cfg.replicas,
+        cls, name=name, num_replicas=cfg.replicas,
         max_ongoing_requests=4 * cfg.engine.max_num_seqs, health_check_period_s=1, health_check_timeout_s=30,
         graceful_shutdown_timeout_s=30,
         ray_actor_options={"num_cpus": cfg.replica_num_cpus, "num_gpus": cfg.replica_num_gpus},

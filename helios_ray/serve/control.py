@@ -37,13 +37,19 @@ class Control:
         hw = Hardware(device="cuda" if self.cfg.replica_num_gpus > 0 else "cpu", memory_budget_bytes=budget)
         policy = PolicyConfig.model_validate({"confidence_threshold": self.cfg.threshold, **self.cfg.policy})
         self.controller = Controller(self.candidates, SLO(self.cfg.slo), hw, policy)
-        first = self.controller.start()
-        if self.cfg.initial is not None:
+        self.pinned = self.cfg.mode != "helios"
+        first = None if self.pinned else self.controller.start()
+        if self.pinned:  # a baseline: the first candidate at full depth, never changed by the policy
+            name = self.cfg.candidates[0]
+            self.placement = {"model": name, "depth": self.candidates[0].num_layers}
+            self.controller.current = Placement(**self.placement)
+        elif self.cfg.initial is not None:
             names = {c.name: c for c in self.candidates}
             depth = self.cfg.initial.depth or names[self.cfg.initial.model].num_layers
             self.placement = {"model": self.cfg.initial.model, "depth": depth}
             self.controller.current = Placement(model=self.placement["model"], depth=depth)
         else:
+            assert first is not None
             self.placement = {"model": first.model, "depth": first.depth}
         self.version = 1
         self.changed_at = time.time()
@@ -74,7 +80,7 @@ class Control:
         return self._snapshot()
 
     async def _maybe_apply(self, decision: Any) -> None:
-        if decision is None or not decision.changes_placement:
+        if self.pinned or decision is None or not decision.changes_placement:
             return
         new = {"model": decision.model, "depth": int(decision.depth)}
         if new == self.placement:
@@ -112,6 +118,8 @@ class Control:
         """Called per admitted request: the candidates to mirror it to (profiling windows, plus a random
         ``mirror_fraction`` of traffic that keeps every candidate's profile fresh)."""
         self.requests += 1
+        if self.pinned:
+            return []
         targets = self.controller.begin_request()
         if not targets and self._rng.random() < self.cfg.mirror_fraction:
             targets = [c.name for c in self.candidates]
@@ -152,5 +160,6 @@ class Control:
             "replicas": sorted(live, key=lambda r: r["replica"]),
             "requests": self.requests, "tokens_observed": self.tokens_observed,
             "profile_records": self.profile_records, "slo": self.cfg.slo, "candidates": self.cfg.candidates,
+            "mode": self.cfg.mode,
             "controller": json.loads(json.dumps(st, default=str)),
         }

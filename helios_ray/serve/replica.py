@@ -63,7 +63,11 @@ class EarlyExitReplica:
     def _load(self, model: str, depth: int) -> Any:
         from helios_ray.models.early_exit import load_model
 
-        return load_model(model, depth, repo=self.repo, device=self.cfg.device, threshold=self.cfg.threshold)
+        token_exits = None
+        if self.cfg.mode == "early_exit":
+            token_exits = resolve_token_exits(self.cfg, self.repo, model, depth)
+        return load_model(model, depth, repo=self.repo, device=self.cfg.device, threshold=self.cfg.threshold,
+                          token_exits=token_exits)
 
     async def _apply(self, p: dict[str, Any]) -> None:
         """Bring this replica to placement ``p`` (idempotent)."""
@@ -139,16 +143,7 @@ class EarlyExitReplica:
                 log.debug("helios replica: stats report failed", exc_info=True)
 
     def _encode(self, call: dict[str, Any]) -> list[int]:
-        from helios_ray.data.conversation import Conversation, render
-
-        m = self.aeng.engine.model
-        if call.get("messages"):
-            if m.has_chat_template:
-                return m.encode(messages=call["messages"])
-            # a base model: the chat as plain "User:/Assistant:" turns (HELIOS may switch to it at any time)
-            conv = Conversation(id="req", messages=tuple(call["messages"]))
-            return m.encode(prompt=render(conv, None, add_generation_prompt=True))
-        return m.encode(prompt=call["prompt"])
+        return encode_call(self.aeng.engine.model, call)
 
     async def generate(self, call: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
         from helios_ray.engine.sequence import SamplingParams
@@ -201,7 +196,8 @@ class EarlyExitReplica:
             "running": len(eng.scheduler.running), "waiting": len(eng.scheduler.waiting),
             "kv_blocks_used": eng.scheduler.blocks.num_used, "kv_blocks_total": eng.scheduler.blocks.num_blocks,
             "weight_bytes": eng.model.param_bytes, "kv_bytes_per_token": eng.layout.bytes_per_token,
-            "max_concurrent_1k": eng.max_concurrent(1024),
+            "max_concurrent_1k": eng.max_concurrent(1024), "mode": self.cfg.mode,
+            "token_exits": list(eng.model.token_exits), "memory_budget_bytes": eng.memory_budget_bytes,
             "tokens_out": t.tokens_out, "breaches": t.breaches, "steps": t.steps,
             "last_batch": last.batch_size if last else 0, "switches": self.switches, "last_change": self.last_change,
         }
@@ -209,3 +205,27 @@ class EarlyExitReplica:
     async def check_health(self) -> None:
         if self.aeng is not None and not self.aeng._thread.is_alive():
             raise RuntimeError("engine thread died")
+
+
+def encode_call(m: Any, call: dict[str, Any]) -> list[int]:
+    """Token ids of a router call for model ``m`` (an EarlyExitLM or anything with its ``encode``)."""
+    from helios_ray.data.conversation import Conversation, render
+
+    if call.get("messages"):
+        if m.has_chat_template:
+            return m.encode(messages=call["messages"])
+        # a base model: the chat as plain "User:/Assistant:" turns (HELIOS may switch to it at any time)
+        conv = Conversation(id="req", messages=tuple(call["messages"]))
+        return m.encode(prompt=render(conv, None, add_generation_prompt=True))
+    return m.encode(prompt=call["prompt"])
+
+
+def resolve_token_exits(cfg: ServeConfig, repo: Any, model: str, depth: int) -> list[int]:
+    """early_exit mode: the configured exits, or the card's choice at the threshold and accuracy guard."""
+    if cfg.token_exits is not None:
+        return [d for d in cfg.token_exits if d < depth]
+    from helios_ray.control import PolicyConfig
+    from helios_ray.models.profiling import token_exits_from_card
+
+    policy = PolicyConfig.model_validate({"confidence_threshold": cfg.threshold, **cfg.policy})
+    return token_exits_from_card(repo, model, cfg.threshold, policy.min_agreement, depth)

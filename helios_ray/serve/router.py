@@ -267,7 +267,8 @@ class Router:
         async for item in self._relay(start, gen):
             if item["type"] == "token":
                 yield chunk(item["text"], None, {"helios": {"exit_layer": item["exit_layer"],
-                                                            "confidence": round(item["confidence"], 4)}})
+                                                            "confidence": round(item["confidence"], 4),
+                                                            "token": item["token"]}})
             elif item["type"] == "end":
                 self.metrics.requests.inc(tags={"model": start["model"], "finish_reason": item["finish_reason"]})
                 yield chunk(None, item["finish_reason"])
