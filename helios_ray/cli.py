@@ -298,6 +298,25 @@ def _cfg_bench(p: argparse.ArgumentParser) -> None:
     e.add_argument("--threads", type=int, default=1, help="torch threads for both sides")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", action="store_true")
+    s = sub.add_parser("serve", help="helios vs full-depth early-exit baseline vs plain transformers, served "
+                                     "side by side on a local Ray cluster (throughput, latency, agreement)")
+    s.add_argument("--model", default="smollm2-135m")
+    s.add_argument("--candidates", default=None, help="helios candidates, comma-separated (default: --model)")
+    s.add_argument("--systems", default="helios,baseline,plain")
+    s.add_argument("--quick", action="store_true", help="8 short requests, no sweep (< 3 min)")
+    s.add_argument("--requests", type=int, default=32, help="requests in the headline closed-loop run")
+    s.add_argument("--concurrency", type=int, default=16, help="closed-loop clients for the headline run")
+    s.add_argument("--max-prompt-tokens", type=int, default=512)
+    s.add_argument("--max-output-tokens", type=int, default=128)
+    s.add_argument("--rates", default="0.5,1,2", help="sweep request rates (req/s); 'none' = no sweep")
+    s.add_argument("--sweep-requests", type=int, default=12)
+    s.add_argument("--threshold", type=float, default=0.9, help="exit confidence threshold (all systems)")
+    s.add_argument("--min-agreement", type=float, default=0.9, help="accuracy guard (helios depth, baseline exits)")
+    s.add_argument("--exit-share", type=float, default=0.5, help="helios: share of tokens that must exit by D")
+    s.add_argument("--budget-mb", type=int, default=1024, help="memory budget per replica (weights + KV)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default=None, help="folder for each system's loadgen JSON and plots")
+    s.add_argument("--json", action="store_true")
     m = sub.add_parser("memory", help="max concurrent sequences the scheduler admits at each depth")
     m.add_argument("--model", default="smollm2-135m")
     m.add_argument("--budget-mb", type=int, default=1024)
@@ -317,9 +336,42 @@ def _ints(text: str, what: str) -> list[int]:
     return vals
 
 
+def _run_bench_serve(a: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from helios_ray.bench import serve_bench
+
+    rates = [] if a.rates.strip().lower() in ("none", "") else None
+    if rates is None:
+        try:
+            rates = [float(x) for x in a.rates.split(",") if x.strip()]
+        except ValueError:
+            raise HeliosError(f"--rates must be comma-separated numbers or 'none' (got {a.rates!r})") from None
+    try:
+        cfg = serve_bench.ServeBenchConfig(
+            model=a.model, candidates=[c for c in a.candidates.split(",") if c] if a.candidates else None,
+            systems=[s for s in a.systems.split(",") if s], threshold=a.threshold, min_agreement=a.min_agreement,
+            exit_share=a.exit_share, memory_budget_mb=a.budget_mb, concurrency=a.concurrency,
+            requests=a.requests, max_prompt_tokens=a.max_prompt_tokens, max_output_tokens=a.max_output_tokens,
+            rates=rates, sweep_requests=a.sweep_requests, seed=a.seed, out_dir=a.out)
+    except ValidationError as e:
+        raise HeliosError("invalid bench serve options: " + "; ".join(
+            f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())) from None
+    if a.quick:
+        cfg = serve_bench.quick(cfg)
+    import contextlib
+
+    with contextlib.redirect_stdout(sys.stderr):  # Ray's own messages must not mix into the JSON on stdout
+        res = serve_bench.bench_serve(cfg, progress=not a.json)
+    _emit(res, a.json, serve_bench.format_table)
+    return 0
+
+
 def _run_bench(a: argparse.Namespace) -> int:
     from helios_ray.bench import engine_bench
 
+    if a.bench == "serve":
+        return _run_bench_serve(a)
     if a.bench == "engine":
         if a.quick:
             a.batches, a.requests, a.max_output_tokens = "1,8", 16, 64

@@ -35,6 +35,7 @@ class Profiler:
         self.queue: asyncio.Queue[tuple[dict[str, Any], list[str]]] = asyncio.Queue(maxsize=self.cfg.profile_queue)
         self.done = self.dropped = self.failed = 0
         self.busy_seconds = 0.0
+        self.active = False
         self._task: asyncio.Task | None = None
 
     def _model(self, name: str) -> Any:
@@ -53,6 +54,7 @@ class Profiler:
     async def _worker(self) -> None:
         while True:
             item, names = await self.queue.get()
+            self.active = True
             for name in names:
                 t0 = time.perf_counter()
                 try:
@@ -63,6 +65,7 @@ class Profiler:
                     self.failed += 1
                     log.exception("helios profiler: profiling %s failed", name)
                 self.busy_seconds += time.perf_counter() - t0
+            self.active = False
 
     async def mirror(self, item: dict[str, Any], models: list[str]) -> bool:
         """Enqueue a mirrored prompt; never waits.  Returns False when the queue is full (dropped)."""
@@ -76,5 +79,5 @@ class Profiler:
             return False
 
     async def stats(self) -> dict[str, Any]:
-        return {"queued": self.queue.qsize(), "profiled": self.done, "dropped": self.dropped, "failed": self.failed,
+        return {"queued": self.queue.qsize(), "busy": self.active, "profiled": self.done, "dropped": self.dropped, "failed": self.failed,
                 "busy_seconds": round(self.busy_seconds, 2), "loaded": sorted(self.models)}
