@@ -21,7 +21,7 @@ def test_bench_serve_small_run(cluster):
     for s in ("helios", "baseline", "plain"):
         r = res[s]
         assert r["completed"] == r["requests"] == 3 and r["failed"] == 0
-        assert r["output_tokens"] == 3 * 8 or r["output_tokens"] <= 3 * 8  # ignore_eos + max_tokens
+        assert r["output_tokens"] == 3 * 8  # ignore_eos + max_tokens = 8 each
         assert r["tokens_scored"] == r["output_tokens"] > 0
         assert len(r["curve"]) == 1 and r["curve"][0]["completed"] == 2
         assert r["energy_j_per_token"] is None  # CPU: n/a
