@@ -219,10 +219,9 @@ def max_concurrency(stats: dict[str, Any], budget_bytes: int, seq_len: int, bloc
     per = int(stats["kv_bytes_per_token"])
     if kv <= 0 or per <= 0:
         return 0
-    slots = seq_len if not block_size else math.ceil(seq_len / block_size) * block_size
-    if block_size:
-        return (kv // (per * block_size)) // (slots // block_size)
-    return kv // (per * slots)
+    if block_size:  # whole blocks, as the engine's BlockManager admits
+        return (kv // (per * block_size)) // math.ceil(seq_len / block_size)
+    return kv // (per * seq_len)
 
 
 # ------------------------------------------------------------------------------------------------ run

@@ -31,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from helios_ray.engine.kv_cache import BlockManager, KVLayout, PagedKVCache
 from helios_ray.engine.sampling import sample
 from helios_ray.engine.scheduler import Scheduler
-from helios_ray.engine.sequence import SamplingParams, Sequence, SeqStatus, TokenEvent
+from helios_ray.engine.sequence import SamplingParams, Sequence, SeqStatus, TokenEvent, finish_text
 from helios_ray.errors import HeliosError, InvalidRequestError
 from helios_ray.models.early_exit import EarlyExitLM
 
@@ -262,21 +262,9 @@ class LLMEngine:
         p = s.params
         is_eos = tok in self.model.eos_ids and not p.ignore_eos
         visible = s.output_ids[:-1] if is_eos else s.output_ids
-        text = self.model.decode(visible)
-        reason = None
-        for stop in p.stop:
-            idx = text.find(stop)
-            if idx >= 0:
-                text, reason = text[:idx], "stop"
-                break
-        if reason is None and is_eos:
-            reason = "stop"
-        if reason is None and (len(s.output_ids) >= p.max_tokens or s.num_tokens >= self.max_model_len):
-            reason = "length"
-        # hold back an incomplete UTF-8 character until the next token completes it
-        stable = text if reason else text.rstrip("\ufffd")
-        delta = stable[s.emitted_chars:]
-        s.emitted_chars = max(s.emitted_chars, len(stable))
+        at_length = len(s.output_ids) >= p.max_tokens or s.num_tokens >= self.max_model_len
+        text, reason, delta, s.emitted_chars = finish_text(self.model.decode(visible), p, is_eos, at_length,
+                                                           s.emitted_chars)
         s.text = text
         ev = TokenEvent(s.seq_id, len(s.output_ids) - 1, tok, delta, layer, conf, breach)
         if reason is not None:

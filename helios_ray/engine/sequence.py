@@ -105,3 +105,25 @@ class Sequence:
     @property
     def is_finished(self) -> bool:
         return self.status == SeqStatus.FINISHED
+
+
+def finish_text(text: str, params: SamplingParams, is_eos: bool, at_length: bool, emitted: int
+                ) -> tuple[str, str | None, str, int]:
+    """The stop rules every server here streams by, shared by the engine and the plain replica.
+
+    Given a sequence's decoded output ``text`` so far, returns ``(text cut at the first stop string, finish
+    reason or None, the new piece to stream, chars emitted after it)``.  An incomplete UTF-8 character
+    (``\ufffd`` at the end) is held back until the next token completes it, unless the sequence ends here.
+    """
+    reason = None
+    for stop in params.stop:
+        idx = text.find(stop)
+        if idx >= 0:
+            text, reason = text[:idx], "stop"
+            break
+    if reason is None and is_eos:
+        reason = "stop"
+    if reason is None and at_length:
+        reason = "length"
+    stable = text if reason else text.rstrip("\ufffd")
+    return text, reason, stable[emitted:], max(emitted, len(stable))

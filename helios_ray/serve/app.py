@@ -57,9 +57,9 @@ def load_config(args: dict[str, Any] | None) -> ServeConfig:
         from helios_ray.serve.replica import resolve_token_exits
 
         name = cfg.candidates[0]
-        total = repo.info(name).num_layers or 0
-        exits = resolve_token_exits(cfg, repo, name, total)
-        trained = (repo.info(name).exits.trained if repo.info(name).exits else []) or []
+        info = repo.info(name)
+        exits = resolve_token_exits(cfg, repo, name, info.num_layers or 0)
+        trained = (info.exits.trained if info.exits else []) or []
         bad = [d for d in exits if d not in trained]
         if bad:
             raise HeliosError(f"token_exits {bad}: {name!r} has trained exits at {trained or 'none'}")

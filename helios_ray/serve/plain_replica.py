@@ -41,7 +41,6 @@ class _Pending:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     out: list[int] = field(default_factory=list)
-    text: str = ""
     emitted: int = 0
     done: bool = False
     cancelled: bool = False
@@ -238,20 +237,10 @@ class PlainReplica:
         is_eos = tok in self.eos_ids and not params.ignore_eos
         if not is_eos:
             p.out.append(tok)
-        text = self.tok.tokenizer.decode(p.out, skip_special_tokens=True)
-        reason = None
-        for stop in params.stop:
-            idx = text.find(stop)
-            if idx >= 0:
-                text, reason = text[:idx], "stop"
-                break
-        if reason is None and is_eos:
-            reason = "stop"
-        if reason is None and len(p.out) >= params.max_tokens:
-            reason = "length"
-        stable = text if reason else text.rstrip("\ufffd")
-        delta = stable[p.emitted:]
-        p.emitted = max(p.emitted, len(stable))
+        from helios_ray.engine.sequence import finish_text
+
+        _, reason, delta, p.emitted = finish_text(self.tok.tokenizer.decode(p.out, skip_special_tokens=True),
+                                                  params, is_eos, len(p.out) >= params.max_tokens, p.emitted)
         if not is_eos:
             self.tokens_out += 1
             p.loop.call_soon_threadsafe(p.queue.put_nowait, {
