@@ -1,4 +1,4 @@
-"""The ``helios-ray`` command.
+"""helios-ray: serve early-exit LLMs the HELIOS way (adaptive model and depth selection) on Ray Serve.
 
 Each subcommand is a ``(configure, run)`` pair; heavy imports (torch, transformers, ray) happen inside ``run``
 so ``helios-ray --help`` and ``models`` stay fast.  User errors (:class:`HeliosError`, bad config) print one
@@ -163,64 +163,6 @@ def _run_generate(a: argparse.Namespace) -> int:
                     "confidence": round(t.confidence, 4), "breach": t.breach} for t in g.tokens],
     }
     _emit(out, True)
-    return 0
-
-
-# ------------------------------------------------------------------------------------------------ serve
-def _cfg_serve(p: argparse.ArgumentParser) -> None:
-    p.add_argument("config", nargs="?", default="deployments/helios.yaml", help="a Serve config file")
-    p.add_argument("--address", default=None, help="an existing Ray cluster (default: start a local one)")
-
-
-def _run_serve(a: argparse.Namespace) -> int:
-    """`serve run` with this project's defaults: token auth off for the local cluster, a proxy start timeout
-    that survives a busy 2-core host, and a clean shutdown through the API on Ctrl-C."""
-    import signal
-    import time
-    from pathlib import Path
-
-    import yaml
-
-    path = Path(a.config)
-    if not path.exists():
-        raise HeliosError(f"config file {path} does not exist")
-    try:
-        cfg = yaml.safe_load(path.read_text()) or {}
-        apps = cfg["applications"]
-    except (yaml.YAMLError, KeyError, TypeError) as e:
-        raise HeliosError(f"{path} is not a Serve config with `applications`: {e}") from None
-    os.environ.setdefault("RAY_AUTH_MODE", "disabled")
-    os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "30")
-    import importlib
-
-    import ray
-    from ray import serve
-
-    ray.init(address=a.address, include_dashboard=False, logging_level="WARNING")
-    try:
-        serve.start(http_options=cfg.get("http_options") or {"host": "127.0.0.1"},
-                    grpc_options=cfg.get("grpc_options") or None)
-        for app_cfg in apps:
-            mod, _, attr = app_cfg["import_path"].partition(":")
-            builder = getattr(importlib.import_module(mod), attr)
-            serve.run(builder(app_cfg.get("args") or {}), name=app_cfg.get("name", "default"),
-                      route_prefix=app_cfg.get("route_prefix", "/"), blocking=False)
-        http = cfg.get("http_options") or {}
-        print(f"helios-ray: serving {', '.join(x.get('name', 'default') for x in apps)} on "
-              f"http://{http.get('host', '127.0.0.1')}:{http.get('port', 8000)} "
-              f"(gRPC :{(cfg.get('grpc_options') or {}).get('port', 9000)}); Ctrl-C to stop", file=sys.stderr)
-        stop = {"now": False}
-        signal.signal(signal.SIGTERM, lambda *_: stop.update(now=True))
-        while not stop["now"]:
-            time.sleep(0.5)
-    except KeyboardInterrupt:
-        pass
-    finally:
-        print("helios-ray: shutting down", file=sys.stderr)
-        try:
-            serve.shutdown()
-        finally:
-            ray.shutdown()
     return 0
 
 
@@ -402,16 +344,17 @@ COMMANDS: list[Command] = [
     ("prepare", "convert model sources into the safetensors cache (one-time)", _cfg_prepare, _run_prepare),
     ("inspect", "load a model to a depth and report its size", _cfg_inspect, _run_inspect),
     ("generate", "generate with greedy exit at a depth, per-token exit and confidence", _cfg_generate, _run_generate),
-    ("serve", "serve a Serve config (default deployments/helios.yaml) until Ctrl-C", _cfg_serve, _run_serve),
     ("profile", "profile candidates on real prompts (all exits) and show the PHT and the policy's choice",
      _cfg_profile, _run_profile),
-    ("bench", "benchmarks that print side-by-side ratios (engine, memory)", _cfg_bench, _run_bench),
+    ("bench", "benchmarks that print side-by-side ratios (engine, memory, serve)", _cfg_bench, _run_bench),
 ]
 
 
 #: Subcommands that live next to their feature: (name, help, module exposing configure_parser() and run()).
 #: The module is imported only when the parser is built, and must not import torch/ray at module level.
 PLUGGED: list[tuple[str, str, str]] = [
+    ("serve", "deploy a Serve config (default deployments/helios.yaml) like `serve run`, until Ctrl-C",
+     "helios_ray.serve.launch"),
     ("tune-exits", "train exit heads on a frozen backbone (self-distillation)", "helios_ray.models.tuning_cli"),
     ("eval-exits", "measure exit agreement/calibration on a prompt file", "helios_ray.models.tuning_cli:eval"),
     ("simulate", "replay a recorded per-token trace through the HELIOS policy", "helios_ray.control.simulate"),
@@ -424,14 +367,10 @@ def _plugged() -> list[Command]:
     out: list[Command] = []
     for name, help_text, target in PLUGGED:
         mod_name, _, prefix = target.partition(":")
-        try:
-            mod = importlib.import_module(mod_name)
-        except ImportError:
-            continue  # feature not installed in this build
-        configure = getattr(mod, f"{prefix}_configure_parser" if prefix else "configure_parser", None)
-        run = getattr(mod, f"{prefix}_run" if prefix else "run", None)
-        if configure is not None and run is not None:
-            out.append((name, help_text, configure, run))
+        mod = importlib.import_module(mod_name)  # a broken module must fail loudly, not drop its command
+        configure = getattr(mod, f"{prefix}_configure_parser" if prefix else "configure_parser")
+        run = getattr(mod, f"{prefix}_run" if prefix else "run")
+        out.append((name, help_text, configure, run))
     return out
 
 

@@ -1,9 +1,10 @@
 """Configuration schemas shared across helios-ray.
 
 Every config a user writes (model registrations, serving config) is a pydantic model with
-``extra="forbid"`` so that a typo is an error, not a silently ignored knob.  Policy knobs live
-next to the policy in :mod:`helios_ray.control.config` (pure Python, no torch); ``ServeConfig.policy`` holds
-them as a dict that ``build_app`` validates as a ``PolicyConfig``.
+``extra="forbid"`` so that a typo is an error, not a silently ignored knob.  The serving config embeds the
+schemas of the parts it configures - the policy's :class:`~helios_ray.control.config.PolicyConfig` and the
+engine's :class:`~helios_ray.engine.config.EngineConfig`, both pure pydantic - rather than copying their
+fields, so a knob has one name, one default and one validator.
 """
 
 from __future__ import annotations
@@ -13,8 +14,10 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from helios_ray.control.config import SLO, PolicyConfig
+from helios_ray.engine.config import EngineConfig
+
 SourceKind = Literal["package", "gguf", "hf_dir", "safetensors", "hub"]
-DTypeName = Literal["auto", "float32", "bfloat16", "float16"]
 DeviceName = Literal["auto", "cpu", "cuda"]
 
 
@@ -94,16 +97,6 @@ class ModelsFile(StrictModel):
         return v
 
 
-class RuntimeOptions(StrictModel):
-    """How one model instance is placed: device, dtype, depth, confidence measure."""
-
-    device: DeviceName = "auto"
-    dtype: DTypeName = "auto"
-    depth: int | None = Field(default=None, ge=1, description="Layers to load; None = all.")
-    confidence: Literal["max_prob", "margin", "entropy"] = "max_prob"
-    threshold: float = Field(default=0.9, gt=0.0, le=1.0)
-
-
 class PlacementSpec(StrictModel):
     """A fixed (model, depth) to start with, instead of the policy's first choice."""
 
@@ -111,18 +104,12 @@ class PlacementSpec(StrictModel):
     depth: int | None = Field(default=None, ge=1)
 
 
-class EngineOptions(StrictModel):
-    block_size: int = Field(default=16, ge=1, le=1024)
-    max_num_seqs: int = Field(default=32, ge=1)
-    max_num_batched_tokens: int = Field(default=2048, ge=16)
-    max_model_len: int | None = Field(default=2048, ge=2)
-    torch_threads: int | None = Field(default=1, ge=1)
-
-
 class ServeConfig(StrictModel):
     """Everything ``build_app(args)`` needs; the ``args`` of ``deployments/helios.yaml`` are this model.
 
-    Policy knobs (``policy``) are the control plane's ``PolicyConfig`` with the paper's defaults.
+    Each knob lives in exactly one place: the policy's (the confidence threshold included) in ``policy``, the
+    engine's (the memory budget included) in ``engine``.  Replicas, the brain, the profiler and the bench all read
+    them from here, so they cannot disagree.
     """
 
     mode: Literal["helios", "early_exit", "plain"] = Field(
@@ -135,24 +122,24 @@ class ServeConfig(StrictModel):
     token_exits: list[int] | None = Field(
         default=None,
         description="early_exit mode: the trained exits tokens may leave at.  None = every trained exit whose "
-                    "exit card says tokens confident at `threshold` agree with the full model at least "
-                    "policy.min_agreement of the time.",
+                    "exit card says tokens confident at policy.confidence_threshold agree with the full model at "
+                    "least policy.min_agreement of the time.",
     )
     candidates: list[str] = Field(default_factory=lambda: ["smollm2-135m", "gemma3-270m"], min_length=1)
     models: list[ModelSpec] = Field(default_factory=list, description="Extra model registrations.")
     models_file: Path | None = None
-    slo: str = "throughput"
-    policy: dict = Field(default_factory=dict, description="PolicyConfig fields (validated at build time).")
+    slo: SLO = SLO.THROUGHPUT
+    policy: PolicyConfig = Field(default_factory=PolicyConfig,
+                                 description="The HELIOS policy's knobs (paper defaults), the confidence threshold "
+                                             "included.")
     initial: PlacementSpec | None = None
     served_model_name: str = Field(default="helios", description="The OpenAI `model` id that lets HELIOS choose.")
     replicas: int = Field(default=1, ge=1)
     replica_num_cpus: float = Field(default=1.0, ge=0)
     replica_num_gpus: float = Field(default=0.0, ge=0)
-    memory_budget_mb: int | None = Field(default=2048, ge=64, description="Per replica, weights + KV. None on CUDA "
-                                                                            "= a fraction of free GPU memory.")
     device: DeviceName = "auto"
-    engine: EngineOptions = Field(default_factory=EngineOptions)
-    threshold: float = Field(default=0.9, gt=0.0, le=1.0)
+    engine: EngineConfig = Field(default_factory=EngineConfig,
+                                 description="Per replica: memory budget, batch and context caps, threads.")
     mirror_fraction: float = Field(default=0.05, ge=0.0, le=1.0)
     profiler: bool = True
     profile_max_tokens: int = Field(default=16, ge=1)
@@ -161,3 +148,8 @@ class ServeConfig(StrictModel):
     api_key_env: str | None = Field(default="HELIOS_API_KEY",
                                     description="Env var holding the API key; unset or empty = no key needed.")
     max_ongoing_requests: int = Field(default=256, ge=1)
+
+    @property
+    def threshold(self) -> float:
+        """The confidence threshold (``policy.confidence_threshold``): below it a token is a breach."""
+        return self.policy.confidence_threshold

@@ -48,7 +48,7 @@ def sharegpt_requests(model: EarlyExitLM, n: int, seed: int, max_prompt_tokens: 
 
 def run_engine(model: EarlyExitLM, reqs: list[tuple[list[int], int]], batch: int, budget: int
                ) -> tuple[float, list[list[int]], dict[str, Any]]:
-    eng = LLMEngine(model, EngineConfig(memory_budget_bytes=budget, max_num_seqs=batch))
+    eng = LLMEngine(model, EngineConfig(memory_budget=budget, max_num_seqs=batch))
     seqs = [eng.add_request(p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)) for p, n in reqs]
     t0 = time.perf_counter()
     while eng.scheduler.has_work:
@@ -146,7 +146,7 @@ def bench_memory(model_name: str, budget_mb: int, depths: list[int], seq_len: in
                            "depths": {}}
     for d in sorted(depths, reverse=True):
         model.set_depth(d)
-        eng = LLMEngine(model, EngineConfig(memory_budget_bytes=budget_mb << 20, block_size=block_size,
+        eng = LLMEngine(model, EngineConfig(memory_budget=budget_mb << 20, block_size=block_size,
                                             max_num_seqs=1 << 20, max_num_batched_tokens=1 << 40))
         limit = eng.max_concurrent(seq_len) + 1
         for _ in range(limit):

@@ -111,12 +111,12 @@ def app_args(cfg: ServeBenchConfig, system: SystemName) -> dict[str, Any]:
     mode = MODES[system]
     candidates = (cfg.candidates or [cfg.model]) if system == "helios" else [cfg.model]
     return {
-        "mode": mode, "candidates": candidates, "threshold": cfg.threshold,
-        "memory_budget_mb": cfg.memory_budget_mb, "api_key_env": None, "mirror_fraction": 0.05,
-        "policy": {"min_agreement": cfg.min_agreement, "exit_share": cfg.exit_share,
+        "mode": mode, "candidates": candidates, "api_key_env": None, "mirror_fraction": 0.05,
+        "policy": {"confidence_threshold": cfg.threshold, "min_agreement": cfg.min_agreement,
+                   "exit_share": cfg.exit_share,
                    "profile_prompts": max(1, cfg.warmup_requests),
                    "typical_seq_len": cfg.max_prompt_tokens + cfg.max_output_tokens},
-        "engine": {"max_num_seqs": cfg.max_num_seqs, "torch_threads": 1,
+        "engine": {"max_num_seqs": cfg.max_num_seqs, "torch_threads": 1, "memory_budget": cfg.memory_budget_mb << 20,
                    "max_model_len": max(1024, cfg.max_prompt_tokens + cfg.max_output_tokens + 64)},
     }
 
@@ -176,9 +176,7 @@ class Scorer:
         self.m = load_model(model, exits="shared", dtype="float32")
 
     def prompt_ids(self, req: Any) -> list[int]:
-        from helios_ray.serve.replica import encode_call
-
-        return encode_call(self.m, {"messages": req.messages, "prompt": req.prompt})
+        return self.m.encode(req.prompt, req.messages)  # the replicas' own encoding (models/prompts.py)
 
     def score(self, prompt: list[int], out: list[int]) -> tuple[int, int, float]:
         """(tokens scored, tokens equal to the full model's argmax, sum of log-probs)."""

@@ -26,8 +26,7 @@ from dataclasses import dataclass, field
 from typing import AsyncIterator, Callable
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field
-
+from helios_ray.engine.config import EngineConfig
 from helios_ray.engine.kv_cache import BlockManager, KVLayout, PagedKVCache
 from helios_ray.engine.sampling import sample
 from helios_ray.engine.scheduler import Scheduler
@@ -36,26 +35,6 @@ from helios_ray.errors import HeliosError, InvalidRequestError
 from helios_ray.models.early_exit import EarlyExitLM
 
 log = logging.getLogger(__name__)
-
-
-class EngineConfig(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-
-    memory_budget_bytes: int | None = Field(
-        default=None, ge=1,
-        description="Weights + KV for this replica.  Required on CPU; on CUDA defaults to "
-                    "gpu_memory_fraction of the free device memory.",
-    )
-    gpu_memory_fraction: float = Field(default=0.85, gt=0.0, le=1.0)
-    block_size: int = Field(default=16, ge=1, le=1024)
-    max_num_seqs: int = Field(default=64, ge=1)
-    max_num_batched_tokens: int = Field(default=2048, ge=16)
-    max_model_len: int | None = Field(default=None, ge=2, description="Default: the model's context (max 8192).")
-    torch_threads: int | None = Field(
-        default=None, ge=1,
-        description="Intra-op threads for this process.  On small CPU hosts 1 is the robust choice: with 2 "
-                    "OpenMP threads, any other busy process makes small matmuls stall (measured 0.07 -> 6 ms).",
-    )
 
 
 @dataclass
@@ -118,12 +97,12 @@ class LLMEngine:
 
     @property
     def memory_budget_bytes(self) -> int:
-        if self.config.memory_budget_bytes is not None:
-            return self.config.memory_budget_bytes
+        if self.config.memory_budget is not None:
+            return int(self.config.memory_budget)
         if self.model.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.model.device)
             return int(free * self.config.gpu_memory_fraction) + self.model.param_bytes
-        raise HeliosError("a memory budget (memory_budget_bytes) is required on CPU")
+        raise HeliosError("a memory budget (engine.memory_budget) is required on CPU")
 
     @property
     def layout(self) -> KVLayout:
@@ -155,10 +134,6 @@ class LLMEngine:
         else:
             assert not self._scheduler.running, "re-sizing memory with running sequences"
             self._scheduler.blocks = blocks
-
-    @property
-    def kv_capacity_tokens(self) -> int:
-        return self.scheduler.blocks.num_blocks * self.config.block_size
 
     def max_concurrent(self, seq_len: int) -> int:
         """How many sequences of ``seq_len`` tokens the block pool holds at once (pure arithmetic)."""

@@ -178,7 +178,3 @@ class PagedKVCache:
         sub._write = sub._write_all[sub._write_mask]
         sub._gather, sub._k_pos = self._gather[rows], self._k_pos[rows]
         return sub
-
-    @property
-    def allocated_bytes(self) -> int:
-        return sum(k.numel() * k.element_size() * 2 for k, _ in self._pools.values())

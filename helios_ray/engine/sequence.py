@@ -102,9 +102,16 @@ class Sequence:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
-    @property
-    def is_finished(self) -> bool:
-        return self.status == SeqStatus.FINISHED
+
+def _stop_prefix_len(text: str, stops: list[str]) -> int:
+    """Length of the longest tail of ``text`` that is a proper prefix of one of ``stops``."""
+    best = 0
+    for stop in stops:
+        for k in range(min(len(stop) - 1, len(text)), best, -1):
+            if text.endswith(stop[:k]):
+                best = k
+                break
+    return best
 
 
 def finish_text(text: str, params: SamplingParams, is_eos: bool, at_length: bool, emitted: int
@@ -113,7 +120,8 @@ def finish_text(text: str, params: SamplingParams, is_eos: bool, at_length: bool
 
     Given a sequence's decoded output ``text`` so far, returns ``(text cut at the first stop string, finish
     reason or None, the new piece to stream, chars emitted after it)``.  An incomplete UTF-8 character
-    (``\ufffd`` at the end) is held back until the next token completes it, unless the sequence ends here.
+    (``\ufffd`` at the end) is held back until the next token completes it, unless the sequence ends here; so
+    is a tail that could be the beginning of a stop string, so a stop string is never half streamed.
     """
     reason = None
     for stop in params.stop:
@@ -126,4 +134,6 @@ def finish_text(text: str, params: SamplingParams, is_eos: bool, at_length: bool
     if reason is None and at_length:
         reason = "length"
     stable = text if reason else text.rstrip("\ufffd")
+    if reason is None:  # hold back a tail that may be the start of a stop string, so none of it is streamed
+        stable = stable[:len(stable) - _stop_prefix_len(stable, params.stop)]
     return text, reason, stable[emitted:], max(emitted, len(stable))

@@ -30,6 +30,7 @@ from torch import Tensor
 from helios_ray.errors import HeliosError, InvalidRequestError
 from helios_ray.models.decoder import DecoderLM, DenseKVCache, KVCache
 from helios_ray.models.exit_heads import ExitHead, SharedHead, load_heads
+from helios_ray.models.prompts import EncodedPrompt, encode_request, has_chat_template
 from helios_ray.models.loading import (
     check_depth, load_decoder, param_bytes, pick_device, pick_dtype, read_spec,
 )
@@ -147,7 +148,7 @@ class EarlyExitLM:
 
     @property
     def has_chat_template(self) -> bool:
-        return bool(getattr(self.tokenizer, "chat_template", None))
+        return has_chat_template(self.tokenizer)
 
     def set_depth(self, depth: int) -> float:
         """Load more layers (reading only the new ones) or drop some, and switch to the exit head at the new
@@ -166,20 +167,13 @@ class EarlyExitLM:
 
     # ------------------------------------------------------------------------------- tokenizing
     def encode(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None) -> list[int]:
-        if messages is not None:
-            if not self.has_chat_template:
-                raise InvalidRequestError(
-                    f"model {self.name!r} has no chat template (it is a base model); send a plain prompt instead"
-                )
-            text = self.tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
-            ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
-        else:
-            if prompt is None:
-                raise InvalidRequestError("either a prompt or chat messages are required")
-            ids = self.tokenizer(prompt)["input_ids"]
-        if not ids:
-            raise InvalidRequestError("the prompt is empty after tokenization")
-        return list(ids)
+        """Token ids of a plain prompt or a chat (see :mod:`helios_ray.models.prompts`; callers that serve
+        chats to base models use :meth:`encode_request` to also get the turn-marker stop strings)."""
+        return self.encode_request(prompt, messages).ids
+
+    def encode_request(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None
+                       ) -> EncodedPrompt:
+        return encode_request(self.tokenizer, prompt, messages)
 
     def decode(self, ids: list[int]) -> str:
         return self.tokenizer.decode(ids, skip_special_tokens=True)

@@ -29,16 +29,6 @@ def profile_exits(model: EarlyExitLM) -> list[int]:
     return trained or default_profile_exits(model.total_layers)
 
 
-def encode_prompt(model: EarlyExitLM, prompt: str | None = None, messages: list[dict[str, str]] | None = None
-                  ) -> list[int]:
-    """Chat models get messages through their template; base models get the plain prompt text."""
-    if messages and model.has_chat_template:
-        return model.encode(messages=messages)
-    if prompt is None and messages:
-        prompt = next((m["content"] for m in messages if m["role"] == "user"), "")
-    return model.encode(prompt=prompt)
-
-
 def profile_prompts(model: EarlyExitLM, prompts: Iterable[dict[str, Any]], max_tokens: int = 16,
                     exits: list[int] | None = None, request_offset: int = 0, progress: bool = False
                     ) -> list[dict[str, Any]]:
@@ -59,7 +49,7 @@ def profile_prompts(model: EarlyExitLM, prompts: Iterable[dict[str, Any]], max_t
     for i, p in enumerate(prompts):
         req = int(p.get("request", request_offset + i))
         kind = p.get("kind")
-        ids = encode_prompt(model, p.get("prompt"), p.get("messages"))
+        ids = model.encode(p.get("prompt"), p.get("messages"))  # exactly as a replica serves it
         t0 = time.perf_counter()
         toks = model.profile_generate(ids, max_tokens, exits)
         dt = time.perf_counter() - t0

@@ -4,12 +4,12 @@ Four deployments (names are what ``deployments:`` overrides in a Serve config re
 
 * ``Router`` - ingress: OpenAI HTTP + helios.v1 gRPC, token relay, telemetry, mirroring (no CPU reserved);
 * ``EarlyExitReplica`` - one truncated early-exit engine per replica (``replica_num_cpus``/``replica_num_gpus``);
-* ``HeliosControl`` - the policy and the versioned placement (one replica);
+* ``HeliosBrain`` - the policy and the versioned placement (one replica);
 * ``HeliosProfiler`` - profile-mode evaluation of candidates on mirrored prompts (one replica).
 
 ``mode: early_exit`` and ``mode: plain`` build the two baselines of ``helios-ray bench serve`` behind the same
 Router: the first candidate pinned at full depth with token-level exit (``EarlyExitReplica``), or ``transformers``
-``generate()`` (``PlainReplica``); neither has a profiler, and Control never moves their placement.
+``generate()`` (``PlainReplica``); neither has a profiler, and the brain never moves their placement.
 """
 
 from __future__ import annotations
@@ -22,7 +22,7 @@ from ray.serve import Application
 
 from helios_ray.config import ServeConfig
 from helios_ray.errors import HeliosError
-from helios_ray.serve.control import Control
+from helios_ray.serve.brain import Brain
 from helios_ray.serve.plain_replica import PlainReplica
 from helios_ray.serve.profiler import Profiler
 from helios_ray.serve.replica import EarlyExitReplica
@@ -33,18 +33,12 @@ def load_config(args: dict[str, Any] | None) -> ServeConfig:
     try:
         cfg = ServeConfig.model_validate(args or {})
     except ValidationError as e:
-        raise HeliosError(f"invalid helios application args: {e}") from None
-    from helios_ray.control import SLO, PolicyConfig
+        errs = e.errors()
+        loc = ".".join(str(x) for x in errs[0].get("loc", ()))
+        more = f" (and {len(errs) - 1} more)" if len(errs) > 1 else ""
+        raise HeliosError(f"invalid helios application args: {loc}: {errs[0].get('msg')}{more}") from None
     from helios_ray.models.repository import ModelRepository
 
-    try:
-        SLO(cfg.slo)
-    except ValueError:
-        raise HeliosError(f"unknown slo {cfg.slo!r} (known: {', '.join(s.value for s in SLO)})") from None
-    try:
-        PolicyConfig.model_validate({"confidence_threshold": cfg.threshold, **cfg.policy})
-    except ValidationError as e:
-        raise HeliosError(f"invalid policy config: {e}") from None
     repo = ModelRepository(extra=cfg.models, models_file=cfg.models_file)
     for name in cfg.candidates:
         repo.checkpoint_dir(name)  # unknown or unprepared candidates fail here, with the fix in the message
@@ -70,21 +64,21 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     cfg = load_config(args)
     conf = cfg.model_dump(mode="json")
     # Its in-flight requests are placement long-polls, safe to cut: a short graceful shutdown.
-    control = serve.deployment(Control, name="HeliosControl", num_replicas=1, max_ongoing_requests=100_000,
-                               graceful_shutdown_timeout_s=1, graceful_shutdown_wait_loop_s=0.5,
-                               ray_actor_options={"num_cpus": 0}).bind(conf)
+    brain = serve.deployment(Brain, name="HeliosBrain", num_replicas=1, max_ongoing_requests=100_000,
+                             graceful_shutdown_timeout_s=1, graceful_shutdown_wait_loop_s=0.5,
+                             ray_actor_options={"num_cpus": 0}).bind(conf)
     profiler = None
     if cfg.profiler and cfg.mode == "helios":
         profiler = serve.deployment(Profiler, name="HeliosProfiler", num_replicas=1, max_ongoing_requests=1000,
-                                    ray_actor_options={"num_cpus": 0}).bind(conf, control)
+                                    ray_actor_options={"num_cpus": 0}).bind(conf, brain)
     cls, name = (PlainReplica, "PlainReplica") if cfg.mode == "plain" else (EarlyExitReplica, "EarlyExitReplica")
     replica = serve.deployment(
         cls, name=name, num_replicas=cfg.replicas,
         max_ongoing_requests=4 * cfg.engine.max_num_seqs, health_check_period_s=1, health_check_timeout_s=30,
         graceful_shutdown_timeout_s=30,
         ray_actor_options={"num_cpus": cfg.replica_num_cpus, "num_gpus": cfg.replica_num_gpus},
-    ).bind(conf, control)
+    ).bind(conf, brain)
     ingress = serve.deployment(Router, name="Router", num_replicas=1,
                                max_ongoing_requests=cfg.max_ongoing_requests,
-                               ray_actor_options={"num_cpus": 0}).bind(conf, replica, control, profiler)
+                               ray_actor_options={"num_cpus": 0}).bind(conf, replica, brain, profiler)
     return ingress

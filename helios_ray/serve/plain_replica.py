@@ -11,7 +11,7 @@ those rules it is made as good as it honestly can be:
 * tokens stream as they are produced (the stopping criterion sees every step and relays the new tokens).
 
 Memory: the KV cache of a static batch holds ``rows x (longest prompt + longest max_tokens)`` tokens at every
-layer, so a batch is admitted only while that fits ``memory_budget_mb`` minus the weights - the same budget the
+layer, so a batch is admitted only while that fits ``engine.memory_budget`` minus the weights - the same budget the
 engine replicas get.  Requests with different sampling settings never share a batch (``generate()`` takes one
 setting per call); a request with a ``seed`` runs alone, seeded.
 """
@@ -30,6 +30,9 @@ from ray import serve
 
 from helios_ray.config import ServeConfig
 from helios_ray.errors import HeliosError, InvalidRequestError
+from helios_ray.serve.schemas import (
+    GenerateCall, ReplicaStats, StreamEnd, StreamError, StreamEvent, StreamStart, StreamToken,
+)
 
 log = logging.getLogger("ray.serve")
 
@@ -53,26 +56,10 @@ class _Pending:
         return (p.temperature, p.top_p, p.top_k)
 
 
-class _Tokenizing:
-    """Just enough of an EarlyExitLM for :func:`~helios_ray.serve.replica.encode_call` and decoding."""
-
-    def __init__(self, name: str, tokenizer: Any):
-        self.name, self.tokenizer = name, tokenizer
-
-    @property
-    def has_chat_template(self) -> bool:
-        return bool(getattr(self.tokenizer, "chat_template", None))
-
-    def encode(self, prompt: str | None = None, messages: list[dict[str, str]] | None = None) -> list[int]:
-        from helios_ray.models.early_exit import EarlyExitLM
-
-        return EarlyExitLM.encode(self, prompt, messages)  # type: ignore[arg-type]
-
-
 class PlainReplica:
-    async def __init__(self, config: dict[str, Any], control: Any):
+    async def __init__(self, config: dict[str, Any], brain: Any):
         self.cfg = ServeConfig.model_validate(config)
-        self.control = control
+        self.brain = brain
         self.name = self.cfg.candidates[0]
         self._pending: deque[_Pending] = deque()
         self._wake = asyncio.Event()
@@ -99,7 +86,7 @@ class PlainReplica:
         self.device = pick_device(self.cfg.device)
         dtype = pick_dtype("auto", self.device)
         self.hf = AutoModelForCausalLM.from_pretrained(str(d), dtype=dtype).to(self.device).eval()
-        self.tok = _Tokenizing(self.name, AutoTokenizer.from_pretrained(str(d)))
+        self.tokenizer = AutoTokenizer.from_pretrained(str(d))
         c = self.hf.config.get_text_config()
         self.num_layers = int(c.num_hidden_layers)
         kv_heads = int(getattr(c, "num_key_value_heads", None) or c.num_attention_heads)
@@ -107,13 +94,13 @@ class PlainReplica:
         esize = torch.tensor([], dtype=dtype).element_size()
         self.kv_bytes_per_token = self.num_layers * 2 * kv_heads * head_dim * esize
         self.weight_bytes = sum(p.numel() * p.element_size() for p in self.hf.parameters())
-        if self.cfg.memory_budget_mb is not None:
-            self.budget = self.cfg.memory_budget_mb << 20
+        if self.cfg.engine.memory_budget is not None:
+            self.budget = int(self.cfg.engine.memory_budget)
         elif self.device.type == "cuda":
             free, _ = torch.cuda.mem_get_info(self.device)
-            self.budget = int(free * 0.85) + self.weight_bytes
+            self.budget = int(free * self.cfg.engine.gpu_memory_fraction) + self.weight_bytes
         else:
-            raise HeliosError("a memory budget (memory_budget_mb) is required on CPU")
+            raise HeliosError("a memory budget (engine.memory_budget) is required on CPU")
         self.kv_budget = self.budget - self.weight_bytes
         if self.kv_budget <= 0:
             raise HeliosError(f"memory budget {self.budget >> 20} MiB does not hold the weights "
@@ -121,9 +108,9 @@ class PlainReplica:
         gen = self.hf.generation_config
         eos = gen.eos_token_id
         self.eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
-        if self.tok.tokenizer.eos_token_id is not None:
-            self.eos_ids.add(int(self.tok.tokenizer.eos_token_id))
-        pad = gen.pad_token_id if gen.pad_token_id is not None else self.tok.tokenizer.pad_token_id
+        if self.tokenizer.eos_token_id is not None:
+            self.eos_ids.add(int(self.tokenizer.eos_token_id))
+        pad = gen.pad_token_id if gen.pad_token_id is not None else self.tokenizer.pad_token_id
         self.pad_id = int(pad if pad is not None else min(self.eos_ids or {0}))
         self.max_model_len = min(self.cfg.engine.max_model_len or 8192,
                                  int(getattr(c, "max_position_embeddings", 8192)))
@@ -175,9 +162,8 @@ class PlainReplica:
                 for p in batch:
                     if not p.done:
                         p.done = True
-                        p.loop.call_soon_threadsafe(p.queue.put_nowait, {
-                            "type": "end", "finish_reason": "error", "completion_tokens": len(p.out),
-                            "error": f"{type(e).__name__}: {e}"})
+                        p.loop.call_soon_threadsafe(p.queue.put_nowait, StreamEnd(
+                            finish_reason="error", completion_tokens=len(p.out), error=f"{type(e).__name__}: {e}"))
             finally:
                 self.busy_s += time.perf_counter() - t0
                 self.batches += 1
@@ -239,65 +225,59 @@ class PlainReplica:
             p.out.append(tok)
         from helios_ray.engine.sequence import finish_text
 
-        _, reason, delta, p.emitted = finish_text(self.tok.tokenizer.decode(p.out, skip_special_tokens=True),
+        _, reason, delta, p.emitted = finish_text(self.tokenizer.decode(p.out, skip_special_tokens=True),
                                                   params, is_eos, len(p.out) >= params.max_tokens, p.emitted)
         if not is_eos:
             self.tokens_out += 1
-            p.loop.call_soon_threadsafe(p.queue.put_nowait, {
-                "type": "token", "token": tok, "text": delta, "exit_layer": self.num_layers,
-                "confidence": conf, "breach": conf < self.cfg.threshold})
+            p.loop.call_soon_threadsafe(p.queue.put_nowait, StreamToken(
+                token=tok, text=delta, exit_layer=self.num_layers, confidence=conf, breach=conf < self.cfg.threshold))
         if reason is not None:
             self._end(p, reason)
 
     def _end(self, p: _Pending, reason: str) -> None:
         p.done = True
-        p.loop.call_soon_threadsafe(p.queue.put_nowait, {
-            "type": "end", "finish_reason": reason, "completion_tokens": len(p.out), "error": None})
+        p.loop.call_soon_threadsafe(p.queue.put_nowait, StreamEnd(finish_reason=reason,
+                                                                   completion_tokens=len(p.out)))
 
     # ----------------------------------------------------------------------------------------- API
-    async def generate(self, call: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        from helios_ray.engine.sequence import SamplingParams
-        from helios_ray.serve.replica import encode_call
+    async def generate(self, call: GenerateCall) -> AsyncIterator[StreamEvent]:
+        from helios_ray.serve.replica import prepare
 
         try:
-            params = SamplingParams.model_validate(call["params"])
-            ids = encode_call(self.tok, call)
+            ids, params = prepare(self.tokenizer, call)
             self._validate(ids, params)
         except HeliosError as e:
-            yield {"type": "error", "status": e.http_status, "message": str(e)}
+            yield StreamError(status=e.http_status, message=str(e))
             return
         p = _Pending(ids, params, asyncio.get_running_loop(), asyncio.Queue())
         self.requests += 1
         self._pending.append(p)
         self._wake.set()
-        yield {"type": "start", "model": self.name, "depth": self.num_layers, "prompt_tokens": len(ids)}
+        yield StreamStart(model=self.name, depth=self.num_layers, prompt_tokens=len(ids))
         try:
             while True:
-                item = await p.queue.get()
-                yield item
-                if item["type"] == "end":
+                ev = await p.queue.get()
+                yield ev
+                if isinstance(ev, StreamEnd):
                     return
         finally:
             p.cancelled = True  # client gone (or finished): the row stops at the next step
 
-    async def stats(self) -> dict[str, Any]:
-        return {
-            "replica": serve.get_replica_context().replica_id.unique_id, "pid": os.getpid(), "mode": "plain",
-            "model": self.name, "depth": self.num_layers, "total_layers": self.num_layers, "exit_head": "none",
-            "token_exits": [], "running": self.running, "waiting": len(self._pending),
-            "weight_bytes": self.weight_bytes, "kv_bytes_per_token": self.kv_bytes_per_token,
-            "memory_budget_bytes": self.budget,
-            "max_concurrent_1k": min(self.cfg.engine.max_num_seqs, self.kv_budget // (1024 * self.kv_bytes_per_token)),
-            "kv_blocks_used": 0, "kv_blocks_total": 0,
-            "tokens_out": self.tokens_out, "breaches": 0, "steps": self.batches, "requests": self.requests,
-            "last_batch": self.running, "switches": 0, "last_change": None,
-        }
+    async def stats(self) -> ReplicaStats:
+        return ReplicaStats(
+            replica=serve.get_replica_context().replica_id.unique_id, pid=os.getpid(), mode="plain",
+            model=self.name, depth=self.num_layers, total_layers=self.num_layers, exit_head="none",
+            running=self.running, waiting=len(self._pending), weight_bytes=self.weight_bytes,
+            kv_bytes_per_token=self.kv_bytes_per_token, memory_budget_bytes=self.budget,
+            max_concurrent_1k=min(self.cfg.engine.max_num_seqs, self.kv_budget // (1024 * self.kv_bytes_per_token)),
+            tokens_out=self.tokens_out, steps=self.batches, requests=self.requests, last_batch=self.running,
+        )
 
     async def _report_stats(self, every_s: float = 2.0) -> None:
         while True:
             await asyncio.sleep(every_s)
             try:
-                await self.control.report_replica.remote(await self.stats())
+                await self.brain.report_replica.remote(await self.stats())
             except asyncio.CancelledError:
                 raise
             except Exception:

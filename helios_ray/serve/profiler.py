@@ -2,7 +2,7 @@
 
 The router mirrors a request here fire-and-forget; ``mirror`` only enqueues (a full queue drops the prompt and
 says so), so user traffic never waits on profiling.  A background task runs each queued prompt through every
-requested candidate in profile mode (full depth, every exit) and sends the per-token records to Control, which
+requested candidate in profile mode (full depth, every exit) and sends the per-token records to the brain, which
 folds them into the PHT.  Models are loaded lazily, once, at full depth with all their trained exits.
 
 Its CPU cost is real on a small host - it shares cores with the replicas - which is why only a few percent of
@@ -22,11 +22,11 @@ log = logging.getLogger("ray.serve")
 
 
 class Profiler:
-    def __init__(self, config: dict[str, Any], control: Any):
+    def __init__(self, config: dict[str, Any], brain: Any):
         import torch
 
         self.cfg = ServeConfig.model_validate(config)
-        self.control = control
+        self.brain = brain
         torch.set_num_threads(1)
         from helios_ray.models.repository import ModelRepository
 
@@ -59,7 +59,7 @@ class Profiler:
                 t0 = time.perf_counter()
                 try:
                     records = await asyncio.to_thread(self._profile, item, name)
-                    await self.control.observe_profile.remote(records)
+                    await self.brain.observe_profile.remote(records)
                     self.done += 1
                 except Exception:
                     self.failed += 1

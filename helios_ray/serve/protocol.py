@@ -1,8 +1,12 @@
-"""OpenAI-compatible request/response schemas and the internal request a replica receives.
+"""The public request schemas (OpenAI's, which helios.v1 gRPC maps onto) and the one request mapper.
 
-Unknown fields are rejected (a misspelt sampling knob is an error, not silently ignored); standard OpenAI fields
+Validation is strict, like OpenAI's API: unknown fields are rejected (a misspelt sampling knob is an error, not
+silently ignored), types are not coerced (``"stream": "yes"`` is a 400, not a stream), and standard OpenAI fields
 we do not implement are accepted only at their neutral value (``n=1``, penalties 0, no logprobs) so the official
 client's defaults work and anything else is a clear 400.
+
+HTTP bodies and gRPC messages both become one of these two models, then :func:`to_call` - so both protocols have
+the same fields, the same defaults and the same error messages.
 """
 
 from __future__ import annotations
@@ -11,13 +15,14 @@ import time
 import uuid
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from helios_ray.engine.sequence import SamplingParams
+from helios_ray.serve.schemas import GenerateCall
 
 
 class _Req(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     model: str = Field(min_length=1)
     max_tokens: int | None = Field(default=None, ge=1)
@@ -68,7 +73,7 @@ class _Req(BaseModel):
 
 
 class ChatMessage(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", strict=True)
 
     role: Literal["system", "user", "assistant"]
     content: str
@@ -98,15 +103,6 @@ class CompletionRequest(_Req):
         return v
 
 
-class GenerateCall(BaseModel):
-    """What the router sends a replica."""
-
-    request_id: str
-    prompt: str | None = None
-    messages: list[dict[str, str]] | None = None
-    params: SamplingParams
-
-
 def new_id(prefix: str) -> str:
     return f"{prefix}-{uuid.uuid4().hex[:24]}"
 
@@ -124,3 +120,80 @@ def usage(prompt_tokens: int, completion_tokens: int) -> dict[str, int]:
 
 def now() -> int:
     return int(time.time())
+
+
+# ------------------------------------------------------------------------------------------------ errors
+class APIError(Exception):
+    """A request that ends in an error response: HTTP status + OpenAI error body, or the gRPC status below."""
+
+    def __init__(self, status: int, message: str, type_: str = "invalid_request_error", param: str | None = None,
+                 code: str | None = None, retry_after_s: float | None = None):
+        super().__init__(message)
+        self.status, self.message, self.type, self.param, self.code = status, message, type_, param, code
+        self.retry_after_s = retry_after_s
+
+    def __reduce__(self) -> tuple:  # crosses process boundaries (the gRPC proxy re-raises it)
+        return (APIError, (self.status, self.message, self.type, self.param, self.code, self.retry_after_s))
+
+    @property
+    def body(self) -> dict[str, Any]:
+        return error_body(self.message, self.type, self.param, self.code)
+
+
+def validation_message(e: ValidationError) -> tuple[str, str | None]:
+    """The first problem of a validation error as OpenAI words it: ``"loc: msg"`` and the parameter name."""
+    err = e.errors()[0]
+    loc = ".".join(str(p) for p in err.get("loc", ()) if p != "body")
+    msg = err.get("msg", "invalid value").removeprefix("Value error, ")
+    return (f"{loc}: {msg}" if loc else msg), (loc or None)
+
+
+# -------------------------------------------------------------------------------------------- the mapper
+Request = ChatCompletionRequest | CompletionRequest
+
+
+def parse_request(body: Any, chat: bool) -> Request:
+    """A decoded JSON body (or a gRPC message mapped by :func:`body_from_grpc`) -> a validated request."""
+    if not isinstance(body, dict):
+        raise APIError(400, "the request body must be a JSON object")
+    try:
+        return (ChatCompletionRequest if chat else CompletionRequest).model_validate(body)
+    except ValidationError as e:
+        msg, param = validation_message(e)
+        raise APIError(400, msg, param=param) from None
+
+
+def to_call(req: Request, prefix: str | None = None) -> GenerateCall:
+    """The one mapping from a public request to what a replica receives."""
+    try:
+        params = req.sampling()
+    except ValidationError as e:
+        raise APIError(400, validation_message(e)[0]) from None
+    if isinstance(req, ChatCompletionRequest):
+        msgs = [{"role": m.role, "content": m.content} for m in req.messages]
+        return GenerateCall(request_id=new_id(prefix or "chatcmpl"), messages=msgs, params=params)
+    return GenerateCall(request_id=new_id(prefix or "cmpl"), prompt=req.prompt, params=params)
+
+
+def body_from_grpc(request: Any, default_model: str) -> tuple[dict[str, Any], bool]:
+    """A helios.v1 ``GenerateRequest`` as the equivalent OpenAI body, and whether it is a chat.
+
+    Proto3 scalars have no "unset": ``max_tokens`` 0 and the empty prompt mean "not given"; the ``optional``
+    fields are copied only when present.  Everything else is validated by the same schema as HTTP.
+    """
+    has_msgs = len(request.messages) > 0
+    if bool(request.prompt) == has_msgs:
+        raise APIError(400, "exactly one of prompt or messages is required")
+    body: dict[str, Any] = {"model": request.model or default_model}
+    if has_msgs:
+        body["messages"] = [{"role": m.role, "content": m.content} for m in request.messages]
+    else:
+        body["prompt"] = request.prompt
+    if request.max_tokens:
+        body["max_tokens"] = int(request.max_tokens)
+    for f in ("temperature", "top_p", "top_k", "seed", "ignore_eos"):
+        if f in request.DESCRIPTOR.fields_by_name and request.HasField(f):
+            body[f] = getattr(request, f)
+    if request.stop:
+        body["stop"] = list(request.stop)
+    return body, has_msgs

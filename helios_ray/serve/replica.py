@@ -1,13 +1,14 @@
-"""One truncated early-exit replica: an engine on one GPU or CPU slot, following the Control placement.
+"""One truncated early-exit replica: an engine on one GPU or CPU slot, following the brain's placement.
 
-The replica reads the current placement (model, depth) from the Control deployment when it starts - so a
+The replica reads the current placement (model, depth) from the brain deployment when it starts - so a
 replica that Serve restarts after a crash comes back with the current configuration - and then long-polls it.
 A new placement is applied at an engine step boundary: the same model at another depth grows/shrinks in place
 (running requests are recomputed at the new depth), another model drains first (in-flight requests finish on
 the model they started with, new ones wait), then swaps.
 
-``generate`` streams dicts: one ``start`` (model, depth, prompt tokens), ``token`` events, one ``end``; a request
-the engine refuses yields a single ``error`` item with an HTTP status, so the replica never raises on bad input.
+``generate`` streams typed events (:mod:`.schemas`): one ``StreamStart`` (model, depth, prompt tokens),
+``StreamToken``s, one ``StreamEnd``; a request the engine refuses yields a single ``StreamError`` with an HTTP
+status, so the replica never raises on bad input.
 """
 
 from __future__ import annotations
@@ -21,17 +22,21 @@ from typing import Any, AsyncIterator
 from ray import serve
 
 from helios_ray.config import ServeConfig
+from helios_ray.engine.sequence import SamplingParams
 from helios_ray.errors import HeliosError
+from helios_ray.serve.schemas import (
+    GenerateCall, ReplicaStats, StreamEnd, StreamError, StreamEvent, StreamStart, StreamToken,
+)
 
 log = logging.getLogger("ray.serve")
 
 
 class EarlyExitReplica:
-    async def __init__(self, config: dict[str, Any], control: Any):
+    async def __init__(self, config: dict[str, Any], brain: Any):
         import torch
 
         self.cfg = ServeConfig.model_validate(config)
-        self.control = control
+        self.brain = brain
         if self.cfg.engine.torch_threads:
             torch.set_num_threads(self.cfg.engine.torch_threads)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -53,7 +58,7 @@ class EarlyExitReplica:
         if self.aeng is None:
             async with self._apply_lock:
                 if self.aeng is None:
-                    p = await self.control.get_placement.remote()
+                    p = await self.brain.get_placement.remote()
                     await self._apply(p)
         if self._poller is None or self._poller.done():
             loop = asyncio.get_running_loop()
@@ -71,15 +76,13 @@ class EarlyExitReplica:
 
     async def _apply(self, p: dict[str, Any]) -> None:
         """Bring this replica to placement ``p`` (idempotent)."""
-        from helios_ray.engine.engine import AsyncEngine, EngineConfig, LLMEngine
+        from helios_ray.engine.engine import AsyncEngine, LLMEngine
 
         model, depth, version = p["model"], int(p["depth"]), int(p["version"])
         t0 = time.perf_counter()
         if self.aeng is None:
             lm = await asyncio.to_thread(self._load, model, depth)
-            eng = LLMEngine(lm, EngineConfig(
-                memory_budget_bytes=(self.cfg.memory_budget_mb << 20) if self.cfg.memory_budget_mb else None,
-                **self.cfg.engine.model_dump()))
+            eng = LLMEngine(lm, self.cfg.engine)
             self.aeng = AsyncEngine(eng)
             kind = "load"
         elif self.aeng.engine.model.name == model:
@@ -103,18 +106,18 @@ class EarlyExitReplica:
     async def _follow_placement(self) -> None:
         while True:
             try:
-                p = await self.control.wait_placement.remote(self.version, 30.0)
+                p = await self.brain.wait_placement.remote(self.version, 30.0)
                 if int(p["version"]) != self.version:
                     async with self._apply_lock:
                         await self._apply(p)
             except asyncio.CancelledError:
                 raise
-            except Exception:  # Control restarting, transient errors: keep following
+            except Exception:  # the brain restarting, transient errors: keep following
                 log.exception("helios replica: placement poll failed; retrying")
                 await asyncio.sleep(1.0)
 
     async def _report_stats(self, every_s: float = 2.0) -> None:
-        """Every ``every_s``: Prometheus gauges, energy per token (NVML, GPU only), and the stats Control shows
+        """Every ``every_s``: Prometheus gauges, energy per token (NVML, GPU only), and the stats the brain shows
         in /v1/helios/status."""
         from helios_ray.metrics import EnergyMeter, ReplicaMetrics
 
@@ -124,108 +127,99 @@ class EarlyExitReplica:
             await asyncio.sleep(every_s)
             try:
                 st = await self.stats()
-                metrics.running.set(st["running"])
-                metrics.waiting.set(st["waiting"])
-                metrics.kv_usage.set(st["kv_blocks_used"] / max(1, st["kv_blocks_total"]))
-                metrics.loaded_layers.set(st["depth"], tags={"model": st["model"]})
+                metrics.running.set(st.running)
+                metrics.waiting.set(st.waiting)
+                metrics.kv_usage.set(st.kv_usage)
+                metrics.loaded_layers.set(st.depth, tags={"model": st.model})
                 if self.switches > last_switches and self.last_change:
                     metrics.switches.inc(self.switches - last_switches, tags={"kind": self.last_change["kind"]})
                     last_switches = self.switches
                 j = meter.joules()
-                if j is not None and last_j is not None and st["tokens_out"] > last_tokens:
-                    st["energy_j_per_token"] = (j - last_j) / (st["tokens_out"] - last_tokens)
-                    metrics.energy.set(st["energy_j_per_token"])
-                last_j, last_tokens = j, st["tokens_out"]
-                await self.control.report_replica.remote(st)
+                if j is not None and last_j is not None and st.tokens_out > last_tokens:
+                    st.energy_j_per_token = (j - last_j) / (st.tokens_out - last_tokens)
+                    metrics.energy.set(st.energy_j_per_token)
+                last_j, last_tokens = j, st.tokens_out
+                await self.brain.report_replica.remote(st)
             except asyncio.CancelledError:
                 raise
             except Exception:
                 log.debug("helios replica: stats report failed", exc_info=True)
 
-    def _encode(self, call: dict[str, Any]) -> list[int]:
-        return encode_call(self.aeng.engine.model, call)
-
-    async def generate(self, call: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        from helios_ray.engine.sequence import SamplingParams
-
+    async def generate(self, call: GenerateCall) -> AsyncIterator[StreamEvent]:
         await self._ensure_started()
         m = self.aeng.engine.model
         try:
-            ids = self._encode(call)
-            params = SamplingParams.model_validate(call["params"])
+            ids, params = prepare(m.tokenizer, call)
             stream = self.aeng.generate(ids, params)
             first = await stream.__anext__()
         except HeliosError as e:
-            yield {"type": "error", "status": e.http_status, "message": str(e)}
+            yield StreamError(status=e.http_status, message=str(e))
             return
         except StopAsyncIteration:
-            yield {"type": "error", "status": 500, "message": "the engine ended the request without output"}
+            yield StreamError(status=500, message="the engine ended the request without output")
             return
-        yield {"type": "start", "model": m.name, "depth": m.depth, "prompt_tokens": len(ids)}
+        yield StreamStart(model=m.name, depth=m.depth, prompt_tokens=len(ids))
         n = 0
         ev = first
         while True:
             if ev.token is not None and not (ev.finished and ev.finish_reason == "stop" and ev.token in m.eos_ids):
                 n += 1
-                yield {"type": "token", "token": ev.token, "text": ev.text, "exit_layer": ev.exit_layer,
-                       "confidence": ev.confidence, "breach": ev.breach}
+                yield StreamToken(token=ev.token, text=ev.text, exit_layer=ev.exit_layer, confidence=ev.confidence,
+                                  breach=ev.breach)
             if ev.finished:
-                yield {"type": "end", "finish_reason": ev.finish_reason or "stop", "completion_tokens": n,
-                       "error": ev.error}
+                yield StreamEnd(finish_reason=ev.finish_reason or "stop", completion_tokens=n, error=ev.error)
                 return
             ev = await stream.__anext__()
 
     async def reconfigure(self, user_config: dict[str, Any]) -> None:
         """Serve's lightweight update: a ``user_config`` of ``{model, depth}`` pins the placement for every
-        replica (it goes through Control, so all replicas and the policy agree).  Idempotent."""
+        replica (it goes through the brain, so all replicas and the policy agree).  Idempotent."""
         if not user_config or "model" not in user_config:
             return
-        p = await self.control.set_placement.remote(user_config["model"], int(user_config.get("depth") or 0) or None)
+        p = await self.brain.set_placement.remote(user_config["model"], int(user_config.get("depth") or 0) or None)
         async with self._apply_lock:
             await self._apply(p)
 
-    async def stats(self) -> dict[str, Any]:
+    async def stats(self) -> ReplicaStats:
         await self._ensure_started()
         eng = self.aeng.engine
         t = eng.totals
         last = t.recent[-1] if t.recent else None
-        return {
-            "replica": serve.get_replica_context().replica_id.unique_id, "pid": os.getpid(),
-            "model": eng.model.name, "depth": eng.model.depth, "total_layers": eng.model.total_layers,
-            "placement_version": self.version, "exit_head": eng.model.exit_head.kind,
-            "running": len(eng.scheduler.running), "waiting": len(eng.scheduler.waiting),
-            "kv_blocks_used": eng.scheduler.blocks.num_used, "kv_blocks_total": eng.scheduler.blocks.num_blocks,
-            "weight_bytes": eng.model.param_bytes, "kv_bytes_per_token": eng.layout.bytes_per_token,
-            "max_concurrent_1k": eng.max_concurrent(1024), "mode": self.cfg.mode,
-            "token_exits": list(eng.model.token_exits), "memory_budget_bytes": eng.memory_budget_bytes,
-            "tokens_out": t.tokens_out, "breaches": t.breaches, "steps": t.steps,
-            "last_batch": last.batch_size if last else 0, "switches": self.switches, "last_change": self.last_change,
-        }
+        return ReplicaStats(
+            replica=serve.get_replica_context().replica_id.unique_id, pid=os.getpid(), mode=self.cfg.mode,
+            model=eng.model.name, depth=eng.model.depth, total_layers=eng.model.total_layers,
+            placement_version=self.version, exit_head=eng.model.exit_head.kind,
+            running=len(eng.scheduler.running), waiting=len(eng.scheduler.waiting),
+            kv_blocks_used=eng.scheduler.blocks.num_used, kv_blocks_total=eng.scheduler.blocks.num_blocks,
+            weight_bytes=eng.model.param_bytes, kv_bytes_per_token=eng.layout.bytes_per_token,
+            max_concurrent_1k=eng.max_concurrent(1024), token_exits=list(eng.model.token_exits),
+            memory_budget_bytes=eng.memory_budget_bytes, tokens_out=t.tokens_out, breaches=t.breaches,
+            steps=t.steps, requests=t.requests_finished, last_batch=last.batch_size if last else 0,
+            switches=self.switches, last_change=self.last_change,
+        )
 
     async def check_health(self) -> None:
         if self.aeng is not None and not self.aeng._thread.is_alive():
             raise RuntimeError("engine thread died")
 
 
-def encode_call(m: Any, call: dict[str, Any]) -> list[int]:
-    """Token ids of a router call for model ``m`` (an EarlyExitLM or anything with its ``encode``)."""
-    from helios_ray.data.conversation import Conversation, render
+def prepare(tokenizer: Any, call: GenerateCall) -> tuple[list[int], SamplingParams]:
+    """Token ids of a call and its sampling parameters, with the stop strings the prompt rendering implies
+    (a base model serving a chat stops at the next turn marker).  Shared by both replica kinds."""
+    from helios_ray.models.prompts import encode_request
 
-    if call.get("messages"):
-        if m.has_chat_template:
-            return m.encode(messages=call["messages"])
-        # a base model: the chat as plain "User:/Assistant:" turns (HELIOS may switch to it at any time)
-        conv = Conversation(id="req", messages=tuple(call["messages"]))
-        return m.encode(prompt=render(conv, None, add_generation_prompt=True))
-    return m.encode(prompt=call["prompt"])
+    enc = encode_request(tokenizer, call.prompt, call.messages)
+    params = call.params
+    extra = [s for s in enc.stop if s not in params.stop]
+    if extra:
+        params = params.model_copy(update={"stop": [*params.stop, *extra]})
+    return enc.ids, params
 
 
 def resolve_token_exits(cfg: ServeConfig, repo: Any, model: str, depth: int) -> list[int]:
     """early_exit mode: the configured exits, or the card's choice at the threshold and accuracy guard."""
     if cfg.token_exits is not None:
         return [d for d in cfg.token_exits if d < depth]
-    from helios_ray.control import PolicyConfig
     from helios_ray.models.profiling import token_exits_from_card
 
-    policy = PolicyConfig.model_validate({"confidence_threshold": cfg.threshold, **cfg.policy})
-    return token_exits_from_card(repo, model, cfg.threshold, policy.min_agreement, depth)
+    return token_exits_from_card(repo, model, cfg.threshold, cfg.policy.min_agreement, depth)

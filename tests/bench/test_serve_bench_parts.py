@@ -22,7 +22,7 @@ def test_scorer_agrees_with_the_full_models_own_greedy_output(scorer):
     req = Request(id="0", kind="chat", prompt="", max_tokens=12,
                   messages=[{"role": "user", "content": "Name three colours."}])
     p = scorer.prompt_ids(req)
-    eng = LLMEngine(scorer.m, EngineConfig(memory_budget_bytes=1 << 30))
+    eng = LLMEngine(scorer.m, EngineConfig(memory_budget=1 << 30))
     seq = eng.add_request(p, SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True))
     while eng.scheduler.has_work:
         eng.step()
@@ -38,7 +38,7 @@ def test_max_concurrency_matches_the_engines_admission():
 
     m = load_model("smollm2-135m", 20)
     budget = 1 << 30
-    eng = LLMEngine(m, EngineConfig(memory_budget_bytes=budget, block_size=16))
+    eng = LLMEngine(m, EngineConfig(memory_budget=budget, block_size=16))
     stats = {"weight_bytes": m.param_bytes, "kv_bytes_per_token": eng.layout.bytes_per_token}
     for seq_len in (100, 512, 640):
         assert max_concurrency(stats, budget, seq_len, 16) == eng.max_concurrent(seq_len)

@@ -50,7 +50,7 @@ def tiny(tiny_dir, smol) -> EarlyExitLM:
 def test_batched_greedy_equals_transformers_generate(smol, prompts, smollm2_dir):
     from transformers import AutoModelForCausalLM
 
-    eng = LLMEngine(smol, EngineConfig(memory_budget_bytes=1 << 30, block_size=4))
+    eng = LLMEngine(smol, EngineConfig(memory_budget=1 << 30, block_size=4))
     seqs = [eng.add_request(p, SamplingParams(max_tokens=16, **GREEDY)) for p in prompts]
     run_all(eng)
     hf = AutoModelForCausalLM.from_pretrained(str(smollm2_dir), dtype=torch.float32).eval()
@@ -68,7 +68,7 @@ def test_admission_follows_the_byte_arithmetic(smol):
     admitted = {}
     for depth in (30, 20):
         smol.set_depth(depth)
-        eng = LLMEngine(smol, EngineConfig(memory_budget_bytes=budget, max_num_seqs=10_000,
+        eng = LLMEngine(smol, EngineConfig(memory_budget=budget, max_num_seqs=10_000,
                                            max_num_batched_tokens=10**9))
         layout = eng.layout
         assert layout.bytes_per_token == depth * 2 * 3 * 64 * 4
@@ -87,12 +87,12 @@ def test_admission_follows_the_byte_arithmetic(smol):
 def test_preemption_under_a_tight_budget_loses_nothing(tiny):
     params = SamplingParams(max_tokens=24, ignore_eos=True, **GREEDY)
     prompts = [[5 + i, 17, 99, 3, 42, 7, 150, 8 + i] for i in range(6)]
-    roomy = LLMEngine(tiny, EngineConfig(memory_budget_bytes=tiny.param_bytes + (1 << 24), block_size=4))
+    roomy = LLMEngine(tiny, EngineConfig(memory_budget=tiny.param_bytes + (1 << 24), block_size=4))
     ref = [roomy.add_request(p, params) for p in prompts]
     run_all(roomy)
     layout = KVLayout(tiny.depth, tiny.spec.num_kv_heads, tiny.spec.head_dim, 4, 4)
     # room for 24 blocks = 96 tokens; six sequences of 32 tokens need 48 blocks -> preemption must happen
-    tight = LLMEngine(tiny, EngineConfig(memory_budget_bytes=tiny.param_bytes + 24 * layout.bytes_per_block,
+    tight = LLMEngine(tiny, EngineConfig(memory_budget=tiny.param_bytes + 24 * layout.bytes_per_block,
                                          block_size=4))
     got = [tight.add_request(p, params) for p in prompts]
     run_all(tight)
@@ -102,7 +102,7 @@ def test_preemption_under_a_tight_budget_loses_nothing(tiny):
 
 
 def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(tiny):
-    eng = LLMEngine(tiny, EngineConfig(memory_budget_bytes=tiny.param_bytes + (1 << 24)))
+    eng = LLMEngine(tiny, EngineConfig(memory_budget=tiny.param_bytes + (1 << 24)))
     p = [5, 17, 99, 3]
     mk = lambda **kw: eng.add_request(p, SamplingParams(max_tokens=12, ignore_eos=True, **kw))  # noqa: E731
     a, b, c = mk(temperature=1.5, seed=7), mk(temperature=1.5, seed=7), mk(temperature=1.5, seed=8)
@@ -121,14 +121,14 @@ def test_top_p_and_top_k_filters():
 
 
 def test_stop_strings_truncate_and_finish(smol, prompts):
-    eng = LLMEngine(smol, EngineConfig(memory_budget_bytes=1 << 30))
+    eng = LLMEngine(smol, EngineConfig(memory_budget=1 << 30))
     s = eng.add_request(prompts[0], SamplingParams(max_tokens=16, stop=[" Paris"], **GREEDY))
     run_all(eng)
     assert s.finish_reason == "stop" and s.text == "The capital of France is"
 
 
 def test_bad_requests_are_rejected_and_the_engine_keeps_serving(tiny):
-    eng = LLMEngine(tiny, EngineConfig(memory_budget_bytes=tiny.param_bytes + (1 << 22), max_model_len=64))
+    eng = LLMEngine(tiny, EngineConfig(memory_budget=tiny.param_bytes + (1 << 22), max_model_len=64))
     with pytest.raises(InvalidRequestError, match="exceeds the maximum context of 64"):
         eng.add_request([1] * 60, SamplingParams(max_tokens=10))
     with pytest.raises(InvalidRequestError, match="empty"):
@@ -138,18 +138,18 @@ def test_bad_requests_are_rejected_and_the_engine_keeps_serving(tiny):
     for bad in ({"max_tokens": 0}, {"temperature": -0.1}, {"top_p": 0}, {"frequency_boost": 1}, {"stop": [""]}):
         with pytest.raises(ValidationError):
             SamplingParams(**bad)
-    small = LLMEngine(tiny, EngineConfig(memory_budget_bytes=tiny.param_bytes + 2 * 4 * 16 * 5 * 2 * 2 * 16))
+    small = LLMEngine(tiny, EngineConfig(memory_budget=tiny.param_bytes + 2 * 4 * 16 * 5 * 2 * 2 * 16))
     with pytest.raises(InvalidRequestError, match="KV blocks"):
         small.add_request([1] * 40, SamplingParams(max_tokens=40))
     with pytest.raises(HeliosError, match="does not hold the weights"):
-        LLMEngine(tiny, EngineConfig(memory_budget_bytes=tiny.param_bytes))
+        LLMEngine(tiny, EngineConfig(memory_budget=tiny.param_bytes))
     ok = eng.add_request([1, 2, 3], SamplingParams(max_tokens=3, ignore_eos=True))
     run_all(eng)
     assert len(ok.output_ids) == 3
 
 
 def test_async_streaming_cancellation_frees_blocks(tiny):
-    eng = LLMEngine(tiny, EngineConfig(memory_budget_bytes=tiny.param_bytes + (1 << 22), block_size=4))
+    eng = LLMEngine(tiny, EngineConfig(memory_budget=tiny.param_bytes + (1 << 22), block_size=4))
     aeng = AsyncEngine(eng)
 
     async def main():
@@ -180,7 +180,7 @@ def test_async_streaming_cancellation_frees_blocks(tiny):
 
 
 def test_live_depth_change_keeps_every_request(tiny):
-    eng = LLMEngine(tiny, EngineConfig(memory_budget_bytes=tiny.param_bytes + (1 << 22), block_size=4))
+    eng = LLMEngine(tiny, EngineConfig(memory_budget=tiny.param_bytes + (1 << 22), block_size=4))
     seqs = [eng.add_request([3 + i, 1, 4, 1, 5], SamplingParams(max_tokens=12, ignore_eos=True, **GREEDY))
             for i in range(4)]
     for _ in range(4):

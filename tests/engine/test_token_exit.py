@@ -39,7 +39,7 @@ def _run(model: EarlyExitLM, prompts: list[list[int]], threshold: float, poison:
     """(output ids, exit layers) per prompt, all prompts in one batch.  ``poison`` fills every KV slot with NaN
     first, so reading a slot nobody wrote (a skipped layer without state propagation) poisons the output."""
     model.threshold = threshold
-    eng = LLMEngine(model, EngineConfig(memory_budget_bytes=700 << 20, block_size=4))
+    eng = LLMEngine(model, EngineConfig(memory_budget=700 << 20, block_size=4))
     if poison:
         keys = list(range(model.depth)) + [h.cache_key for h in model.serving_heads if h.kind == "block"]
         for key in keys:
@@ -62,7 +62,7 @@ def _run(model: EarlyExitLM, prompts: list[list[int]], threshold: float, poison:
 
 
 def test_token_exit_kv_layout_counts_the_block_heads(ee):
-    eng = LLMEngine(ee, EngineConfig(memory_budget_bytes=1 << 30))
+    eng = LLMEngine(ee, EngineConfig(memory_budget=1 << 30))
     assert ee.depth == 30 and ee.token_exits == EXITS
     assert eng.layout.num_kv_layers == 32  # 30 layers + 2 block heads that attend
     assert ee.param_bytes > load_model("smollm2-135m", exits="shared").param_bytes

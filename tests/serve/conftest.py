@@ -47,7 +47,8 @@ def cluster():
     # Same application as the YAML; test-sized knobs: a small breach window so a storm is quick to provoke,
     # starting at a shallow SmolLM2 depth where the logit lens is unconfident (a real, not simulated, storm).
     args.update({
-        "api_key_env": "HELIOS_TEST_API_KEY", "memory_budget_mb": 1024, "mirror_fraction": 0.0,
+        "api_key_env": "HELIOS_TEST_API_KEY", "mirror_fraction": 0.0,
+        "engine": {**args.get("engine", {}), "memory_budget": "1GiB"},
         "initial": {"model": "smollm2-135m", "depth": 30},
         "policy": {**args.get("policy", {}), "breach_window": 20, "breach_limit": 10, "profile_prompts": 2,
                    "reassess_every": 1000, "hysteresis_requests": 2, "min_agreement": 0.0},

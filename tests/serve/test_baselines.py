@@ -20,8 +20,8 @@ def _deploy(name: str, args: dict) -> None:
 
     from helios_ray.serve.app import build_app
 
-    base = {"candidates": ["smollm2-135m"], "memory_budget_mb": 1024, "api_key_env": None,
-            "engine": {"torch_threads": 1, "max_num_seqs": 8}}
+    base = {"candidates": ["smollm2-135m"], "api_key_env": None,
+            "engine": {"torch_threads": 1, "max_num_seqs": 8, "memory_budget": "1GiB"}}
     serve.run(build_app({**base, **args}), name=name, route_prefix=f"/{name}", blocking=False)
 
 
@@ -83,7 +83,7 @@ def test_early_exit_mode_serves_token_level_exits(baselines):
     assert set(layers) <= {20, 24, 30}  # the card's exits at threshold 0.9 and the guard 0.9, plus the last layer
     # The same engine in this process gives the same tokens and the same exits.
     m = load_model("smollm2-135m", token_exits=[20, 24], threshold=0.9)
-    eng = LLMEngine(m, EngineConfig(memory_budget_bytes=1 << 30))
+    eng = LLMEngine(m, EngineConfig(memory_budget=1 << 30))
     seq = eng.add_request(m.encode(messages=CHAT), SamplingParams(max_tokens=N, temperature=0.0, ignore_eos=True))
     got_layers = []
     while eng.scheduler.has_work:

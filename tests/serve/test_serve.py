@@ -98,6 +98,8 @@ def test_status_shows_placement_and_replicas(cluster):
     ('{"model": "helios", "messages": [{"role": "user", "content": "x"}], "temperature": "hot"}', 400, "temperature"),
     ('{"model": "helios", "messages": "hello"}', 400, "messages"),
     ('{"model": "helios", "messages": [{"role": "user", "content": "x"}], "top_z": 1}', 400, "top_z"),
+    ('{"model": "helios", "messages": [{"role": "user", "content": "x"}], "stream": "yes"}', 400, "stream"),
+    ('{"model": "helios", "messages": [{"role": "user", "content": "x"}], "max_tokens": "5"}', 400, "max_tokens"),
 ])
 def test_bad_requests_get_openai_errors(cluster, body, status, needle):
     r = httpx.post(f"{cluster['base']}/v1/chat/completions", content=body,
@@ -157,10 +159,10 @@ def test_client_disconnect_mid_stream_frees_the_sequence(cluster):
                     break  # hang up after a few tokens (1,500 tokens would take over a minute to finish)
     deadline = time.time() + 5
     st = replica.stats.remote().result()
-    while (st["running"] or st["kv_blocks_used"]) and time.time() < deadline:
+    while (st.running or st.kv_blocks_used) and time.time() < deadline:
         time.sleep(0.5)
         st = replica.stats.remote().result()
-    assert st["running"] == 0 and st["kv_blocks_used"] == 0, st
+    assert st.running == 0 and st.kv_blocks_used == 0, st
 
 
 def test_live_shift_changes_placement_without_failures(cluster):
@@ -169,8 +171,8 @@ def test_live_shift_changes_placement_without_failures(cluster):
     concurrent stream of requests keeps succeeding."""
     from ray import serve
 
-    control = serve.get_deployment_handle("HeliosControl", app_name=cluster["app"])
-    pinned = control.set_placement.remote("smollm2-135m", 12).result()
+    brain = serve.get_deployment_handle("HeliosBrain", app_name=cluster["app"])
+    pinned = brain.set_placement.remote("smollm2-135m", 12).result()
     deadline = time.time() + 60
     while time.time() < deadline:
         r = httpx.post(f"{cluster['base']}/v1/completions", headers=cluster["headers"], timeout=60,
@@ -223,7 +225,7 @@ def test_killed_replica_mid_stream(cluster):
 
     before = _status(cluster)
     replica = serve.get_deployment_handle("EarlyExitReplica", app_name=cluster["app"])
-    pid = replica.stats.remote().result()["pid"]
+    pid = replica.stats.remote().result().pid
     result: dict = {}
 
     def stream() -> None:

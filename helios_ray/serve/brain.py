@@ -1,4 +1,4 @@
-"""The Control deployment: HELIOS's brain and the single source of truth for the placement.
+"""The brain deployment (``HeliosBrain``): the HELIOS policy and the single source of truth for the placement.
 
 One replica holds the policy :class:`~helios_ray.control.Controller` (PHT, breach counter, decisions) and a
 versioned placement.  Routers feed it live token telemetry and request completions; the profiler feeds it
@@ -20,23 +20,23 @@ from typing import Any
 
 from helios_ray.config import ServeConfig
 from helios_ray.control.controller import Placement
+from helios_ray.serve.schemas import ReplicaStats
 
 log = logging.getLogger("ray.serve")
 
 
-class Control:
+class Brain:
     def __init__(self, config: dict[str, Any]):
-        from helios_ray.control import SLO, Controller, Hardware, PolicyConfig
+        from helios_ray.control import Controller, Hardware
         from helios_ray.models.profiling import candidate_info
         from helios_ray.models.repository import ModelRepository
 
         self.cfg = ServeConfig.model_validate(config)
         repo = ModelRepository(extra=self.cfg.models, models_file=self.cfg.models_file)
         self.candidates = [candidate_info(repo, n) for n in self.cfg.candidates]
-        budget = (self.cfg.memory_budget_mb or 16384) << 20
+        budget = self.cfg.engine.memory_budget_bytes or (16384 << 20)
         hw = Hardware(device="cuda" if self.cfg.replica_num_gpus > 0 else "cpu", memory_budget_bytes=budget)
-        policy = PolicyConfig.model_validate({"confidence_threshold": self.cfg.threshold, **self.cfg.policy})
-        self.controller = Controller(self.candidates, SLO(self.cfg.slo), hw, policy)
+        self.controller = Controller(self.candidates, self.cfg.slo, hw, self.cfg.policy)
         self.pinned = self.cfg.mode != "helios"
         first = None if self.pinned else self.controller.start()
         if self.pinned:  # a baseline: the first candidate at full depth, never changed by the policy
@@ -60,7 +60,7 @@ class Control:
         self.tokens_observed = 0
         self.profile_records = 0
         self.replicas: dict[str, dict[str, Any]] = {}
-        log.info("helios control: initial placement %s", self.placement)
+        log.info("helios brain: initial placement %s", self.placement)
 
     # ----------------------------------------------------------------------------------- placement
     def _snapshot(self) -> dict[str, Any]:
@@ -93,7 +93,7 @@ class Control:
             self.changes.append({"version": self.version, "at": self.changed_at, "from": old, "to": new,
                                  "action": decision.action, "trigger": decision.trigger, "reason": decision.reason})
             self._cond.notify_all()
-        log.info("helios control: %s -> %s (%s: %s)", old, new, decision.action, decision.reason)
+        log.info("helios brain: %s -> %s (%s: %s)", old, new, decision.action, decision.reason)
 
     async def set_placement(self, model: str, depth: int | None) -> dict[str, Any]:
         """Operator override (also used by tests to force a live switch)."""
@@ -147,19 +147,19 @@ class Control:
             else:
                 self.controller.observe_profile_token(rec)
 
-    async def report_replica(self, stats: dict[str, Any]) -> None:
-        self.replicas[stats["replica"]] = {**stats, "reported_at": time.time()}
+    async def report_replica(self, stats: ReplicaStats) -> None:
+        self.replicas[stats.replica] = stats.model_copy(update={"reported_at": time.time()})
 
     # -------------------------------------------------------------------------------------- status
     async def status(self) -> dict[str, Any]:
         st = self.controller.status()
         now = time.time()
-        live = [r for r in self.replicas.values() if now - r["reported_at"] < 10.0]
+        live = [r.model_dump(mode="json") for r in self.replicas.values() if now - (r.reported_at or 0) < 10.0]
         return {
             "placement": self._snapshot(), "changed_at": self.changed_at, "changes": self.changes[-20:],
             "replicas": sorted(live, key=lambda r: r["replica"]),
             "requests": self.requests, "tokens_observed": self.tokens_observed,
-            "profile_records": self.profile_records, "slo": self.cfg.slo, "candidates": self.cfg.candidates,
+            "profile_records": self.profile_records, "slo": self.cfg.slo.value, "candidates": self.cfg.candidates,
             "mode": self.cfg.mode,
             "controller": json.loads(json.dumps(st, default=str)),
         }

@@ -1,0 +1,156 @@
+"""The relay: open a generation on a replica, pass its events through, and feed telemetry on the way.
+
+Every token passes through here, so this is where live telemetry is born: exit confidences go to the brain in
+small batches (breach counter, policy), each finished request is reported (throughput, TTFT), the Prometheus
+metrics are recorded, and a few requests are mirrored to the profiler - all fire-and-forget, so neither the
+brain nor profiling ever delays a response.  Both front ends (HTTP and gRPC) use it; it knows neither.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from dataclasses import dataclass, field
+from typing import Any, AsyncIterator
+
+from helios_ray.config import ServeConfig
+from helios_ray.serve.protocol import APIError
+from helios_ray.serve.schemas import GenerateCall, StreamEnd, StreamError, StreamEvent, StreamStart, StreamToken
+
+log = logging.getLogger("ray.serve")
+
+
+def fire(coro_like: Any) -> None:
+    """Send a request to another deployment without waiting for it (telemetry, mirroring)."""
+
+    async def run() -> None:
+        try:
+            await coro_like
+        except Exception:
+            log.debug("helios router: background call failed", exc_info=True)
+
+    asyncio.get_running_loop().create_task(run())
+
+
+@dataclass
+class Completed:
+    """A whole (non-streamed) generation."""
+
+    start: StreamStart
+    text: str
+    tokens: list[StreamToken]
+    end: StreamEnd
+
+    def summary(self) -> dict[str, Any]:
+        confs = [t.confidence for t in self.tokens]
+        return {"model": self.start.model, "depth": self.start.depth, "breaches": sum(t.breach for t in self.tokens),
+                "mean_confidence": round(sum(confs) / len(confs), 4) if confs else None}
+
+
+@dataclass
+class Relay:
+    cfg: ServeConfig
+    replica: Any
+    brain: Any
+    profiler: Any | None
+    metrics: Any
+    model_ids: list[str] = field(default_factory=list)
+
+    def check_model(self, model: str) -> None:
+        if model not in self.model_ids:
+            raise APIError(404, f"the model {model!r} does not exist; available: {', '.join(self.model_ids)}",
+                           "invalid_request_error", "model", "model_not_found")
+
+    async def open(self, call: GenerateCall, requested: str) -> tuple[StreamStart, Any]:
+        """Start a generation; returns the replica's start event and the stream.  Raises APIError."""
+        self.check_model(requested)
+        targets = await self.brain.begin_request.remote()
+        if targets and self.profiler is not None:
+            fire(self.profiler.mirror.remote({"prompt": call.prompt, "messages": call.messages, "kind": "mirrored"},
+                                             targets))
+        gen = self.replica.options(stream=True).generate.remote(call)
+        first: StreamEvent = await gen.__anext__()
+        if isinstance(first, StreamError):
+            raise APIError(first.status, first.message, "invalid_request_error" if first.status < 500
+                           else "server_error")
+        assert isinstance(first, StreamStart), f"a replica stream began with {type(first).__name__}"
+        if requested != self.cfg.served_model_name and first.model != requested:
+            fire(self._drain(gen))
+            raise APIError(400, f"model {requested!r} is a candidate but not deployed right now (serving "
+                                f"{first.model}); send model={self.cfg.served_model_name!r} to let HELIOS choose",
+                           param="model", code="model_not_deployed")
+        return first, gen
+
+    @staticmethod
+    async def _drain(gen: Any) -> None:
+        async for _ in gen:
+            pass
+
+    async def relay(self, start: StreamStart, gen: Any) -> AsyncIterator[StreamToken | StreamEnd | StreamError]:
+        """Yield the replica's token/end events (or one error event) while feeding telemetry and metrics."""
+        model, depth = start.model, start.depth
+        t0 = time.perf_counter()
+        first_at: float | None = None
+        confs: list[float] = []
+        n = breaches = 0
+        ended = False
+        try:
+            async for ev in gen:
+                ended = isinstance(ev, (StreamEnd, StreamError))
+                if isinstance(ev, StreamToken):
+                    n += 1
+                    if first_at is None:
+                        first_at = time.perf_counter()
+                    confs.append(ev.confidence)
+                    breaches += ev.breach
+                    self.metrics.exit_depth.observe(ev.exit_layer, tags={"model": model})
+                    if len(confs) >= self.cfg.telemetry_every_tokens:
+                        fire(self.brain.observe_tokens.remote(model, depth, confs))
+                        confs = []
+                elif isinstance(ev, StreamEnd):
+                    self.metrics.requests.inc(tags={"model": model, "finish_reason": ev.finish_reason})
+                yield ev
+        except Exception as e:  # the replica died mid-stream (ActorDiedError, RayTaskError, ...)
+            ended = True
+            self.metrics.errors.inc(tags={"status": "503"})
+            log.warning("helios router: stream from %s@%d failed: %s", model, depth, type(e).__name__)
+            yield StreamError(status=503, message=f"the replica serving this request failed mid-stream "
+                                                  f"({type(e).__name__}); retry the request")
+            return
+        finally:
+            if not ended:  # we stopped early: cancel the replica side (Serve also propagates client disconnects)
+                gen.cancel()
+            if confs:
+                fire(self.brain.observe_tokens.remote(model, depth, confs))
+        e2e = time.perf_counter() - t0
+        ttft = (first_at - t0) if first_at is not None else None
+        tags = {"model": model}
+        if ttft is not None:
+            self.metrics.ttft.observe(ttft, tags=tags)
+        if n > 1 and ttft is not None:
+            self.metrics.tpot.observe((e2e - ttft) / (n - 1), tags=tags)
+        self.metrics.e2e.observe(e2e, tags=tags)
+        self.metrics.tokens.inc(n, tags=tags)
+        if breaches:
+            self.metrics.breaches.inc(breaches, tags=tags)
+        fire(self.brain.observe_request.remote(model, depth, n, e2e, ttft, start.prompt_tokens))
+
+    async def complete(self, call: GenerateCall, requested: str) -> Completed:
+        start, gen = await self.open(call, requested)
+        text: list[str] = []
+        tokens: list[StreamToken] = []
+        end: StreamEnd | None = None
+        async for ev in self.relay(start, gen):
+            if isinstance(ev, StreamToken):
+                text.append(ev.text)
+                tokens.append(ev)
+            elif isinstance(ev, StreamEnd):
+                end = ev
+            else:
+                raise APIError(ev.status, ev.message, "server_error")
+        if end is None:
+            raise APIError(503, "the replica ended the stream without an end event", "server_error")
+        if end.error:
+            raise APIError(500, end.error, "server_error")
+        return Completed(start=start, text="".join(text), tokens=tokens, end=end)
