@@ -184,7 +184,7 @@ def _cfg_profile(p: argparse.ArgumentParser) -> None:
 def _run_profile(a: argparse.Namespace) -> int:
     from helios_ray.control import PHT, SLO, Hardware, PolicyConfig, choose, write_trace
     from helios_ray.control.trace import parse_record
-    from helios_ray.data.sources import load_dataset
+    from helios_ray.data import load_dataset
     from helios_ray.models.early_exit import load_model
     from helios_ray.models.profiling import candidate_info, profile_prompts
     from helios_ray.models.repository import ModelRepository
@@ -384,13 +384,21 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _user_errors() -> tuple[type[Exception], ...]:
+    """HeliosError, and LoadgenError (the dataset readers' DatasetError, bench serve's load generator): imported
+    only once an exception is on its way out, so ``helios-ray --help`` does not load loadgen."""
+    from loadgen.net import LoadgenError
+
+    return HeliosError, LoadgenError
+
+
 def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # models come from local files; never hit a hub by accident
     args = build_parser().parse_args(argv)
     try:
         return int(args._run(args) or 0)
-    except HeliosError as e:
+    except _user_errors() as e:
         print(f"helios-ray {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -16,7 +16,7 @@ and the placement timeline, JSON results and PNG plots.  See docs/loadgen.md.
 __version__ = "0.1.0"
 
 from loadgen.arrivals import Arrival, arrival_times, arrival_times_iter, gamma_intervals
-from loadgen.clients import Client, EndEvent, GrpcClient, HttpClient, RequestError, TokenEvent
+from loadgen.clients import Client, EndEvent, GrpcClient, HttpClient, ReceivedToken, RequestError
 from loadgen.metrics import RequestRecord, meets_slos, parse_slos, stats, summarize
 from loadgen.net import LoadgenError, RemoteTargetError, is_loopback_host
 from loadgen.results import format_curve, format_summary, load_result, write_result
@@ -30,8 +30,8 @@ from loadgen.workloads import (
 
 __all__ = [
     "SCHEMA_RUN", "SCHEMA_SWEEP", "WORKLOADS", "Arrival", "Client", "EndEvent", "GrpcClient", "HttpClient",
-    "LoadgenError", "PoolWorkload", "RemoteTargetError", "Request", "RequestError", "RequestRecord", "RunResult",
-    "ShiftWorkload", "StatusPoller", "SweepResult", "TokenEvent", "Workload", "approx_tokens", "arrival_times",
+    "LoadgenError", "PoolWorkload", "ReceivedToken", "RemoteTargetError", "Request", "RequestError", "RequestRecord",
+    "RunResult", "ShiftWorkload", "StatusPoller", "SweepResult", "Workload", "approx_tokens", "arrival_times",
     "arrival_times_iter", "build_workload", "curve_point", "format_curve", "format_summary", "gamma_intervals",
     "humaneval_requests", "is_loopback_host", "load_result", "meets_slos", "parse_slos", "random_requests",
     "run_load", "stats", "summarize", "sweep", "write_result",

@@ -108,8 +108,9 @@ def build_parser() -> argparse.ArgumentParser:
     w.add_argument("--random-range-ratio", type=float, default=0.5)
     w.add_argument("--shift", default="sharegpt,humaneval", metavar="A,B",
                    help="the two phases of the shift workload (default %(default)s)")
-    w.add_argument("--tokenizer", help="count tokens with this tokenizer (a registered helios model name or an HF "
-                                       "tokenizer directory) instead of chars/4")
+    w.add_argument("--tokenizer", metavar="DIR",
+                   help="count tokens with the tokenizer in this directory (an HF tokenizer or a prepared model "
+                        "directory; `helios-ray prepare NAME` prints it) instead of chars/4")
     w.add_argument("--temperature", type=float, default=0.0, help="sampling temperature (default 0 = greedy)")
     w.add_argument("--ignore-eos", action="store_true", help="HTTP: ask the server to ignore EOS (exact lengths)")
     a = p.add_argument_group("arrivals and bounds")
@@ -140,14 +141,10 @@ def _token_counter(name: str | None) -> Callable[[str], int] | None:
         return None
     from pathlib import Path
 
-    path: Any = Path(name)
-    if not path.exists():
-        try:
-            from helios_ray.models.repository import ModelRepository
-
-            path = ModelRepository().checkpoint_dir(name)
-        except Exception as e:
-            raise LoadgenError(f"--tokenizer {name!r}: not a directory nor a prepared helios model ({e})") from None
+    path = Path(name)
+    if not path.is_dir():
+        raise LoadgenError(f"--tokenizer {name!r} is not a directory: pass a tokenizer directory (for a helios-ray "
+                           f"model, the one `helios-ray prepare NAME` prints as 'NAME: ready at DIR')")
     try:
         from transformers import AutoTokenizer
 

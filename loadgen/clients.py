@@ -1,7 +1,7 @@
 """Streaming clients behind one small protocol: ``HttpClient`` (OpenAI SSE over httpx) and ``GrpcClient``
 (``helios.v1.HeliosService/GenerateStream`` over grpc.aio).
 
-A client turns a :class:`~loadgen.workloads.Request` into an async stream of :class:`TokenEvent` (one per
+A client turns a :class:`~loadgen.workloads.Request` into an async stream of :class:`ReceivedToken` (one per
 generated token, with the helios ``exit_layer``/``confidence`` when the server sends them) and a final
 :class:`EndEvent` (finish reason, usage); any failure - HTTP 4xx/5xx, an ``{"error": ...}`` event mid-stream,
 a gRPC status, a stream cut short - raises :class:`RequestError`.  The runner timestamps the events, so both
@@ -21,7 +21,9 @@ ENDPOINTS = ("auto", "chat", "completions")
 
 
 @dataclass
-class TokenEvent:
+class ReceivedToken:
+    """One token as the client received it (text, and the exit layer/confidence/breach the server reports)."""
+
     text: str
     exit_layer: int | None = None
     confidence: float | None = None
@@ -52,7 +54,7 @@ class RequestError(Exception):
 class Client(Protocol):
     interface: str
 
-    def stream(self, req: Request) -> AsyncIterator[TokenEvent | EndEvent]: ...
+    def stream(self, req: Request) -> AsyncIterator[ReceivedToken | EndEvent]: ...
 
     async def status(self) -> dict[str, Any]: ...
 
@@ -128,7 +130,7 @@ class HttpClient(_Base):
             body["ignore_eos"] = True
         return ("/v1/chat/completions" if chat else "/v1/completions"), body
 
-    async def stream(self, req: Request) -> AsyncIterator[TokenEvent | EndEvent]:
+    async def stream(self, req: Request) -> AsyncIterator[ReceivedToken | EndEvent]:
         import httpx
 
         path, body = self.body(req)
@@ -212,7 +214,7 @@ def _error_message(raw: bytes, status: int) -> str:
     return f"HTTP {status}: {text[:200]}" if text else f"HTTP {status}"
 
 
-def _sse_events(obj: Any, chat: bool, end: EndEvent) -> list[TokenEvent]:
+def _sse_events(obj: Any, chat: bool, end: EndEvent) -> list[ReceivedToken]:
     """Token events in one SSE chunk; usage/finish go into ``end``; an error event raises."""
     if not isinstance(obj, dict):
         return []
@@ -236,7 +238,7 @@ def _sse_events(obj: Any, chat: bool, end: EndEvent) -> list[TokenEvent]:
     info = obj.get("helios") if isinstance(obj.get("helios"), dict) else None
     if not text and not (info and "exit_layer" in info):
         return []  # the role chunk, the finish chunk
-    return [TokenEvent(text=text, exit_layer=info.get("exit_layer") if info else None,
+    return [ReceivedToken(text=text, exit_layer=info.get("exit_layer") if info else None,
                        confidence=info.get("confidence") if info else None, model=obj.get("model"),
                        token=info.get("token") if info else None)]
 
@@ -274,14 +276,14 @@ class GrpcClient(_Base):
         if self._stub is None:
             import grpc
 
-            from helios_ray.grpc import helios_pb2_grpc
+            from helios_proto import helios_pb2_grpc
 
             self._channel = grpc.aio.insecure_channel(self.target, options=[("grpc.enable_http_proxy", 0)])
             self._stub = helios_pb2_grpc.HeliosServiceStub(self._channel)
         return self._stub
 
     def message(self, req: Request) -> Any:
-        from helios_ray.grpc import helios_pb2 as pb
+        from helios_proto import helios_pb2 as pb
 
         kw: dict[str, Any] = {"model": self.model, "max_tokens": int(req.max_tokens)}
         if req.is_chat:
@@ -294,7 +296,7 @@ class GrpcClient(_Base):
             kw["seed"] = self.seed
         return pb.GenerateRequest(**kw)
 
-    async def stream(self, req: Request) -> AsyncIterator[TokenEvent | EndEvent]:
+    async def stream(self, req: Request) -> AsyncIterator[ReceivedToken | EndEvent]:
         import grpc
 
         call = self._get_stub().GenerateStream(self.message(req), metadata=self.metadata,
@@ -304,7 +306,7 @@ class GrpcClient(_Base):
             async for chunk in call:
                 if chunk.HasField("token"):
                     t = chunk.token
-                    yield TokenEvent(text=t.text, exit_layer=t.exit_layer, confidence=t.confidence, breach=t.breach,
+                    yield ReceivedToken(text=t.text, exit_layer=t.exit_layer, confidence=t.confidence, breach=t.breach,
                                      model=chunk.model or None, depth=chunk.depth or None, token=t.token)
                 elif chunk.finish_reason or chunk.HasField("usage"):
                     end = EndEvent(finish_reason=chunk.finish_reason or None, model=chunk.model or None,
@@ -323,7 +325,7 @@ class GrpcClient(_Base):
     async def status(self) -> dict[str, Any]:
         import grpc
 
-        from helios_ray.grpc import helios_pb2 as pb
+        from helios_proto import helios_pb2 as pb
 
         try:
             resp = await self._get_stub().Status(pb.StatusRequest(), metadata=self.metadata, timeout=10.0)

@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from typing import Any, Sequence
 
 from loadgen.arrivals import Arrival
-from loadgen.clients import Client, EndEvent, RequestError, TokenEvent
+from loadgen.clients import Client, EndEvent, ReceivedToken, RequestError
 from loadgen.metrics import DEFAULT_PERCENTILES, RequestRecord, parse_slos, summarize
 from loadgen.net import LoadgenError
 from loadgen.workloads import PoolWorkload, Request, Workload
@@ -143,7 +143,7 @@ async def _measure(client: Client, req: Request, rec: RequestRecord, t0: float) 
     end: EndEvent | None = None
     async for ev in client.stream(req):
         now = time.perf_counter()
-        if isinstance(ev, TokenEvent):
+        if isinstance(ev, ReceivedToken):
             if rec.ttft_s is None:
                 rec.ttft_s = now - st
             else:

@@ -26,6 +26,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
+from loadgen.data import DatasetError, load_humaneval, load_sharegpt
 from loadgen.net import LoadgenError
 
 TokenCounter = Callable[[str], int]
@@ -135,9 +136,8 @@ def sharegpt_requests(n: int, seed: int = 0, *, min_prompt_tokens: int = 4, max_
     ``min_output_tokens..max_output_tokens`` tokens; ``max_tokens`` = the reply length, clipped to
     ``output_cap`` when given."""
     try:
-        from helios_ray.data.sources import load_sharegpt
         convs = load_sharegpt(limit=None, seed=seed, split=split, path=path)  # type: ignore[arg-type]
-    except Exception as e:  # HeliosError (missing package) or an import problem: one line
+    except DatasetError as e:  # a missing package or file: one line
         raise LoadgenError(f"cannot load ShareGPT: {e}") from None
     out: list[Request] = []
     for conv in convs:
@@ -169,9 +169,8 @@ def humaneval_requests(n: int | None = None, *, max_tokens: int | None = None, m
     """HumanEval prompts (plain completions, kind ``code``); ``max_tokens`` = ``max_tokens`` when given, else
     the canonical solution's length clipped to ``[min_output_tokens, output_cap]``."""
     try:
-        from helios_ray.data.sources import load_humaneval
         convs = load_humaneval(limit=n)
-    except Exception as e:
+    except DatasetError as e:
         raise LoadgenError(f"cannot load HumanEval: {e}") from None
     out = []
     for conv in convs:

@@ -13,7 +13,7 @@ import json
 
 import torch
 
-from helios_ray.data.sources import load_humaneval, load_sharegpt
+from helios_ray.data import load_humaneval, load_sharegpt
 from helios_ray.models.early_exit import load_model
 from helios_ray.models.profiling import profile_prompts
 

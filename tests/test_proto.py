@@ -11,11 +11,11 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def test_checked_in_stubs_match_the_proto(tmp_path):
-    pkg = tmp_path / "helios_ray" / "grpc"
+    pkg = tmp_path / "helios_proto"
     pkg.mkdir(parents=True)
-    shutil.copy(ROOT / "helios_ray" / "grpc" / "helios.proto", pkg / "helios.proto")
+    shutil.copy(ROOT / "helios_proto" / "helios.proto", pkg / "helios.proto")
     subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I.", "--python_out=.", "--grpc_python_out=.",
-                    "helios_ray/grpc/helios.proto"], cwd=tmp_path, check=True)
+                    "helios_proto/helios.proto"], cwd=tmp_path, check=True)
     for name in ("helios_pb2.py", "helios_pb2_grpc.py"):
-        assert (pkg / name).read_text() == (ROOT / "helios_ray" / "grpc" / name).read_text(), (
+        assert (pkg / name).read_text() == (ROOT / "helios_proto" / name).read_text(), (
             f"{name} is stale: run scripts/gen_proto.sh")

@@ -27,7 +27,7 @@ def sharegpt_requests(model: EarlyExitLM, n: int, seed: int, max_prompt_tokens: 
                       min_output_tokens: int = 4) -> list[tuple[list[int], int]]:
     """(prompt ids, output length) pairs from ShareGPT: first user turn through the chat template, output
     length = the recorded reply's token count, clipped to [min_output_tokens, max_output_tokens]."""
-    from helios_ray.data.sources import load_sharegpt
+    from helios_ray.data import load_sharegpt
 
     out: list[tuple[list[int], int]] = []
     for conv in load_sharegpt(limit=None, seed=seed, min_len=8, max_len=4 * max_prompt_tokens):

@@ -26,7 +26,7 @@ ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
 CRD_PATH = Path(__file__).resolve().parents[2].parent / "shared" / "kuberay" / "ray.io_rayservices.yaml"
 IMPORT_PATH = "helios_ray.serve.app:build_app"
-GRPC_SERVICER = "helios_ray.grpc.helios_pb2_grpc.add_HeliosServiceServicer_to_server"
+GRPC_SERVICER = "helios_proto.helios_pb2_grpc.add_HeliosServiceServicer_to_server"
 SOURCE_ANNOTATION = "helios-ray/serve-config-source"
 # The only places a RayService's Serve config may differ from its deployments/*.yaml source (docs/kubernetes.md).
 POD_OVERRIDES = {("proxy_location",): "EveryNode", ("http_options", "host"): "0.0.0.0"}

@@ -4,6 +4,10 @@ and a grpc.aio HeliosService, both with controlled delays, so the measured TTFT/
 Prompt markers steer a request: ``BAD`` -> HTTP 400 / gRPC INVALID_ARGUMENT, ``MIDERR`` -> an error event
 after two tokens.  Token ``k`` of every stream exits at layer ``exit_layers[k % len(exit_layers)]`` with
 confidence ``0.5 + 0.01 * k``.
+
+The status document's placement change is built from the real control plane's :class:`Decision` (so its
+``action``/``trigger`` can only be values the real policy produces) in the shape the real ``Control`` deployment
+writes; ``test_fake_server_contract.py`` fails when either drifts.
 """
 
 from __future__ import annotations
@@ -19,6 +23,21 @@ from starlette.applications import Starlette
 from starlette.requests import Request
 from starlette.responses import JSONResponse, StreamingResponse
 from starlette.routing import Route
+
+from helios_ray.control.policy import Decision
+
+#: The placement change the fake servers report: a periodic re-assessment that moves ``tiny`` from 6 to 4 layers.
+#: (The policy calls a same-model move to a shallower depth ``deploy``; ``extend`` is a deeper one.)
+SWITCH = Decision(action="deploy", trigger="reassess", model="tiny", depth=4, previous_model="tiny",
+                  previous_depth=6, reason="most tokens exit early: depth 4 meets the SLO at a lower cost")
+
+
+def change_entry(decision: Decision, version: int, at: float) -> dict[str, Any]:
+    """One ``changes`` entry of ``/v1/helios/status``, as ``helios_ray.serve.control.Control`` writes it."""
+    return {"version": version, "at": at,
+            "from": {"model": decision.previous_model, "depth": decision.previous_depth},
+            "to": {"model": decision.model, "depth": decision.depth},
+            "action": decision.action, "trigger": decision.trigger, "reason": decision.reason}
 
 
 @dataclass
@@ -47,13 +66,13 @@ class Behavior:
 
     def status_doc(self) -> dict[str, Any]:
         self.status_calls += 1
-        base = {"version": 1, "model": "tiny", "depth": 6}
+        d = SWITCH
         if self.switched_at is None:
-            return {"placement": base, "changes": [], "replicas": [{"replica": "r1", "depth": 6}]}
-        new = {"model": "tiny", "depth": 4}
-        return {"placement": {"version": 2, **new}, "replicas": [{"replica": "r1", "depth": 4}],
-                "changes": [{"version": 2, "at": self.switched_at, "from": {"model": "tiny", "depth": 6},
-                             "to": new, "action": "shrink", "trigger": "pht", "reason": "most tokens exit early"}]}
+            return {"placement": {"version": 1, "model": d.previous_model, "depth": d.previous_depth}, "changes": [],
+                    "replicas": [{"replica": "r1", "depth": d.previous_depth}]}
+        change = change_entry(d, 2, self.switched_at)
+        return {"placement": {"version": 2, **change["to"]}, "replicas": [{"replica": "r1", "depth": d.depth}],
+                "changes": [change]}
 
 
 def prompt_of(body: dict[str, Any]) -> str:
@@ -184,7 +203,7 @@ class Servicer:
     def GenerateStream(self, request: Any, context: Any) -> Any:  # noqa: N802
         import grpc
 
-        from helios_ray.grpc import helios_pb2 as pb
+        from helios_proto import helios_pb2 as pb
 
         b = self.srv.behavior
         md = dict(context.invocation_metadata())
@@ -219,7 +238,7 @@ class Servicer:
                 b.in_flight -= 1
 
     def Status(self, request: Any, context: Any) -> Any:  # noqa: N802
-        from helios_ray.grpc import helios_pb2 as pb
+        from helios_proto import helios_pb2 as pb
 
         with self.srv.lock:
             return pb.StatusResponse(json=json.dumps(self.srv.behavior.status_doc()))
@@ -238,7 +257,7 @@ class GrpcServer:
 
         import grpc
 
-        from helios_ray.grpc import helios_pb2_grpc
+        from helios_proto import helios_pb2_grpc
 
         self.behavior = Behavior()
         self.lock = threading.Lock()

@@ -30,6 +30,21 @@ def test_bad_arguments_one_line_exit_2(argv, capsys):
     assert err.startswith("python -m loadgen: error: ") and err.count("\n") == 1
 
 
+@pytest.mark.parametrize("name", ["smollm2-135m", "/no/such/tokenizer"])
+def test_tokenizer_must_be_a_directory(name, capsys):
+    assert main(["--tokenizer", name] + FAST) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("python -m loadgen: error: --tokenizer") and err.count("\n") == 1
+    assert "pass a tokenizer directory" in err and "helios-ray prepare NAME" in err
+
+
+def test_tokenizer_directory_counts_real_tokens(smollm2_dir):
+    from loadgen.cli import _token_counter
+
+    count = _token_counter(str(smollm2_dir))
+    assert count("") == 1 and count("hello world, hello world") > count("hello")
+
+
 @pytest.mark.parametrize("argv", [["--url", "http://192.168.1.10:8000"], ["--url", "http://example.com"],
                                   ["--grpc", "10.0.0.2:9000"]])
 def test_non_loopback_refused(argv, capsys):

@@ -156,7 +156,7 @@ def test_status_polling_records_placement_changes(http_server):
     assert [p["version"] for p in st["placements"]] == [1, 2] and st["placements"][0]["t"] == 0.0
     assert len(st["changes"]) == 1
     ch = st["changes"][0]
-    assert ch["to"] == {"model": "tiny", "depth": 4} and ch["action"] == "shrink"
+    assert ch["to"] == {"model": "tiny", "depth": 4} and ch["action"] == "deploy"
     assert 0.0 < ch["t"] < res.summary["duration_s"]
     assert st["replicas"] == [{"replica": "r1", "depth": 4}]
 

@@ -40,7 +40,7 @@ def cluster():
     http_port, grpc_port = _free_port(), _free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": http_port},
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": [
-                    "helios_ray.grpc.helios_pb2_grpc.add_HeliosServiceServicer_to_server"]})
+                    "helios_proto.helios_pb2_grpc.add_HeliosServiceServicer_to_server"]})
     cfg = yaml.safe_load((ROOT / "deployments" / "helios.yaml").read_text())
     app_cfg = cfg["applications"][0]
     args = dict(app_cfg["args"])

@@ -13,8 +13,8 @@ import grpc
 import httpx
 import pytest
 
-from helios_ray.grpc import helios_pb2 as pb
-from helios_ray.grpc import helios_pb2_grpc as pbg
+from helios_proto import helios_pb2 as pb
+from helios_proto import helios_pb2_grpc as pbg
 
 pytestmark = pytest.mark.slow
 CHAT = [{"role": "user", "content": "What is the capital of France?"}]

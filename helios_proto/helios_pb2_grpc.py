@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from helios_ray.grpc import helios_pb2 as helios__ray_dot_grpc_dot_helios__pb2
+from helios_proto import helios_pb2 as helios__proto_dot_helios__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in helios_ray/grpc/helios_pb2_grpc.py depends on'
+        + ' but the generated code in helios_proto/helios_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,18 +36,18 @@ class HeliosServiceStub:
         """
         self.Generate = channel.unary_unary(
                 '/helios.v1.HeliosService/Generate',
-                request_serializer=helios__ray_dot_grpc_dot_helios__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=helios__ray_dot_grpc_dot_helios__pb2.GenerateResponse.FromString,
+                request_serializer=helios__proto_dot_helios__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=helios__proto_dot_helios__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.GenerateStream = channel.unary_stream(
                 '/helios.v1.HeliosService/GenerateStream',
-                request_serializer=helios__ray_dot_grpc_dot_helios__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=helios__ray_dot_grpc_dot_helios__pb2.GenerateChunk.FromString,
+                request_serializer=helios__proto_dot_helios__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=helios__proto_dot_helios__pb2.GenerateChunk.FromString,
                 _registered_method=True)
         self.Status = channel.unary_unary(
                 '/helios.v1.HeliosService/Status',
-                request_serializer=helios__ray_dot_grpc_dot_helios__pb2.StatusRequest.SerializeToString,
-                response_deserializer=helios__ray_dot_grpc_dot_helios__pb2.StatusResponse.FromString,
+                request_serializer=helios__proto_dot_helios__pb2.StatusRequest.SerializeToString,
+                response_deserializer=helios__proto_dot_helios__pb2.StatusResponse.FromString,
                 _registered_method=True)
 
 
@@ -77,18 +77,18 @@ def add_HeliosServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_unary_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=helios__ray_dot_grpc_dot_helios__pb2.GenerateRequest.FromString,
-                    response_serializer=helios__ray_dot_grpc_dot_helios__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=helios__proto_dot_helios__pb2.GenerateRequest.FromString,
+                    response_serializer=helios__proto_dot_helios__pb2.GenerateResponse.SerializeToString,
             ),
             'GenerateStream': grpc.unary_stream_rpc_method_handler(
                     servicer.GenerateStream,
-                    request_deserializer=helios__ray_dot_grpc_dot_helios__pb2.GenerateRequest.FromString,
-                    response_serializer=helios__ray_dot_grpc_dot_helios__pb2.GenerateChunk.SerializeToString,
+                    request_deserializer=helios__proto_dot_helios__pb2.GenerateRequest.FromString,
+                    response_serializer=helios__proto_dot_helios__pb2.GenerateChunk.SerializeToString,
             ),
             'Status': grpc.unary_unary_rpc_method_handler(
                     servicer.Status,
-                    request_deserializer=helios__ray_dot_grpc_dot_helios__pb2.StatusRequest.FromString,
-                    response_serializer=helios__ray_dot_grpc_dot_helios__pb2.StatusResponse.SerializeToString,
+                    request_deserializer=helios__proto_dot_helios__pb2.StatusRequest.FromString,
+                    response_serializer=helios__proto_dot_helios__pb2.StatusResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -116,8 +116,8 @@ class HeliosService:
             request,
             target,
             '/helios.v1.HeliosService/Generate',
-            helios__ray_dot_grpc_dot_helios__pb2.GenerateRequest.SerializeToString,
-            helios__ray_dot_grpc_dot_helios__pb2.GenerateResponse.FromString,
+            helios__proto_dot_helios__pb2.GenerateRequest.SerializeToString,
+            helios__proto_dot_helios__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -143,8 +143,8 @@ class HeliosService:
             request,
             target,
             '/helios.v1.HeliosService/GenerateStream',
-            helios__ray_dot_grpc_dot_helios__pb2.GenerateRequest.SerializeToString,
-            helios__ray_dot_grpc_dot_helios__pb2.GenerateChunk.FromString,
+            helios__proto_dot_helios__pb2.GenerateRequest.SerializeToString,
+            helios__proto_dot_helios__pb2.GenerateChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -170,8 +170,8 @@ class HeliosService:
             request,
             target,
             '/helios.v1.HeliosService/Status',
-            helios__ray_dot_grpc_dot_helios__pb2.StatusRequest.SerializeToString,
-            helios__ray_dot_grpc_dot_helios__pb2.StatusResponse.FromString,
+            helios__proto_dot_helios__pb2.StatusRequest.SerializeToString,
+            helios__proto_dot_helios__pb2.StatusResponse.FromString,
             options,
             channel_credentials,
             insecure,

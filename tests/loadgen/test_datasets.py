@@ -1,4 +1,5 @@
-"""Dataset readers on the real bundled data: ShareGPT (truncated JSON, parsed record by record), HumanEval, JSONL."""
+"""Dataset readers (``loadgen.data``) on the real bundled data: ShareGPT (truncated JSON, parsed record by
+record), HumanEval, JSONL.  Rendering through a tokenizer is the server's side: tests/data/test_render.py."""
 
 from __future__ import annotations
 
@@ -6,11 +7,9 @@ import json
 
 import pytest
 
-from helios_ray.data import (
-    Conversation, encode, iter_json_array, load_dataset, load_humaneval, load_jsonl, load_sharegpt,
-    normalize_messages, render, sharegpt_path, split_of,
+from loadgen.data import (
+    DatasetError, iter_json_array, load_dataset, load_humaneval, load_jsonl, load_sharegpt, sharegpt_path, split_of,
 )
-from helios_ray.errors import HeliosError
 
 
 def test_sharegpt_file_is_truncated_and_parsed_record_by_record():
@@ -80,32 +79,21 @@ def test_jsonl_records_of_every_shape(tmp_path):
 def test_jsonl_errors_are_clear(tmp_path, content, message):
     p = tmp_path / "bad.jsonl"
     p.write_text(content)
-    with pytest.raises(HeliosError, match=message.replace("(", r"\(").replace(")", r"\)")):
+    with pytest.raises(DatasetError, match=message.replace("(", r"\(").replace(")", r"\)")):
         load_jsonl(p)
 
 
 def test_unknown_source_and_missing_file():
-    with pytest.raises(HeliosError, match="unknown data 'nope'"):
+    with pytest.raises(DatasetError, match="unknown data 'nope'"):
         load_dataset("nope")
-    with pytest.raises(HeliosError, match="does not exist"):
+    with pytest.raises(DatasetError, match="does not exist"):
         load_dataset("/no/such/file.jsonl")
 
 
-def test_messages_are_normalised_and_rendered_without_a_template():
-    msgs = normalize_messages([("gpt", "ignored: before any user"), ("human", "a"), ("human", "b"), ("gpt", ""),
-                               ("chatgpt", "c"), ("bing", "d"), ("weird", "x")])
-    assert msgs == ({"role": "user", "content": "a\n\nb"}, {"role": "assistant", "content": "c\n\nd"})
-    conv = Conversation(id="x", messages=msgs)
-    assert render(conv) == "User: a\n\nb\n\nAssistant: c\n\nd"
-    assert render(conv, add_generation_prompt=True).endswith("Assistant:")
 
+def test_dataset_error_is_a_one_line_value_error():
+    from loadgen.net import LoadgenError
 
-def test_rendering_through_a_real_chat_template(smollm2_dir):
-    from transformers import AutoTokenizer
-
-    tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
-    conv = load_sharegpt(limit=1, seed=0, split="heldout")[0]
-    text = render(conv, tok)
-    assert text.startswith("<|im_start|>") and conv.messages[0]["content"][:20] in text
-    ids = encode(conv, tok)
-    assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>")
+    assert issubclass(DatasetError, LoadgenError) and issubclass(DatasetError, ValueError)
+    with pytest.raises(DatasetError, match="not a JSON array"):
+        list(iter_json_array("{}"))

