@@ -145,17 +145,26 @@ def _run_generate(a: argparse.Namespace) -> int:
     if not 0 < a.threshold <= 1:
         raise HeliosError(f"--threshold must be in (0, 1] (got {a.threshold})")
     m = _load(a, confidence_kind=a.confidence, threshold=a.threshold)
-    ids = m.encode(messages=[{"role": "user", "content": a.prompt}]) if a.chat else m.encode(prompt=a.prompt)
+    from helios_ray.engine.sequence import SamplingParams, finish_text
+
+    enc = m.encode_request(messages=[{"role": "user", "content": a.prompt}]) if a.chat else m.encode_request(a.prompt)
+    ids, stops = enc.ids, SamplingParams(max_tokens=a.max_tokens, stop=list(enc.stop))  # a base model: one turn
     if not a.json:
-        for t in m.generate_stream(ids, a.max_tokens):
-            if t.token not in m.eos_ids:
-                print(t.text, end="", flush=True)
+        text, emitted = "", 0
+        for i, t in enumerate(m.generate_stream(ids, a.max_tokens)):
+            eos = t.token in m.eos_ids
+            text += "" if eos else t.text
+            _, reason, delta, emitted = finish_text(text, stops, eos, i + 1 >= a.max_tokens, emitted)
+            print(delta, end="", flush=True)
+            if reason:
+                break
         print()
         return 0
     g = m.generate(ids, a.max_tokens)
+    text, reason, _, _ = finish_text(g.text, stops, False, False, 0)
     out = {
         "model": m.name, "depth": m.depth, "total_layers": m.total_layers, "exit_head": m.exit_head.kind,
-        "text": g.text, "finish_reason": g.finish_reason, "prompt_tokens": g.prompt_tokens,
+        "text": text, "finish_reason": reason or g.finish_reason, "prompt_tokens": g.prompt_tokens,
         "completion_tokens": len(g.tokens), "seconds": round(g.seconds, 3),
         "tokens_per_s": round(len(g.tokens) / g.seconds, 2) if g.seconds else None,
         "breaches": sum(t.breach for t in g.tokens),

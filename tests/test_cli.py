@@ -89,9 +89,12 @@ def test_registered_hf_dir_and_single_safetensors_file(capsys, tmp_path, smollm2
         del os.environ["HELIOS_CACHE_DIR"]
 
 
-def test_gemma_base_model_refuses_chat(capsys):
-    rc, _, err = _run(capsys, "generate", "gemma3-270m", "--depth", "2", "--chat", "--prompt", "hi")
-    assert rc == 2 and "no chat template" in err
+def test_gemma_base_model_answers_chat_in_plain_turns(capsys):
+    """A base model has no chat template: --chat renders plain turns (models/prompts.py) instead of refusing."""
+    rc, out, err = _run(capsys, "generate", "gemma3-270m", "--depth", "2", "--chat", "--prompt", "hi",
+                        "--max-tokens", "3", "--json")
+    assert rc == 0, err
+    assert json.loads(out)["prompt_tokens"] > 3  # "User: hi\n\nAssistant:" and <bos>, not just "hi"
 
 
 @pytest.mark.slow

@@ -30,7 +30,7 @@ def metadata(grpc_context: Any) -> dict[str, str]:
 
 
 def _pb() -> Any:
-    from helios_ray.grpc import helios_pb2
+    from helios_proto import helios_pb2
 
     return helios_pb2
 

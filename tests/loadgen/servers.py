@@ -6,7 +6,7 @@ after two tokens.  Token ``k`` of every stream exits at layer ``exit_layers[k % 
 confidence ``0.5 + 0.01 * k``.
 
 The status document's placement change is built from the real control plane's :class:`Decision` (so its
-``action``/``trigger`` can only be values the real policy produces) in the shape the real ``Control`` deployment
+``action``/``trigger`` can only be values the real policy produces) in the shape the real ``Brain`` deployment
 writes; ``test_fake_server_contract.py`` fails when either drifts.
 """
 
@@ -33,7 +33,7 @@ SWITCH = Decision(action="deploy", trigger="reassess", model="tiny", depth=4, pr
 
 
 def change_entry(decision: Decision, version: int, at: float) -> dict[str, Any]:
-    """One ``changes`` entry of ``/v1/helios/status``, as ``helios_ray.serve.control.Control`` writes it."""
+    """One ``changes`` entry of ``/v1/helios/status``, as ``helios_ray.serve.brain.Brain`` writes it."""
     return {"version": version, "at": at,
             "from": {"model": decision.previous_model, "depth": decision.previous_depth},
             "to": {"model": decision.model, "depth": decision.depth},

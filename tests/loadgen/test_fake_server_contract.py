@@ -1,6 +1,6 @@
 """The fake servers' status document (tests/loadgen/servers.py) against the real control plane: every placement
-change must be a :class:`Decision` the real policy can produce, in exactly the shape the real ``Control``
-deployment writes into ``/v1/helios/status``.  When the policy's actions/triggers or ``Control``'s change
+change must be a :class:`Decision` the real policy can produce, in exactly the shape the real ``Brain``
+deployment writes into ``/v1/helios/status``.  When the policy's actions/triggers or the brain's change
 entries change, these fail, and the fake (with the loadgen tests built on it) must follow."""
 
 from __future__ import annotations
@@ -47,11 +47,11 @@ def test_the_drifted_values_are_rejected(drift):
         _as_decision(change)
 
 
-def test_fake_entries_have_the_shape_the_real_control_writes():
-    from helios_ray.serve.control import Control
+def test_fake_entries_have_the_shape_the_real_brain_writes():
+    from helios_ray.serve.brain import Brain
 
-    # Only Control's placement bookkeeping runs: __init__ is skipped (it builds the policy from prepared models).
-    ctl = Control.__new__(Control)
+    # Only the brain's placement bookkeeping runs: __init__ is skipped (it builds the policy from prepared models).
+    ctl = Brain.__new__(Brain)
     ctl.pinned, ctl.placement, ctl.version, ctl.changes = False, {"model": "tiny", "depth": 6}, 1, []
 
     async def apply() -> None:
