@@ -27,7 +27,9 @@ from pydantic import BaseModel, Field, ValidationError
 
 from .config import SLO, CandidateInfo, Hardware, PolicyConfig
 from .controller import Controller, Placement
-from .policy import CostModel, Decision, NoFeasiblePlacement, cost_unit, token_cost
+from .costs import cost_unit, token_cost
+from .decision import Decision, NoFeasiblePlacement
+from .storm import CostModel
 from .trace import RequestRecord, TokenRecord, TraceError, read_trace
 
 __all__ = [

@@ -23,7 +23,7 @@ from helios_ray.control import (
     shortlist,
 )
 from helios_ray.control.config import CalibrationPoint
-from helios_ray.control.policy import cost_unit, max_batch, token_cost
+from helios_ray.control.costs import cost_unit, max_batch, token_cost
 
 BIG = Hardware(memory_budget_bytes=10**12)
 

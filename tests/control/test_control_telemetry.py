@@ -8,7 +8,8 @@ import pytest
 from control_synth import token
 
 from helios_ray.control import PHT, BreachCounter, PolicyConfig, RequestRecord
-from helios_ray.control.telemetry import PHTEntry, Reservoir
+from helios_ray.control.pht_entry import PHTEntry
+from helios_ray.control.reservoir import Reservoir
 
 
 class FakeClock:
