@@ -27,7 +27,7 @@ from .pht_entry import PHTEntry
 from .policy import choose, shortlist
 from .simulate import SimulationResult, simulate
 from .storm import CostModel, on_storm
-from .trace import RequestRecord, TokenRecord, TraceError, read_trace, write_trace
+from .trace import TraceError, TraceRequest, TraceToken, read_trace, write_trace
 
 __all__ = [
     "SLO",
@@ -52,8 +52,8 @@ __all__ = [
     "PHT",
     "PHTEntry",
     "BreachCounter",
-    "RequestRecord",
-    "TokenRecord",
+    "TraceRequest",
+    "TraceToken",
     "TraceError",
     "read_trace",
     "write_trace",

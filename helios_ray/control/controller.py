@@ -38,7 +38,7 @@ from .depth import evaluate_depth, profile_entry
 from .pht import PHT
 from .policy import choose, estimate_numbers, score_placements, shortlist
 from .storm import CostModel, on_storm
-from .trace import RequestRecord, TokenRecord
+from .trace import TraceRequest, TraceToken
 
 __all__ = ["Placement", "Controller"]
 
@@ -183,13 +183,13 @@ class Controller:
         return list(self._profile_targets)
 
     # ------------------------------------------------------------------ telemetry in
-    def observe_profile_token(self, record: TokenRecord) -> None:
+    def observe_profile_token(self, record: TraceToken) -> None:
         """Profile-mode telemetry (a fully loaded model evaluating every exit) for one token."""
         cand = self.candidates.get(record.model)
         if cand is not None:
             self.pht.observe_token(record, depth=cand.num_layers)
 
-    def observe_profile_request(self, record: RequestRecord) -> None:
+    def observe_profile_request(self, record: TraceRequest) -> None:
         """Profile-mode timings of one request (full depth unless ``record.depth`` says else)."""
         cand = self.candidates.get(record.model)
         if cand is not None:
@@ -252,7 +252,7 @@ class Controller:
         self.requests_done += 1
         if seconds is not None and model in self.candidates:
             self.pht.observe_request(
-                RequestRecord(
+                TraceRequest(
                     model=model,
                     request=request if request is not None else self.requests_done,
                     prompt_tokens=prompt_tokens,

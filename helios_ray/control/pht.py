@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Field, PrivateAttr
 
 from .config import PolicyConfig
 from .pht_entry import PHTEntry
-from .trace import RequestRecord, TokenRecord
+from .trace import TraceRequest, TraceToken
 
 __all__ = ["Clock", "PHT"]
 
@@ -121,7 +121,7 @@ class PHT(BaseModel):
             self.entries = [e for e in self.entries if e is not found]
 
     # ----------------------------------------------------------------- ingest
-    def observe_token(self, record: TokenRecord, depth: int | None = None) -> PHTEntry:
+    def observe_token(self, record: TraceToken, depth: int | None = None) -> PHTEntry:
         """Add a profiled token under (record.model, depth); depth defaults to the deepest exit in
         the record, i.e. profile mode with the full model loaded."""
         key_depth = depth if depth is not None else max(record.exits)
@@ -129,7 +129,7 @@ class PHT(BaseModel):
         entry.observe_token(record, self.now())
         return entry
 
-    def observe_request(self, record: RequestRecord, depth: int | None = None) -> PHTEntry:
+    def observe_request(self, record: TraceRequest, depth: int | None = None) -> PHTEntry:
         """Add a finished request under (model, depth); depth defaults to ``record.depth``, then to
         the deepest entry seen for that model (profile mode)."""
         key_depth = depth or record.depth or self._deepest.get(record.model)

@@ -15,7 +15,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from .reservoir import Reservoir
-from .trace import RequestRecord, TokenRecord
+from .trace import TraceRequest, TraceToken
 
 __all__ = ["ExitStats", "PHTEntry"]
 
@@ -98,7 +98,7 @@ class PHTEntry(BaseModel):
             self.tpot = Reservoir(size=self.reservoir_size)
 
     # ----------------------------------------------------------------- ingest
-    def observe_token(self, record: TokenRecord, now: float) -> None:
+    def observe_token(self, record: TraceToken, now: float) -> None:
         """Add one profiled token. Exits deeper than the entry's depth are ignored (not loaded)."""
         self.tokens += 1
         first: int | None = None
@@ -136,7 +136,7 @@ class PHTEntry(BaseModel):
         self.updated_at = now
         self.profiled_at = now
 
-    def observe_request(self, record: RequestRecord, now: float) -> None:
+    def observe_request(self, record: TraceRequest, now: float) -> None:
         """Add one finished request's timings (and energy when measured)."""
         self.requests += 1
         if record.seconds > 0 and record.output_tokens > 0:
