@@ -2,8 +2,15 @@
 
 * :mod:`.config` -- SLO, PolicyConfig, CandidateInfo, Hardware
 * :mod:`.trace` -- the per-token telemetry (JSONL) format, reader and writer
-* :mod:`.telemetry` -- performance history table (PHT) and confidence-breach counter
-* :mod:`.policy` -- shortlist, choose (model, depth), extend-vs-switch on a breach storm
+* :mod:`.reservoir` -- bounded latency samples (mean, p50, p99)
+* :mod:`.pht_entry` -- one PHT row: exit statistics and timings of one (model, depth)
+* :mod:`.pht` -- the performance history table (PHT): staleness, merging, persistence
+* :mod:`.breach` -- the confidence-breach counter whose storms trigger extend-or-switch
+* :mod:`.decision` -- the records the policy returns (DepthChoice, Estimate, Decision)
+* :mod:`.costs` -- per-token cost units, batch room and measured timings of a placement
+* :mod:`.depth` -- evidence per exit, the accuracy guard, choose the depth of one model
+* :mod:`.policy` -- shortlist and choose (model, depth) for an SLO
+* :mod:`.storm` -- extend-vs-switch on a breach storm, priced by a CostModel
 * :mod:`.controller` -- the stateful loop the router and the simulator drive
 * :mod:`.simulate` -- trace replay and the ``helios-ray simulate`` subcommand
 
@@ -12,20 +19,15 @@ See ``docs/control-plane.md``.
 
 from .config import SLO, CalibrationPoint, CandidateInfo, ExitPrior, Hardware, PolicyConfig
 from .controller import Controller, Placement
-from .policy import (
-    CostModel,
-    Decision,
-    DepthChoice,
-    Estimate,
-    NoFeasiblePlacement,
-    choose,
-    choose_depth,
-    on_storm,
-    shortlist,
-)
+from .breach import BreachCounter
+from .decision import Decision, DepthChoice, Estimate, NoFeasiblePlacement
+from .depth import choose_depth
+from .pht import PHT
+from .pht_entry import PHTEntry
+from .policy import choose, shortlist
 from .simulate import SimulationResult, simulate
-from .telemetry import PHT, BreachCounter, PHTEntry
-from .trace import RequestRecord, TokenRecord, TraceError, read_trace, write_trace
+from .storm import CostModel, on_storm
+from .trace import TraceError, TraceRequest, TraceToken, read_trace, write_trace
 
 __all__ = [
     "SLO",
@@ -50,8 +52,8 @@ __all__ = [
     "PHT",
     "PHTEntry",
     "BreachCounter",
-    "RequestRecord",
-    "TokenRecord",
+    "TraceRequest",
+    "TraceToken",
     "TraceError",
     "read_trace",
     "write_trace",

@@ -179,7 +179,7 @@ class CandidateInfo(_Strict):
     """Static metadata of one model the policy can choose, as the model repository reports it.
 
     Byte counts may be 0 when unknown (e.g. candidates derived from a trace); the cost model then
-    falls back from FLOPs to bytes to plain layer counts (see :func:`helios_ray.control.policy.cost_unit`).
+    falls back from FLOPs to bytes to plain layer counts (see :func:`helios_ray.control.costs.cost_unit`).
     """
 
     name: str = Field(min_length=1)

@@ -1,7 +1,7 @@
 """The stateful control loop that the router (live) and the simulator (replay) both drive.
 
 It owns the PHT, the breach counter and the current placement, and turns the pure policy functions
-into a sequence of :class:`~helios_ray.control.policy.Decision` records:
+into a sequence of :class:`~helios_ray.control.decision.Decision` records:
 
 * ``start()`` -- first deployment from static metadata / exit-card priors (or a persisted PHT), so
   a cold cluster can serve at once.
@@ -12,7 +12,7 @@ into a sequence of :class:`~helios_ray.control.policy.Decision` records:
 * planning -- after the first window (trigger ``profile``) and exactly every ``reassess_every``
   completed requests (``reassess``), and immediately on ``set_slo``/``set_hardware``.
 * storms -- every served token at the current placement feeds the breach counter; a storm calls
-  :func:`~helios_ray.control.policy.on_storm`.
+  :func:`~helios_ray.control.storm.on_storm`.
 
 Anti-oscillation: every placement change after the first deployment opens a quiet period of
 ``hysteresis_requests`` completed requests in which neither storms nor periodic re-assessments may
@@ -31,25 +31,14 @@ from typing import Any
 from pydantic import BaseModel
 
 from .config import SLO, CandidateInfo, Hardware, PolicyConfig
-from .policy import (
-    Action,
-    CostModel,
-    Decision,
-    DepthChoice,
-    Estimate,
-    NoFeasiblePlacement,
-    Trigger,
-    _depth_evidence_choice,
-    _estimate_numbers,
-    choose,
-    cost_unit,
-    on_storm,
-    profile_entry,
-    score_placements,
-    shortlist,
-)
-from .telemetry import PHT, BreachCounter
-from .trace import RequestRecord, TokenRecord
+from .breach import BreachCounter
+from .costs import cost_unit
+from .decision import Action, Decision, DepthChoice, Estimate, NoFeasiblePlacement, Trigger
+from .depth import evaluate_depth, profile_entry
+from .pht import PHT
+from .policy import choose, estimate_numbers, score_placements, shortlist
+from .storm import CostModel, on_storm
+from .trace import TraceRequest, TraceToken
 
 __all__ = ["Placement", "Controller"]
 
@@ -194,13 +183,13 @@ class Controller:
         return list(self._profile_targets)
 
     # ------------------------------------------------------------------ telemetry in
-    def observe_profile_token(self, record: TokenRecord) -> None:
+    def observe_profile_token(self, record: TraceToken) -> None:
         """Profile-mode telemetry (a fully loaded model evaluating every exit) for one token."""
         cand = self.candidates.get(record.model)
         if cand is not None:
             self.pht.observe_token(record, depth=cand.num_layers)
 
-    def observe_profile_request(self, record: RequestRecord) -> None:
+    def observe_profile_request(self, record: TraceRequest) -> None:
         """Profile-mode timings of one request (full depth unless ``record.depth`` says else)."""
         cand = self.candidates.get(record.model)
         if cand is not None:
@@ -263,7 +252,7 @@ class Controller:
         self.requests_done += 1
         if seconds is not None and model in self.candidates:
             self.pht.observe_request(
-                RequestRecord(
+                TraceRequest(
                     model=model,
                     request=request if request is not None else self.requests_done,
                     prompt_tokens=prompt_tokens,
@@ -365,13 +354,13 @@ class Controller:
                 f"{self._quiet_until})"
             )
         cand = self.candidates[self.current.model]
-        entry, _ = profile_entry(self.pht, cand)
-        here = _depth_evidence_choice(cand, entry, self.config, self.current.depth)
+        entry = profile_entry(self.pht, cand).entry
+        here = evaluate_depth(cand, entry, self.config, self.current.depth)
         if not here.guard_ok:
             return None  # the current placement is no longer safe: move regardless of margin
         best_cand = self.candidates[best.model]
-        best_entry, _ = profile_entry(self.pht, best_cand)
-        there = _depth_evidence_choice(best_cand, best_entry, self.config, int(best.depth or 0))
+        best_entry = profile_entry(self.pht, best_cand).entry
+        there = evaluate_depth(best_cand, best_entry, self.config, int(best.depth or 0))
         current_est, best_est = self._score_pair(cand, here, best_cand, there)
         if current_est is None or best_est is None:
             return None
@@ -414,13 +403,13 @@ class Controller:
         est = None
         if current is not None:
             cand = self.candidates[current.model]
-            entry, _ = profile_entry(self.pht, cand)
-            here = _depth_evidence_choice(cand, entry, self.config, current.depth)
+            entry = profile_entry(self.pht, cand).entry
+            here = evaluate_depth(cand, entry, self.config, current.depth)
             est = score_placements([(cand, here)], self.slo, self.hardware, self.pht, self.config)[0]
         return {
             "slo": self.slo.value,
             "placement": current.model_dump() if current else None,
-            "placement_estimate": _estimate_numbers(est) if est else None,
+            "placement_estimate": estimate_numbers(est) if est else None,
             "shortlist": list(self.shortlisted),
             "breaches": self.breaches.snapshot(),
             "tokens_served": self.tokens_served,

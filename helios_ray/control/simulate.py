@@ -27,8 +27,10 @@ from pydantic import BaseModel, Field, ValidationError
 
 from .config import SLO, CandidateInfo, Hardware, PolicyConfig
 from .controller import Controller, Placement
-from .policy import CostModel, Decision, NoFeasiblePlacement, cost_unit, token_cost
-from .trace import RequestRecord, TokenRecord, TraceError, read_trace
+from .costs import cost_unit, token_cost
+from .decision import Decision, NoFeasiblePlacement
+from .storm import CostModel
+from .trace import TraceError, TraceRequest, TraceToken, read_trace
 
 __all__ = [
     "ServedStats",
@@ -92,13 +94,13 @@ class SimulationResult(BaseModel):
         return [d for d in self.decisions if d.trigger != "start" and d.changes_placement]
 
 
-def candidates_from_trace(records: Iterable[TokenRecord | RequestRecord]) -> list[CandidateInfo]:
+def candidates_from_trace(records: Iterable[TraceToken | TraceRequest]) -> list[CandidateInfo]:
     """Minimal candidates from a trace: every model seen, with the exit depths it recorded; the
     deepest recorded exit is taken as the full depth. Sizes are unknown (0), so costs fall back to
     equal cost per layer."""
     exits: dict[str, set[int]] = {}
     for rec in records:
-        if isinstance(rec, TokenRecord):
+        if isinstance(rec, TraceToken):
             exits.setdefault(rec.model, set()).update(rec.exits)
     return [
         CandidateInfo(name=name, num_layers=max(depths), exits=sorted(depths))
@@ -115,7 +117,7 @@ class _SimClock:
 
 
 def simulate(
-    trace_records: Sequence[TokenRecord | RequestRecord],
+    trace_records: Sequence[TraceToken | TraceRequest],
     slo: SLO | str,
     config: PolicyConfig | None = None,
     candidates: Sequence[CandidateInfo] | None = None,
@@ -133,15 +135,15 @@ def simulate(
     notes: list[str] = []
 
     order: list[int] = []
-    tokens: dict[int, dict[str, list[TokenRecord]]] = {}
-    requests: dict[int, dict[str, RequestRecord]] = {}
+    tokens: dict[int, dict[str, list[TraceToken]]] = {}
+    requests: dict[int, dict[str, TraceRequest]] = {}
     kinds: dict[int, str] = {}
     for rec in trace_records:
         if rec.request not in tokens:
             order.append(rec.request)
             tokens[rec.request] = {}
             requests[rec.request] = {}
-        if isinstance(rec, TokenRecord):
+        if isinstance(rec, TraceToken):
             tokens[rec.request].setdefault(rec.model, []).append(rec)
             if rec.kind is not None:
                 kinds.setdefault(rec.request, rec.kind)

@@ -45,8 +45,8 @@ from pydantic import (
 
 __all__ = [
     "ExitObservation",
-    "TokenRecord",
-    "RequestRecord",
+    "TraceToken",
+    "TraceRequest",
     "TraceRecord",
     "TraceError",
     "parse_record",
@@ -74,7 +74,7 @@ class ExitObservation(NamedTuple):
     """log p_full(token): this exit's token under the full model, when known."""
 
 
-class TokenRecord(_Lenient):
+class TraceToken(_Lenient):
     """One generated token evaluated at every exit (profile mode)."""
 
     type: Literal["token"] = "token"
@@ -96,7 +96,7 @@ class TokenRecord(_Lenient):
         }
 
     @model_validator(mode="after")
-    def _positive_depths(self) -> "TokenRecord":
+    def _positive_depths(self) -> "TraceToken":
         bad = [d for d in self.exits if d < 1]
         if bad:
             raise ValueError(f"exit depths must be >= 1, got {bad}")
@@ -124,7 +124,7 @@ class TokenRecord(_Lenient):
         return obs.token == self.final
 
 
-class RequestRecord(_Lenient):
+class TraceRequest(_Lenient):
     """One finished request on one model."""
 
     type: Literal["request"] = "request"
@@ -139,8 +139,8 @@ class RequestRecord(_Lenient):
     depth: int | None = Field(None, ge=1, description="Depth served at; None = profile mode (full).")
 
 
-TraceRecord = Annotated[Union[TokenRecord, RequestRecord], Field(discriminator="type")]
-_ADAPTER: TypeAdapter[TokenRecord | RequestRecord] = TypeAdapter(TraceRecord)
+TraceRecord = Annotated[Union[TraceToken, TraceRequest], Field(discriminator="type")]
+_ADAPTER: TypeAdapter[TraceToken | TraceRequest] = TypeAdapter(TraceRecord)
 
 
 class TraceError(ValueError):
@@ -160,14 +160,14 @@ def _first_error(exc: ValidationError) -> str:
     return f"{loc}: {msg}{more}" if loc else f"{msg}{more}"
 
 
-def parse_record(data: str | dict[str, Any]) -> TokenRecord | RequestRecord:
+def parse_record(data: str | dict[str, Any]) -> TraceToken | TraceRequest:
     """Parse one record from a JSON line or an already decoded dict."""
     if isinstance(data, str):
         return _ADAPTER.validate_json(data)
     return _ADAPTER.validate_python(data)
 
 
-def iter_trace(path: str | Path) -> Iterator[TokenRecord | RequestRecord]:
+def iter_trace(path: str | Path) -> Iterator[TraceToken | TraceRequest]:
     """Yield records of a JSONL trace lazily; blank lines are skipped.
 
     Raises :class:`TraceError` naming the file and line number on the first bad record, and
@@ -198,12 +198,12 @@ def iter_trace(path: str | Path) -> Iterator[TokenRecord | RequestRecord]:
                 ) from None
 
 
-def read_trace(path: str | Path) -> list[TokenRecord | RequestRecord]:
+def read_trace(path: str | Path) -> list[TraceToken | TraceRequest]:
     """Read a whole JSONL trace into memory (see :func:`iter_trace`)."""
     return list(iter_trace(path))
 
 
-def write_trace(path: str | Path, records: Iterable[TokenRecord | RequestRecord]) -> int:
+def write_trace(path: str | Path, records: Iterable[TraceToken | TraceRequest]) -> int:
     """Write records as JSONL (``None`` fields omitted); returns the number written."""
     path = Path(path)
     n = 0

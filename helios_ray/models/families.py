@@ -65,13 +65,6 @@ class ArchSpec:
     pad_token_id: int | None = None
 
 
-def _get(cfg: dict[str, Any], *keys: str, default: Any = None) -> Any:
-    for k in keys:
-        if k in cfg and cfg[k] is not None:
-            return cfg[k]
-    return default
-
-
 def _eos_ids(cfg: dict[str, Any]) -> tuple[int, ...]:
     eos = cfg.get("eos_token_id")
     if eos is None:

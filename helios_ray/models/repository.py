@@ -211,11 +211,6 @@ class ModelRepository:
                 return p
         return None
 
-    def config_dict(self, name: str) -> dict[str, Any]:
-        d = self.checkpoint_dir(name)
-        assert d is not None
-        return json.loads((d / "config.json").read_text())
-
     def info(self, name: str, dtype: str = "float32") -> ModelInfo:
         spec = self.spec(name)
         d = self.checkpoint_dir(name, required=False)

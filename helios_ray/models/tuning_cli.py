@@ -59,10 +59,11 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from helios_ray.models import tuning
+    from helios_ray.models.tuning_config import TuneConfig, parse_exits
 
     tuning.environment_threads(args.threads)
-    cfg = tuning.TuneConfig(
-        model=args.model, exits=tuning.parse_exits(args.exits, args.head, args.rank), data=args.data,
+    cfg = TuneConfig(
+        model=args.model, exits=parse_exits(args.exits, args.head, args.rank), data=args.data,
         tokens=args.tokens, seq_len=args.seq_len, topk=args.topk, steps=args.steps, epochs=args.epochs,
         linear_epochs=args.linear_epochs,
         batch_tokens=args.batch_tokens, lr=args.lr, ce_weight=args.ce_weight, vocab=args.vocab,
@@ -103,11 +104,13 @@ def eval_configure_parser(p: argparse.ArgumentParser) -> None:
 def eval_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from helios_ray.models import tuning
+    from helios_ray.models.exit_eval import evaluate_exits, report_table
+    from helios_ray.models.tuning import environment_threads
+    from helios_ray.models.tuning_config import parse_exits
 
-    tuning.environment_threads(args.threads)
-    exits = [e.depth for e in tuning.parse_exits(args.exits, "block")] if args.exits else None
-    report = tuning.evaluate_exits(
+    environment_threads(args.threads)
+    exits = [e.depth for e in parse_exits(args.exits, "block")] if args.exits else None
+    report = evaluate_exits(
         args.model, args.prompts, max_tokens=args.max_tokens, limit=args.limit, exits=exits,
         heads_path=Path(args.heads) if args.heads else None, split=args.split, models_file=args.models_file,
         progress=not args.no_progress,
@@ -115,5 +118,5 @@ def eval_run(args: argparse.Namespace) -> int:
     if args.json:
         print(json.dumps(report, indent=2))
     else:
-        print(tuning.report_table(report))
+        print(report_table(report))
     return 0

@@ -18,7 +18,7 @@ import random
 
 from functools import lru_cache
 
-from helios_ray.control import CandidateInfo, ExitPrior, RequestRecord, TokenRecord
+from helios_ray.control import CandidateInfo, ExitPrior, TraceRequest, TraceToken
 from helios_ray.control.config import CalibrationPoint
 
 # p(confident at exit), p(agrees with the full model at exit)
@@ -96,13 +96,13 @@ def make_trace(
     tokens_per_request: int = 20,
     seed: int = 0,
     models: tuple[str, ...] = ("alpha", "beta"),
-) -> tuple[TokenRecord | RequestRecord, ...]:
+) -> tuple[TraceToken | TraceRequest, ...]:
     """Requests 0..n-1; ``kind`` is chat before ``drift_at`` and code from it on.
 
     Cached: tests treat the records as immutable, and building them is the slow part.
     """
     rng = random.Random(seed)
-    records: list[TokenRecord | RequestRecord] = []
+    records: list[TraceToken | TraceRequest] = []
     for req in range(n_requests):
         kind = "code" if drift_at is not None and req >= drift_at else "chat"
         for model in models:
@@ -117,13 +117,13 @@ def make_trace(
                     token = final if v < p_agree[depth] else final + 1
                     exits[depth] = (token, round(conf, 4))
                 records.append(
-                    TokenRecord(
+                    TraceToken(
                         model=model, request=req, kind=kind, pos=pos, exits=exits, final=final
                     )
                 )
             spt = seconds_per_token(model)
             records.append(
-                RequestRecord(
+                TraceRequest(
                     model=model,
                     request=req,
                     kind=kind,
@@ -144,9 +144,9 @@ def token(
     final: int = 7,
     final_logprob: float | None = None,
     kind: str = "chat",
-) -> TokenRecord:
+) -> TraceToken:
     """A hand-made token record."""
-    return TokenRecord(
+    return TraceToken(
         model=model,
         request=request,
         pos=pos,

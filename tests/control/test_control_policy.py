@@ -16,14 +16,14 @@ from helios_ray.control import (
     Hardware,
     NoFeasiblePlacement,
     PolicyConfig,
-    RequestRecord,
+    TraceRequest,
     choose,
     choose_depth,
     on_storm,
     shortlist,
 )
 from helios_ray.control.config import CalibrationPoint
-from helios_ray.control.policy import cost_unit, max_batch, token_cost
+from helios_ray.control.costs import cost_unit, max_batch, token_cost
 
 BIG = Hardware(memory_budget_bytes=10**12)
 
@@ -71,7 +71,7 @@ def cand(name: str, layers: int = 30, exits: list[int] | None = None, **kw: obje
 def timed(pht: PHT, model: str, depth: int, tokens_per_s: float, n: int = 3) -> None:
     for i in range(n):
         pht.observe_request(
-            RequestRecord(model=model, request=i, output_tokens=100, seconds=100 / tokens_per_s),
+            TraceRequest(model=model, request=i, output_tokens=100, seconds=100 / tokens_per_s),
             depth=depth,
         )
 

@@ -11,7 +11,7 @@ import pytest
 
 from helios_ray.control import SLO, Controller, Hardware, PolicyConfig, read_trace, simulate
 from helios_ray.control.controller import Placement
-from helios_ray.control.trace import TokenRecord
+from helios_ray.control.trace import TraceToken
 
 TRACE = Path(__file__).resolve().parents[1] / "data" / "traces" / "chat_then_code.jsonl"
 MODELS = ["smollm2-135m", "gemma3-270m"]
@@ -32,7 +32,7 @@ def candidates():
 
 
 def test_trace_is_real_and_complete(records):
-    toks = [r for r in records if isinstance(r, TokenRecord)]
+    toks = [r for r in records if isinstance(r, TraceToken)]
     assert {r.model for r in toks} == set(MODELS)
     assert {r.kind for r in toks} == {"chat", "code"}
     # every token carries the full depth as an exit, and the full depth agrees with the final layer
@@ -70,7 +70,7 @@ def test_easy_to_hard_shift_on_real_telemetry_triggers_a_change_within_the_windo
     model, depth, threshold = "gemma3-270m", 13, 0.5
     by_req = collections.defaultdict(list)
     for r in records:
-        if isinstance(r, TokenRecord) and r.model == model:
+        if isinstance(r, TraceToken) and r.model == model:
             by_req[r.request].append(r)
     rate = {q: sum(t.exits[depth].confidence < threshold for t in ts) / len(ts) for q, ts in by_req.items()}
     easy = sorted(q for q in rate if rate[q] <= 0.3)

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 from control_synth import candidates, make_trace, token
 
-from helios_ray.control import PolicyConfig, RequestRecord, simulate, write_trace
+from helios_ray.control import PolicyConfig, TraceRequest, simulate, write_trace
 from helios_ray.control.simulate import configure_parser, run
 
 DRIFT_AT = 500
@@ -109,7 +109,7 @@ def test_tokens_missing_the_served_exit_are_skipped_and_reported() -> None:
 
 def test_empty_or_foreign_traces_are_errors() -> None:
     with pytest.raises(ValueError, match="no token records"):
-        simulate([RequestRecord(model="m", request=1, output_tokens=1, seconds=1.0)], "latency")
+        simulate([TraceRequest(model="m", request=1, output_tokens=1, seconds=1.0)], "latency")
     with pytest.raises(ValueError, match="none of the candidates"):
         simulate([token("other", 1, 0, {8: (1, 0.9)})], "latency", None, candidates())
 

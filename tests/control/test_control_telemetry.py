@@ -7,8 +7,9 @@ import math
 import pytest
 from control_synth import token
 
-from helios_ray.control import PHT, BreachCounter, PolicyConfig, RequestRecord
-from helios_ray.control.telemetry import PHTEntry, Reservoir
+from helios_ray.control import PHT, BreachCounter, PolicyConfig, TraceRequest
+from helios_ray.control.pht_entry import PHTEntry
+from helios_ray.control.reservoir import Reservoir
 
 
 class FakeClock:
@@ -160,7 +161,7 @@ def test_request_timings_energy_and_percentiles() -> None:
     pht.set_clock(clock)
     for i in range(10):
         pht.observe_request(
-            RequestRecord(
+            TraceRequest(
                 model="m", request=i, output_tokens=11, seconds=1.0 + i, ttft_s=0.5,
                 energy_j=None if i < 5 else 22.0,
             ),
@@ -182,7 +183,7 @@ def test_request_timings_energy_and_percentiles() -> None:
 
 def test_energy_unknown_is_none_not_zero() -> None:
     pht = PHT()
-    pht.observe_request(RequestRecord(model="m", request=1, output_tokens=3, seconds=1.0), depth=8)
+    pht.observe_request(TraceRequest(model="m", request=1, output_tokens=3, seconds=1.0), depth=8)
     entry = pht.get("m", 8)
     assert entry is not None and entry.energy_per_token is None
 
@@ -190,9 +191,9 @@ def test_energy_unknown_is_none_not_zero() -> None:
 def test_request_depth_defaults_to_the_profiled_depth() -> None:
     pht = PHT()
     with pytest.raises(ValueError, match="depth of request 1"):
-        pht.observe_request(RequestRecord(model="m", request=1, output_tokens=3, seconds=1.0))
+        pht.observe_request(TraceRequest(model="m", request=1, output_tokens=3, seconds=1.0))
     pht.observe_token(token("m", 1, 0, {12: (1, 0.5), 24: (1, 0.9)}, final=1))
-    entry = pht.observe_request(RequestRecord(model="m", request=1, output_tokens=3, seconds=1.0))
+    entry = pht.observe_request(TraceRequest(model="m", request=1, output_tokens=3, seconds=1.0))
     assert entry.depth == 24 and entry.requests == 1
 
 
@@ -203,7 +204,7 @@ def test_merge_throughput_is_a_weighted_mean() -> None:
     entry = pht.get("m", 20)
     assert entry is not None and entry.measured_tokens_per_s == pytest.approx(175.0)
     # engine throughput wins over single-stream speed from request records
-    pht.observe_request(RequestRecord(model="m", request=1, output_tokens=10, seconds=1.0), depth=20)
+    pht.observe_request(TraceRequest(model="m", request=1, output_tokens=10, seconds=1.0), depth=20)
     assert entry.tokens_per_s == pytest.approx(175.0) and entry.stream_tokens_per_s == 10.0
     with pytest.raises(ValueError):
         pht.merge_throughput("m", 20, 0.0)
@@ -232,7 +233,7 @@ def test_json_round_trip() -> None:
     clock = FakeClock()
     pht = _profiled_pht(clock)
     pht.observe_request(
-        RequestRecord(model="m", request=1, output_tokens=4, seconds=2.0, ttft_s=0.5, energy_j=8.0)
+        TraceRequest(model="m", request=1, output_tokens=4, seconds=2.0, ttft_s=0.5, energy_j=8.0)
     )
     pht.merge_throughput("m", 20, 55.0)
     text = pht.to_json()

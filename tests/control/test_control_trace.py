@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from helios_ray.control import RequestRecord, TokenRecord, TraceError, read_trace, write_trace
+from helios_ray.control import TraceError, TraceRequest, TraceToken, read_trace, write_trace
 from helios_ray.control.trace import parse_record
 
 
-def _records() -> list[TokenRecord | RequestRecord]:
+def _records() -> list[TraceToken | TraceRequest]:
     return [
-        TokenRecord(
+        TraceToken(
             model="smollm2-135m",
             request=17,
             kind="chat",
@@ -22,7 +22,7 @@ def _records() -> list[TokenRecord | RequestRecord]:
             final=9,
             final_logprob=-0.05,
         ),
-        RequestRecord(
+        TraceRequest(
             model="smollm2-135m",
             request=17,
             kind="chat",
@@ -45,18 +45,18 @@ def test_round_trip_keeps_int_depths_and_optional_logprob(tmp_path: Path) -> Non
     back = read_trace(path)
     assert back == _records()
     tok = back[0]
-    assert isinstance(tok, TokenRecord)
+    assert isinstance(tok, TraceToken)
     assert sorted(tok.exits) == [12, 20, 30]
     assert tok.exits[20].full_logprob == -1.5 and tok.exits[30].full_logprob is None
 
 
 def test_served_and_agreement_follow_greedy_exit() -> None:
     tok = _records()[0]
-    assert isinstance(tok, TokenRecord)
+    assert isinstance(tok, TraceToken)
     assert tok.served(12) is not None and tok.served(12).token == 5  # type: ignore[union-attr]
     assert tok.agrees(12) is False and tok.agrees(20) is True
     assert tok.served(16) is None  # not evaluated: nothing to serve
-    no_full = TokenRecord(model="m", request=1, pos=0, exits={12: (5, 0.3)}, final=9)
+    no_full = TraceToken(model="m", request=1, pos=0, exits={12: (5, 0.3)}, final=9)
     # Deeper than every recorded exit: the full model's token, confidence unknown -> 1.0.
     served = no_full.served(30)
     assert served is not None and (served.token, served.confidence) == (9, 1.0)
@@ -108,9 +108,9 @@ def test_extra_keys_are_ignored_for_forward_compatibility() -> None:
     rec = parse_record(
         '{"type":"request","model":"m","request":1,"output_tokens":3,"seconds":1.0,"gpu":"x"}'
     )
-    assert isinstance(rec, RequestRecord) and rec.output_tokens == 3
+    assert isinstance(rec, TraceRequest) and rec.output_tokens == 3
 
 
 def test_exit_depth_must_be_positive() -> None:
     with pytest.raises(ValueError, match="exit depths must be >= 1"):
-        TokenRecord(model="m", request=1, pos=0, exits={0: (1, 0.5)}, final=1)
+        TraceToken(model="m", request=1, pos=0, exits={0: (1, 0.5)}, final=1)

@@ -14,6 +14,9 @@ import torch
 
 from helios_ray.cli import main
 from helios_ray.models import tuning as T
+from helios_ray.models.tuning_calibration import TARGET_AGREEMENT, THRESHOLDS, calibration, recommend_threshold
+from helios_ray.models.tuning_config import ExitSpec, TuneConfig, parse_exits
+from helios_ray.models.tuning_train import build_head, train_head
 
 WORDS = ("the cat sat on a mat while two dogs ran past her old red house near river banks. "
          "we saw 3 birds and 12 fish; then it rained! who knows why? she said: go home now, ok.").split()
@@ -91,7 +94,7 @@ def test_card_fields_and_calibration_table_are_sane(card, tiny):
                 "recommended_threshold", "threshold_check"} <= set(e)
         assert e["parameters"] > 0 and 0.0 <= e["agreement"] <= 1.0
         cal = e["calibration"]
-        assert [r["threshold"] for r in cal] == list(T.THRESHOLDS)
+        assert [r["threshold"] for r in cal] == list(THRESHOLDS)
         assert all(set(r) == {"threshold", "coverage", "agreement"} for r in cal)  # = control.CalibrationPoint
         cov = [r["coverage"] for r in cal]
         assert all(0.0 <= c <= 1.0 for c in cov) and cov == sorted(cov, reverse=True)
@@ -99,7 +102,7 @@ def test_card_fields_and_calibration_table_are_sane(card, tiny):
         assert all(r["agreement"] is None if r["coverage"] == 0 else 0.0 <= r["agreement"] <= 1.0 for r in cal)
         if thr is not None:
             row = next(r for r in cal if r["threshold"] == thr)
-            assert row["agreement"] >= T.TARGET_AGREEMENT
+            assert row["agreement"] >= TARGET_AGREEMENT
     assert card["exits"]["3"]["extra_kv_layers"] == 1 and card["exits"]["2"]["extra_kv_layers"] == 0
     from helios_ray.control import ExitPrior
 
@@ -145,23 +148,23 @@ def test_resume_reuses_finished_heads(card, tiny, capsys):
 
 def test_an_interrupted_head_resumes_to_the_same_weights(card, tiny):
     """Deterministic with a seed: 12 steps in one go == 5 steps, a checkpoint, then the other 7."""
-    cfg = T.TuneConfig(model="tiny-llama", exits=[T.ExitSpec(3, "block")], data=str(tiny["data"]), tokens=5000,
+    cfg = TuneConfig(model="tiny-llama", exits=[ExitSpec(3, "block")], data=str(tiny["data"]), tokens=5000,
                        seq_len=48, batch_tokens=192, eval_conversations=24, eval_seq_len=48, eval_stride=1,
                        work_dir=tiny["work"], models_file=str(tiny["models_file"]), progress=False, lr=3e-3)
     run = T.TuningRun(cfg)  # the cache of the module's run is reused, not rebuilt
     e = cfg.exits[0]
 
     def fresh():
-        return T.build_head(e, run.lm, cfg.block_init, cfg.seed)
+        return build_head(e, run.lm, cfg.block_init, cfg.seed)
 
     ckpt = tiny["root"] / "interrupt.ckpt"
     a = fresh()
-    T.train_head(a, run.lm, run.train_cache, 12, run.batch_rows, 3e-3, cfg, tiny["root"] / "none.ckpt", False)
+    train_head(a, run.lm, run.train_cache, 12, run.batch_rows, 3e-3, cfg, tiny["root"] / "none.ckpt", False)
     b = fresh()
-    assert T.train_head(b, run.lm, run.train_cache, 12, run.batch_rows, 3e-3, cfg, ckpt, False, stop_after=5) is None
+    assert train_head(b, run.lm, run.train_cache, 12, run.batch_rows, 3e-3, cfg, ckpt, False, stop_after=5) is None
     assert ckpt.exists()
     c = fresh()  # a new process would start from scratch weights and pick up the checkpoint
-    res = T.train_head(c, run.lm, run.train_cache, 12, run.batch_rows, 3e-3, cfg, ckpt, False)
+    res = train_head(c, run.lm, run.train_cache, 12, run.batch_rows, 3e-3, cfg, ckpt, False)
     assert res is not None and res["steps"] == 12
     for k, v in a.state_dict().items():
         torch.testing.assert_close(c.state_dict()[k], v, rtol=1e-5, atol=1e-6)
@@ -219,16 +222,16 @@ def test_recommended_threshold_is_the_smallest_that_reaches_the_target():
     rng = np.random.default_rng(0)
     conf = rng.uniform(0, 1, 20000)
     agree = rng.uniform(0, 1, 20000) < conf  # P(agree) = confidence: calibrated by construction
-    thr = T.recommend_threshold(agree, conf)
+    thr = recommend_threshold(agree, conf)
     assert thr in (0.9, 0.95)  # tokens above t agree (1 + t) / 2 of the time: >= 0.95 from t = 0.9 on
-    cal = {r["threshold"]: r for r in T.calibration(agree, conf)}
+    cal = {r["threshold"]: r for r in calibration(agree, conf)}
     assert cal[0.5]["coverage"] == pytest.approx(0.5, abs=0.02)
     assert cal[0.5]["agreement"] == pytest.approx(0.75, abs=0.02)
-    assert T.recommend_threshold(np.zeros(100, bool), np.ones(100)) is None
-    assert T.recommend_threshold(np.ones(10, bool), np.ones(10)) is None  # too few tokens to trust
+    assert recommend_threshold(np.zeros(100, bool), np.ones(100)) is None
+    assert recommend_threshold(np.ones(10, bool), np.ones(10)) is None  # too few tokens to trust
 
 
 def test_parse_exits():
-    assert T.parse_exits("24,16:linear, 20", "block") == [T.ExitSpec(16, "linear"), T.ExitSpec(20, "block"),
-                                                          T.ExitSpec(24, "block")]
-    assert T.parse_exits("8", "linear", rank=64) == [T.ExitSpec(8, "linear", 64)]
+    assert parse_exits("24,16:linear, 20", "block") == [ExitSpec(16, "linear"), ExitSpec(20, "block"),
+                                                        ExitSpec(24, "block")]
+    assert parse_exits("8", "linear", rank=64) == [ExitSpec(8, "linear", 64)]

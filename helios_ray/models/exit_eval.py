@@ -1,0 +1,149 @@
+"""``helios-ray eval-exits``: exit quality on a prompt file, against the full model's own greedy output.
+
+Unlike the held-out scores in an exit card (teacher-forced on training-like rows), this measures what
+serving sees: generated tokens, and free-running generation at a loaded depth.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from tqdm import tqdm
+
+from helios_ray.data import Conversation, encode, load_dataset
+from helios_ray.errors import HeliosError
+from helios_ray.models.tuning_calibration import calibration
+
+__all__ = ["evaluate_exits", "report_table"]
+
+
+def _prompt_ids(conv: Conversation, tokenizer: Any) -> list[int]:
+    """A request's token ids: chats up to their first user turn with the generation prompt, texts as they are."""
+    if conv.text is None:
+        conv = Conversation(id=conv.id, messages=tuple(conv.prompt_messages), kind=conv.kind, source=conv.source)
+        return encode(conv, tokenizer, add_generation_prompt=True)
+    return encode(conv, tokenizer)
+
+
+def _common_prefix(a: list[int], b: list[int]) -> int:
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def evaluate_exits(model: str, prompts: str, max_tokens: int = 16, limit: int | None = None,
+                   exits: list[int] | None = None, heads_path: Path | None = None, split: str = "all",
+                   models_file: str | None = None, progress: bool = True, repo: Any = None) -> dict[str, Any]:
+    """Exit quality on a prompt file, against the full model's own greedy output.
+
+    * teacher-forced: the full model generates ``max_tokens`` greedy tokens per prompt (profile mode); at every
+      generated position each exit's argmax is compared with the final layer's -> agreement + calibration;
+    * free-running: the model loaded to depth D only (plus its exit head, as serving loads it) generates greedily
+      from the same prompt -> share of prompts whose ``max_tokens`` tokens equal the full model's exactly,
+      mean common-prefix share and position-wise token agreement.
+    """
+    from helios_ray.models.early_exit import load_model
+    from helios_ray.models.repository import ModelRepository
+
+    if max_tokens < 1:
+        raise HeliosError(f"--max-tokens must be >= 1 (got {max_tokens})")
+    if limit is not None and limit < 1:
+        raise HeliosError(f"--limit must be >= 1 (got {limit})")
+    repo = repo or ModelRepository(models_file=models_file)
+    repo.spec(model)
+    convs = load_dataset(prompts, split=split, limit=limit, seed=None)  # type: ignore[arg-type]
+    if not convs:
+        raise HeliosError(f"{prompts}: no prompts")
+    if heads_path is not None and not Path(heads_path).exists():
+        raise HeliosError(f"exit heads file {heads_path} does not exist")
+    full = load_model(model, repo=repo, device="cpu", exits=Path(heads_path) if heads_path else "all")
+    L = full.total_layers
+    trained = sorted(full.heads)
+    depths = sorted(set(exits)) if exits else trained
+    if not depths:
+        raise HeliosError(f"model {model!r} has no trained exit heads; pass --exits to evaluate the logit lens")
+    bad = [d for d in depths if not 1 <= d < L]
+    if bad:
+        raise HeliosError(f"exit layer(s) {bad} out of range for {model}: exits must be in 1..{L - 1}")
+    card: dict[str, Any] = {}
+    hp = Path(heads_path) if heads_path else repo.exits_path(model)
+    if hp is not None and hp.with_suffix(".json").exists():
+        card = json.loads(hp.with_suffix(".json").read_text())
+
+    per: dict[int, dict[str, list[Any]]] = {d: {"agree": [], "conf": [], "kind": []} for d in depths}
+    refs: list[tuple[Conversation, list[int], list[int]]] = []
+    skipped = 0
+    for conv in tqdm(convs, desc="full model", disable=not progress, file=sys.stderr):
+        ids = _prompt_ids(conv, full.tokenizer)
+        if not ids or len(ids) + max_tokens > full.spec.max_positions:
+            skipped += 1
+            continue
+        recs = full.profile_generate(ids, max_tokens, depths)
+        for r in recs:
+            for d in depths:
+                tok, c = r["exits"][d]
+                per[d]["agree"].append(tok == r["final"])
+                per[d]["conf"].append(c)
+                per[d]["kind"].append(conv.kind)
+        refs.append((conv, ids, [r["final"] for r in recs]))
+    if not refs:
+        raise HeliosError(f"{prompts}: every prompt is empty or longer than the model's context")
+    del full
+
+    out_exits: dict[str, Any] = {}
+    for d in depths:
+        agree, conf = np.asarray(per[d]["agree"], bool), np.asarray(per[d]["conf"], float)
+        kinds = np.asarray(per[d]["kind"])
+        m = load_model(model, depth=d, repo=repo, device="cpu", exits=Path(heads_path) if heads_path else "auto")
+        exact, prefix, pos_agree = [], [], []
+        for conv, ids, ref in tqdm(refs, desc=f"depth {d}", disable=not progress, file=sys.stderr):
+            got = [t.token for t in m.generate_stream(ids, max_tokens)]
+            exact.append(got == ref)
+            prefix.append(_common_prefix(got, ref) / max(1, len(ref)))
+            pos_agree.append(sum(x == y for x, y in zip(got, ref)) / max(1, len(ref)))
+        card_thr = ((card.get("exits") or {}).get(str(d)) or {}).get("recommended_threshold")
+        entry: dict[str, Any] = {
+            "head": m.exit_head.kind,
+            "agreement": round(float(agree.mean()), 4),
+            "by_kind": {k: round(float(agree[kinds == k].mean()), 4) for k in sorted(set(kinds.tolist()))},
+            "calibration": calibration(agree, conf),
+            "card_threshold": card_thr,
+            "free_run": {
+                "exact_match": round(float(np.mean(exact)), 4),
+                "common_prefix": round(float(np.mean(prefix)), 4),
+                "token_agreement": round(float(np.mean(pos_agree)), 4),
+            },
+        }
+        if card_thr is not None:
+            sel = conf >= card_thr
+            entry["at_card_threshold"] = {"coverage": round(float(sel.mean()), 4),
+                                          "agreement": round(float(agree[sel].mean()), 4) if sel.any() else None}
+        out_exits[str(d)] = entry
+    return {
+        "model": model, "prompts": prompts, "split": split, "num_prompts": len(refs), "skipped": skipped,
+        "max_tokens": max_tokens, "generated_tokens": int(sum(len(r) for _, _, r in refs)),
+        "total_layers": L, "heads_file": str(hp) if hp else None, "exits": out_exits,
+    }
+
+
+def report_table(report: dict[str, Any]) -> str:
+    """The report (one line per exit) as Markdown."""
+    pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
+    lines = [f"{report['model']}: {report['num_prompts']} prompts from {report['prompts']}, "
+             f"{report['generated_tokens']} tokens generated by the full model ({report['max_tokens']} max each)",
+             "| exit | head | teacher-forced agreement | by kind | free-run exact | free-run prefix | thr | "
+             "coverage@thr | agreement@thr |", "|---|---|---|---|---|---|---|---|---|"]
+    for d, e in sorted(report["exits"].items(), key=lambda kv: int(kv[0])):
+        at = e.get("at_card_threshold") or {}
+        kinds = ", ".join(f"{k} {pct(v)}" for k, v in e["by_kind"].items())
+        lines.append(f"| L{d} | {e['head']} | {pct(e['agreement'])} | {kinds} | {pct(e['free_run']['exact_match'])} | "
+                     f"{pct(e['free_run']['common_prefix'])} | {e['card_threshold'] or '-'} | "
+                     f"{pct(at.get('coverage'))} | {pct(at.get('agreement'))} |")
+    return "\n".join(lines)
