@@ -137,12 +137,12 @@ class Brain:
         await self._maybe_apply(d)
 
     async def observe_profile(self, records: list[dict[str, Any]]) -> None:
-        from helios_ray.control.trace import RequestRecord, parse_record
+        from helios_ray.control.trace import TraceRequest, parse_record
 
         for r in records:
             rec = parse_record(r)
             self.profile_records += 1
-            if isinstance(rec, RequestRecord):
+            if isinstance(rec, TraceRequest):
                 self.controller.observe_profile_request(rec)
             else:
                 self.controller.observe_profile_token(rec)
