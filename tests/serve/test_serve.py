@@ -124,12 +124,24 @@ def test_grpc_bad_input_codes_and_cluster_keeps_serving(cluster):
         stub.Generate(pb.GenerateRequest(model="nope", prompt="hi"), metadata=md, timeout=30)
     assert e.value.code() == grpc.StatusCode.NOT_FOUND
     for bad in (pb.GenerateRequest(model="helios"), pb.GenerateRequest(model="helios", prompt="x", top_p=0.0),
-                pb.GenerateRequest(model="helios", prompt="x", max_tokens=100000)):
+                pb.GenerateRequest(model="helios", prompt="x", max_tokens=100000),
+                pb.GenerateRequest(model="helios", messages=[pb.ChatMessage(role="robot", content="x")])):
         with pytest.raises(grpc.RpcError) as e:
             stub.Generate(bad, metadata=md, timeout=60)
         assert e.value.code() == grpc.StatusCode.INVALID_ARGUMENT, e.value.details()
     ok = stub.Generate(pb.GenerateRequest(model="helios", prompt="Hello", max_tokens=3), metadata=md, timeout=60)
     assert ok.usage.completion_tokens >= 1
+
+
+def test_grpc_and_http_map_requests_the_same_way(cluster):
+    """One request mapper: ignore_eos, stop and sampling fields mean the same over gRPC as over HTTP."""
+    stub, md = _grpc(cluster)
+    kw = {"prompt": "The capital of France is", "max_tokens": 24, "temperature": 0.0, "ignore_eos": True}
+    g = stub.Generate(pb.GenerateRequest(model="helios", **kw), metadata=md, timeout=120)
+    h = httpx.post(f"{cluster['base']}/v1/completions", headers=cluster["headers"], timeout=120,
+                   json={"model": "helios", **kw}).json()
+    assert g.usage.completion_tokens == h["usage"]["completion_tokens"] == 24  # ignore_eos honoured by both
+    assert g.text == h["choices"][0]["text"] and g.finish_reason == h["choices"][0]["finish_reason"] == "length"
 
 
 def test_metrics_are_exported(cluster):
