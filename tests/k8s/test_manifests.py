@@ -403,6 +403,25 @@ def test_dockerfile_matches_setup_and_manifests():
         assert all(i.endswith("-gpu") == gpu for i in images), f"{path.name}: image tags {images}"
 
 
+def test_dockerfile_installs_the_runtime_dependency_set():
+    """The image gets pyproject's runtime dependencies (`pip install .`, no extras); grpcio-tools, a dev
+    dependency, only for the stub generation step, by pyproject's spec, and is removed again."""
+    docker = (K8S / "Dockerfile").read_text().replace("\\\n", " ")
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    dev = re.search(r"^dev = \[(.*)\]$", pyproject, re.M)
+    runtime = re.search(r"^dependencies = \[(.*?)^\]", pyproject, re.M | re.S)
+    assert dev and runtime, "pyproject.toml: no dependencies / dev extra"
+    tools = re.search(r'"(grpcio-tools[^"]*)"', dev.group(1))
+    assert tools, "grpcio-tools belongs to the dev extra"
+    assert "grpcio-tools" not in runtime.group(1), "grpcio-tools is not a runtime dependency"
+    step = next((ln for ln in docker.splitlines() if "gen_proto.sh" in ln and ln.lstrip().startswith("RUN")), "")
+    assert f'pip install "{tools.group(1)}"' in step, f"k8s/Dockerfile installs grpcio-tools unlike pyproject's {tools.group(1)}"
+    order = [step.find(s) for s in ("gen_proto.sh", "pip uninstall -y grpcio-tools", "pip install .")]
+    assert -1 not in order and order == sorted(order), (
+        "k8s/Dockerfile: generate stubs, then `pip uninstall -y grpcio-tools`, then `pip install .`")
+    assert not re.search(r"pip install[^\n]*\.\[", docker), "the image installs no extras of helios-ray"
+
+
 # ------------------------------------------------------------------------------------- the checks can fail
 def _broken(rs: dict[str, Any], how: str) -> tuple[dict[str, Any], str]:
     rs = copy.deepcopy(rs)
