@@ -1,13 +1,15 @@
 """Prometheus metrics (through ``ray.serve.metrics``) and energy telemetry (NVML when a GPU is there).
 
 Metric names follow vLLM's spirit; Ray exports them as ``ray_helios_<name>`` on the metrics port with
-application/deployment/replica tags.  Energy is read from NVML's total-energy counter; without a GPU (or without
-the NVIDIA library) it is simply "not available": ``EnergyMeter.joules()`` returns None and nothing crashes.
+application/deployment/replica tags.  Energy is read from NVML's total-energy counter of the replica's own GPU,
+matched by PCI bus id; without a GPU (or without the NVIDIA library) it is simply "not available":
+``EnergyMeter.joules()`` returns None and nothing crashes.
 """
 
 from __future__ import annotations
 
 import logging
+import re
 from functools import lru_cache
 from typing import Any
 
@@ -62,17 +64,125 @@ def _nvml() -> Any:
         return None
 
 
-class EnergyMeter:
-    """Joules consumed by one GPU since an arbitrary origin, or None where that cannot be known."""
+# ------------------------------------------------------------------------------------ GPU <-> NVML matching
+# NVML numbers GPUs its own way and ignores CUDA_VISIBLE_DEVICES: in a Ray replica that was given the third GPU,
+# torch's cuda:0 is NVML's device 2.  The PCI address is the one name both agree on, so the replica's GPU is
+# found in NVML by its bus id.  NVML writes it "00000000:3B:00.0" (8-digit domain, upper case; a legacy form has
+# 4 digits), sysfs and torch-derived strings "0000:3b:00.0": compare normalised addresses, never raw strings.
+_BUS_ID_RE = re.compile(r"^(?:([0-9a-fA-F]{1,8}):)?([0-9a-fA-F]{1,2}):([0-9a-fA-F]{1,2})\.([0-7])$")
 
-    def __init__(self, device_index: int = 0):
-        self.nvml = _nvml()
+
+def normalize_bus_id(bus_id: str | bytes) -> str:
+    """``domain:bus:device.function`` in one spelling: lower case, 4-digit (or wider) domain, 2-digit bus and
+    device, domain 0 when omitted.  ``00000000:3B:00.0``, ``0000:3b:00.0`` and ``3b:00.0`` all give
+    ``0000:3b:00.0``.  Raises ValueError for anything else."""
+    text = bus_id.decode("ascii", "replace") if isinstance(bus_id, (bytes, bytearray)) else str(bus_id)
+    m = _BUS_ID_RE.match(text.strip(" \t\r\n\x00"))
+    if m is None:
+        raise ValueError(f"not a PCI bus id: {bus_id!r}")
+    domain, bus, dev, fn = m.groups()
+    return f"{int(domain or '0', 16):04x}:{int(bus, 16):02x}:{int(dev, 16):02x}.{fn}"
+
+
+def nvml_bus_id(domain: int, bus: int, device: int) -> str:
+    """The address in NVML's own format (``NVML_DEVICE_PCI_BUS_ID_FMT``), e.g. ``00000000:3B:00.0``."""
+    return f"{domain:08X}:{bus:02X}:{device:02X}.0"
+
+
+def cuda_bus_id(device: Any = None) -> str | None:
+    """PCI bus id (NVML format) of a CUDA device: ``device`` is a torch device, ``"cuda:N"`` or an index into
+    the devices this process sees (CUDA_VISIBLE_DEVICES applied); None means the current CUDA device.  None when
+    there is no CUDA device, ``device`` is not one, or torch does not report PCI ids."""
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            return None
+        if device is None:
+            index = torch.cuda.current_device()
+        elif isinstance(device, int):
+            index = device
+        else:
+            dev = torch.device(device)
+            if dev.type != "cuda":
+                return None
+            index = dev.index if dev.index is not None else torch.cuda.current_device()
+        props = torch.cuda.get_device_properties(index)
+        # cudaDeviceProp.pciDomainID / pciBusID / pciDeviceID (torch exposes them since 2.6; torch.numa uses them)
+        return nvml_bus_id(int(props.pci_domain_id), int(props.pci_bus_id), int(props.pci_device_id))
+    except Exception as e:  # an old torch without the attributes, a broken driver, a bad device string, ...
+        log.info("no PCI bus id for CUDA device %r (%s): energy telemetry disabled", device, e)
+        return None
+
+
+def _handle_bus_id(nvml: Any, handle: Any) -> str | None:
+    try:
+        info = nvml.nvmlDeviceGetPciInfo(handle)
+    except Exception:
+        return None
+    for field in ("busId", "busIdLegacy"):
+        try:
+            return normalize_bus_id(getattr(info, field))
+        except (AttributeError, ValueError):
+            continue
+    try:
+        return normalize_bus_id(nvml_bus_id(info.domain, info.bus, info.device))
+    except Exception:
+        return None
+
+
+def nvml_handle_for_bus_id(nvml: Any, bus_id: str | bytes) -> Any | None:
+    """The NVML device handle of the GPU at ``bus_id`` (any spelling), or None if NVML has no such GPU.
+
+    ``nvml`` is an initialised ``pynvml`` module (or an object with the same functions).  NVML's own lookup
+    (``nvmlDeviceGetHandleByPciBusId``) is tried first and its answer checked against the device's PCI info;
+    failing that, every NVML device is compared by normalised bus id.  Never raises."""
+    try:
+        want = normalize_bus_id(bus_id)
+    except ValueError:
+        log.warning("energy telemetry: %r is not a PCI bus id", bus_id)
+        return None
+    domain, rest = want.split(":", 1)
+    try:
+        handle = nvml.nvmlDeviceGetHandleByPciBusId(f"{int(domain, 16):08X}:{rest.upper()}")
+        if _handle_bus_id(nvml, handle) in (want, None):  # None: PCI info unreadable, trust NVML's lookup
+            return handle
+    except Exception:
+        pass
+    try:
+        count = nvml.nvmlDeviceGetCount()
+    except Exception:
+        return None
+    for i in range(count):
+        try:
+            handle = nvml.nvmlDeviceGetHandleByIndex(i)
+        except Exception:
+            continue
+        if _handle_bus_id(nvml, handle) == want:
+            return handle
+    log.warning("energy telemetry: NVML has no GPU at PCI %s", want)
+    return None
+
+
+class EnergyMeter:
+    """Joules consumed by the GPU a replica runs on since an arbitrary origin, or None where that cannot be known.
+
+    ``device``: the torch device the replica computes on (``"cuda:1"``, a ``torch.device``, an index); default the
+    current CUDA device.  The GPU is found in NVML by PCI bus id, not by index (NVML ignores
+    CUDA_VISIBLE_DEVICES).  Without a CUDA device, without NVML, or if the GPU cannot be matched, the meter is
+    simply unavailable: ``available`` is False and ``joules()`` returns None; nothing raises.  ``nvml`` and
+    ``bus_id`` replace the ``pynvml`` module and the device's bus id (tests).
+    """
+
+    def __init__(self, device: Any = None, *, nvml: Any = None, bus_id: str | None = None):
+        self.bus_id = bus_id if bus_id is not None else cuda_bus_id(device)
+        self.nvml = None
         self.handle = None
+        if self.bus_id is None:
+            return
+        self.nvml = nvml if nvml is not None else _nvml()
         if self.nvml is not None:
-            try:
-                self.handle = self.nvml.nvmlDeviceGetHandleByIndex(device_index)
-            except Exception:
-                self.handle = None
+            self.handle = nvml_handle_for_bus_id(self.nvml, self.bus_id)
 
     @property
     def available(self) -> bool:

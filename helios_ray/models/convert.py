@@ -46,6 +46,7 @@ def gguf_to_cache(gguf: Path, out: Path, provenance: dict[str, Any] | None = Non
     tmp = _atomic_dir(out)
     try:
         tok = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
+        # gguf_file= needs `accelerate` installed (transformers refuses without it): why pyproject lists it.
         model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
         cfg = model.config.to_dict()
         cfg.pop("quantization_config", None)

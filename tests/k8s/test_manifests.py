@@ -1,7 +1,7 @@
 """The Kubernetes manifests in k8s/: KubeRay's CRD schema, the Serve config they carry, and drift against deployments/.
 
 No cluster and no Ray runtime: the RayServices are checked against the CRD's openAPIV3Schema
-(``../shared/kuberay/ray.io_rayservices.yaml``) with jsonschema, their ``serveConfigV2`` against Ray's own
+(``k8s/crd/ray.io_rayservices.yaml``, KubeRay v1.7.0, vendored: see ``k8s/crd/README.md``) with jsonschema, their ``serveConfigV2`` against Ray's own
 ``ServeDeploySchema`` and helios-ray's ``ServeConfig``, and against the ``deployments/*.yaml`` they are rendered
 from (``k8s/render.py``).  Negative tests show each check can fail.
 """
@@ -9,6 +9,7 @@ from (``k8s/render.py``).  Negative tests show each check can fail.
 from __future__ import annotations
 
 import copy
+import hashlib
 import importlib.util
 import re
 from pathlib import Path
@@ -24,7 +25,8 @@ pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 ROOT = Path(__file__).resolve().parents[2]
 K8S = ROOT / "k8s"
-CRD_PATH = Path(__file__).resolve().parents[2].parent / "shared" / "kuberay" / "ray.io_rayservices.yaml"
+CRD_DIR = K8S / "crd"  # vendored, inside the checkout: k8s/crd/README.md says which KubeRay release
+CRD_PATH = CRD_DIR / "ray.io_rayservices.yaml"
 IMPORT_PATH = "helios_ray.serve.app:build_app"
 GRPC_SERVICER = "helios_proto.helios_pb2_grpc.add_HeliosServiceServicer_to_server"
 SOURCE_ANNOTATION = "helios-ray/serve-config-source"
@@ -128,8 +130,9 @@ def _dockerfile_env(name: str) -> str:
 @pytest.fixture(scope="module")
 def crd() -> dict[str, Any]:
     if not CRD_PATH.is_file():
-        pytest.fail(f"KubeRay RayService CRD not found at {CRD_PATH} (expected ../shared/kuberay/ray.io_rayservices.yaml "
-                    "next to the repository): the manifests cannot be validated without it")
+        pytest.fail(f"KubeRay RayService CRD not found at {CRD_PATH}: it is vendored in the repository "
+                    "(k8s/crd/README.md says from which KubeRay release); restore it with git, the manifests "
+                    "cannot be validated without it")
     return yaml.load(CRD_PATH.read_text(), Loader=getattr(yaml, "CSafeLoader", yaml.SafeLoader))  # 1 MB: C parser
 
 
@@ -149,6 +152,20 @@ def test_expected_manifests_exist():
     assert {"rayservice.yaml", "rayservice-cpu.yaml"} <= names, names
     for f in ("Dockerfile", "render.py"):
         assert (K8S / f).is_file(), f"k8s/{f} is missing"
+
+
+def test_vendored_crd_is_the_recorded_kuberay_release():
+    """The schema the manifests are checked against is in the checkout, and is the file k8s/crd/README.md names."""
+    assert CRD_PATH.is_file(), f"vendored KubeRay CRD missing: {CRD_PATH} (see k8s/crd/README.md)"
+    readme = (CRD_DIR / "README.md").read_text()
+    version = re.search(r"KubeRay v(\d+\.\d+\.\d+)", readme)
+    digest = re.search(r"sha256: `([0-9a-f]{64})`", readme)
+    assert version and digest, "k8s/crd/README.md records no KubeRay version or sha256"
+    assert hashlib.sha256(CRD_PATH.read_bytes()).hexdigest() == digest.group(1), (
+        f"{CRD_PATH.name} differs from the KubeRay v{version.group(1)} file k8s/crd/README.md records: "
+        "update the README (version, commit, sha256) when replacing it")
+    head = CRD_PATH.read_text()[:400]
+    assert "name: rayservices.ray.io" in head and "kind: CustomResourceDefinition" in head
 
 
 def test_every_k8s_yaml_parses_as_kubernetes_objects():
@@ -384,6 +401,25 @@ def test_dockerfile_matches_setup_and_manifests():
         images = {_ray_container(g)["image"] for _, g in _groups(_rayservice(path))}
         gpu = _source(_rayservice(path)).endswith("-gpu.yaml")
         assert all(i.endswith("-gpu") == gpu for i in images), f"{path.name}: image tags {images}"
+
+
+def test_dockerfile_installs_the_runtime_dependency_set():
+    """The image gets pyproject's runtime dependencies (`pip install .`, no extras); grpcio-tools, a dev
+    dependency, only for the stub generation step, by pyproject's spec, and is removed again."""
+    docker = (K8S / "Dockerfile").read_text().replace("\\\n", " ")
+    pyproject = (ROOT / "pyproject.toml").read_text()
+    dev = re.search(r"^dev = \[(.*)\]$", pyproject, re.M)
+    runtime = re.search(r"^dependencies = \[(.*?)^\]", pyproject, re.M | re.S)
+    assert dev and runtime, "pyproject.toml: no dependencies / dev extra"
+    tools = re.search(r'"(grpcio-tools[^"]*)"', dev.group(1))
+    assert tools, "grpcio-tools belongs to the dev extra"
+    assert "grpcio-tools" not in runtime.group(1), "grpcio-tools is not a runtime dependency"
+    step = next((ln for ln in docker.splitlines() if "gen_proto.sh" in ln and ln.lstrip().startswith("RUN")), "")
+    assert f'pip install "{tools.group(1)}"' in step, f"k8s/Dockerfile installs grpcio-tools unlike pyproject's {tools.group(1)}"
+    order = [step.find(s) for s in ("gen_proto.sh", "pip uninstall -y grpcio-tools", "pip install .")]
+    assert -1 not in order and order == sorted(order), (
+        "k8s/Dockerfile: generate stubs, then `pip uninstall -y grpcio-tools`, then `pip install .`")
+    assert not re.search(r"pip install[^\n]*\.\[", docker), "the image installs no extras of helios-ray"
 
 
 # ------------------------------------------------------------------------------------- the checks can fail

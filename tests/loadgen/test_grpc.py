@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import asyncio
+import statistics
 
 import pytest
 
 from loadgen import Arrival, GrpcClient, RemoteTargetError, Request, LoadgenError, run_load
 
 TTFT, TPOT = 0.08, 0.02
-SLACK = 0.04   # allowed scheduling noise on the medians (a shared 2-core machine)
-LOOSE = 0.3    # per-request upper bound: a single request may hit a busy moment
+EPS = 0.002    # timer resolution on the lower bounds; no wall-clock ceilings (why: tests/loadgen/test_http.py)
 
 
 def run(client_kw: dict, reqs, arrival=None, **kw):
@@ -36,17 +36,18 @@ def test_grpc_timings_tokens_and_metadata(grpc_server):
     assert res.summary["completed"] == 3
     for r in res.records:
         assert r.success and r.interface == "grpc" and r.output_tokens == n and r.chunks == n
-        assert TTFT - 0.002 <= r.ttft_s <= TTFT + LOOSE
+        assert r.ttft_s >= TTFT - EPS
+        assert len(r.itl_s) == n - 1 and all(gap >= 0 for gap in r.itl_s)
+        last_token = r.ttft_s + sum(r.itl_s)
+        assert TTFT + (n - 1) * TPOT - EPS <= last_token <= r.e2e_s
         assert r.tpot_s == pytest.approx((r.e2e_s - r.ttft_s) / (n - 1))
-        assert TPOT - 0.002 <= r.tpot_s <= TPOT + LOOSE / 5
-        assert TTFT + (n - 1) * TPOT - 0.005 <= r.e2e_s <= TTFT + (n - 1) * TPOT + 2 * LOOSE
         assert r.exit_layers == [3, 5, 3, 5, 3] and r.breaches == 1
         assert r.confidences == pytest.approx([0.5, 0.51, 0.52, 0.53, 0.54])
         assert (r.model, r.depth, r.finish_reason, r.prompt_tokens) == ("tiny", 6, "length", 7)
     s = res.summary
-    assert s["ttft_ms"]["median"] == pytest.approx(1000 * TTFT, abs=1000 * SLACK)
-    assert s["tpot_ms"]["median"] == pytest.approx(1000 * TPOT, abs=1000 * SLACK / 2)
-    assert s["e2e_ms"]["median"] == pytest.approx(1000 * (TTFT + (n - 1) * TPOT), abs=1000 * 2 * SLACK)
+    for key in ("ttft", "tpot", "e2e"):  # the summary's statistics are those of the records, in milliseconds
+        assert s[f"{key}_ms"]["median"] == pytest.approx(1000 * statistics.median(getattr(r, f"{key}_s")
+                                                                                   for r in res.records))
     assert all(h["application"] == "helios" and h["authorization"] == "Bearer k1" for h in b.headers)
     assert b.received[0]["messages"] == ["hello"] and b.received[1]["prompt"] == "def f():"
     assert all(body["max_tokens"] == n for body in b.received)

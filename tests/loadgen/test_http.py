@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import json
 import math
+import statistics
 import time
 
 import pytest
@@ -15,8 +16,11 @@ from loadgen import (
 )
 
 TTFT, TPOT = 0.08, 0.02
-SLACK = 0.04   # allowed scheduling noise on the medians (a shared 2-core machine)
-LOOSE = 0.3    # per-request upper bound: a single request may hit a busy moment
+# Timings are checked by what a correct measurement implies, never by wall-clock ceilings (this runs on a shared,
+# loaded 2-core host).  A token cannot arrive before the server sends it, so lower bounds are exact: the first
+# token no earlier than TTFT, the last no earlier than TTFT + (n - 1) * TPOT.  A busy client can receive tokens
+# late and then in a burst, so nothing bounds a single gap from below or any interval from above.
+EPS = 0.002    # timer resolution on the lower bounds
 
 
 def chat(i: int, n: int = 6, text: str = "hello") -> Request:
@@ -42,18 +46,18 @@ def test_ttft_tpot_e2e_match_injected_delays(http_server):
     assert res.summary["completed"] == 4 and res.summary["failed"] == 0
     for r in res.records:
         assert r.success and r.output_tokens == n and r.chunks == n and r.prompt_tokens == 7
-        assert TTFT - 0.002 <= r.ttft_s <= TTFT + LOOSE          # the role-only chunk is not the first token
+        assert r.ttft_s >= TTFT - EPS                  # the role-only chunk (sent at once) is not the first token
+        assert len(r.itl_s) == n - 1 and all(gap >= 0 for gap in r.itl_s)  # one gap per later token
+        last_token = r.ttft_s + sum(r.itl_s)
+        assert TTFT + (n - 1) * TPOT - EPS <= last_token <= r.e2e_s  # gaps add up to the last token; E2E after it
         assert r.tpot_s == pytest.approx((r.e2e_s - r.ttft_s) / (n - 1))
-        assert TPOT - 0.002 <= r.tpot_s <= TPOT + LOOSE / 5
-        assert TTFT + (n - 1) * TPOT - 0.005 <= r.e2e_s <= TTFT + (n - 1) * TPOT + 2 * LOOSE
-        assert len(r.itl_s) == n - 1 and sum(r.itl_s) == pytest.approx(r.e2e_s - r.ttft_s, abs=0.01)
         assert r.exit_layers == [3, 5, 3, 5, 3, 5]
         assert r.confidences == pytest.approx([0.5, 0.51, 0.52, 0.53, 0.54, 0.55])
         assert r.model == "tiny" and r.finish_reason == "length"
     s = res.summary
-    assert s["ttft_ms"]["median"] == pytest.approx(1000 * TTFT, abs=1000 * SLACK)
-    assert s["tpot_ms"]["median"] == pytest.approx(1000 * TPOT, abs=1000 * SLACK / 2)
-    assert s["e2e_ms"]["median"] == pytest.approx(1000 * (TTFT + (n - 1) * TPOT), abs=1000 * 2 * SLACK)
+    for key in ("ttft", "tpot", "e2e"):  # the summary's statistics are those of the records, in milliseconds
+        assert s[f"{key}_ms"]["median"] == pytest.approx(1000 * statistics.median(getattr(r, f"{key}_s")
+                                                                                   for r in res.records))
     assert s["exit_layer"]["histogram"] == {"3": 12, "5": 12}
     assert s["total_output_tokens"] == 4 * n
     assert s["output_throughput"] == pytest.approx(s["total_output_tokens"] / s["duration_s"])
@@ -113,11 +117,17 @@ def test_closed_loop_never_exceeds_max_concurrency(http_server):
 
 
 def test_poisson_schedule_is_followed(http_server):
-    http_server.reset(ttft=0.002, tpot=0.001)
+    """Open loop: every request is sent at its scheduled time whether or not earlier ones have finished.  The
+    25 arrivals span ~0.67 s and every request waits 2 s for its first token, so an open-loop generator has all
+    25 in flight at once and starts each one before any finishes; a closed loop (or one that lets responses
+    hold back the schedule) cannot.  No wall-clock ceiling on the lag: it would flake on a loaded host."""
+    b = http_server.reset(ttft=2.0, tpot=0.001)
     res = run({"url": http_server.url}, [plain(i, 2) for i in range(25)], Arrival(rate=50, seed=4),
               status_interval=0)
     lag = [r.start_s - r.scheduled_s for r in res.records]
-    assert res.summary["completed"] == 25 and max(lag) < 0.03 and min(lag) >= 0
+    assert res.summary["completed"] == 25 and min(lag) >= 0  # never sent early
+    assert b.max_in_flight == 25 and res.summary["max_in_flight"] == 25
+    assert max(r.start_s for r in res.records) < min(r.start_s + r.e2e_s for r in res.records)
     expected = [r.scheduled_s for r in res.records]
     from loadgen import arrival_times
 
@@ -129,16 +139,17 @@ def test_duration_bound_stops_by_itself_and_drains(http_server):
     wl = build_workload("random", None, seed=0, random={"input_len": 8, "output_len": 3})
     t = time.perf_counter()
     res = run({"url": http_server.url}, wl, Arrival(rate=30, seed=2), duration=0.4, status_interval=0)
-    assert time.perf_counter() - t < 2.0
+    assert time.perf_counter() - t < 60  # returned by itself (generous: a hang, not a slow host, fails this)
     assert 3 <= len(res.records) <= 30 and all(r.scheduled_s < 0.4 for r in res.records)
     assert res.summary["failed"] == 0 and res.config["num_requests"] is None
     # requests still running at duration + drain_timeout are cancelled and counted as failed
-    http_server.reset(ttft=2.0, tpot=0.005)
+    http_server.reset(ttft=5.0, tpot=0.005)
     t = time.perf_counter()
     res = run({"url": http_server.url}, wl, Arrival(max_concurrency=2), duration=0.2, drain_timeout=0.1,
               status_interval=0)
-    assert time.perf_counter() - t < 1.5
-    assert res.summary["failed"] == 2 and all(r.status == "cancelled" for r in res.records)
+    # cancelled, and the run did not wait for the 5 s first token (0.3 s expected; 5 s is margin, not a target)
+    assert time.perf_counter() - t < 5.0
+    assert res.summary["failed"] == 2 and all(r.status == "cancelled" and r.ttft_s is None for r in res.records)
 
 
 def test_request_timeout(http_server):
@@ -152,7 +163,8 @@ def test_status_polling_records_placement_changes(http_server):
     res = run({"url": http_server.url}, [chat(i, 4) for i in range(6)], Arrival(rate=15, seed=0),
               status_interval=0.05)
     st = res.status
-    assert st["polls"] >= 4 and st["errors"] == 0
+    # polled before and after the switch (how many polls fit in the run depends on the host's load, not on loadgen)
+    assert st["polls"] >= 2 and st["errors"] == 0
     assert [p["version"] for p in st["placements"]] == [1, 2] and st["placements"][0]["t"] == 0.0
     assert len(st["changes"]) == 1
     ch = st["changes"][0]
