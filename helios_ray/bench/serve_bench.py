@@ -139,7 +139,7 @@ def _wait_ready(base: str, timeout: float = 600) -> dict[str, Any]:
             if httpx.get(f"{base}/health", timeout=5, trust_env=False).status_code == 200:
                 st = _status(base)
                 v = st["placement"]["version"]
-                if any(r.get("placement_version", v) == v for r in st.get("replicas", [])):
+                if any(r.get("placement_version") in (None, v) for r in st.get("replicas", [])):
                     return st
         except httpx.HTTPError:
             pass
@@ -156,7 +156,7 @@ def _settle(base: str, timeout: float = 180) -> dict[str, Any]:
         prof = st.get("profiler") or {}
         v = st["placement"]["version"]
         reps = st.get("replicas", [])
-        if not prof.get("queued") and not prof.get("busy") and reps and all(r.get("placement_version") == v
+        if not prof.get("queued") and not prof.get("busy") and reps and all(r.get("placement_version") in (None, v)
                                                                            for r in reps):
             return st
         time.sleep(2)

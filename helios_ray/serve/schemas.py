@@ -78,7 +78,8 @@ class ReplicaStats(BaseModel):
     total_layers: int
     exit_head: str
     token_exits: list[int] = Field(default_factory=list)
-    placement_version: int = 0
+    placement_version: int | None = Field(
+        default=None, description="The brain's placement version this replica runs; None = it follows none (plain).")
     running: int
     waiting: int
     kv_blocks_used: int = 0
