@@ -238,14 +238,11 @@ def test_serve_config_is_the_deployments_application(path):
 def test_application_args_are_a_valid_serve_config(path):
     """What build_app validates first (helios_ray.serve.app.load_config), short of looking up prepared models."""
     from helios_ray.config import ModelsFile, ServeConfig
-    from helios_ray.control import SLO, PolicyConfig
     from helios_ray.models.repository import BUILTIN_MODELS
 
     rs = _rayservice(path)
     (app,) = _serve_config(rs)["applications"]
-    cfg = ServeConfig.model_validate(app["args"])
-    SLO(cfg.slo)
-    PolicyConfig.model_validate({"confidence_threshold": cfg.threshold, **cfg.policy})
+    cfg = ServeConfig.model_validate(app["args"])  # the policy, SLO and engine schemas are part of it
     # Every candidate is registered where the pods can see it: built in, in `models`, or in the ConfigMap
     # mounted as HELIOS_MODELS_FILE (validated as the registration file it is).
     known = {m.name for m in BUILTIN_MODELS} | {m.name for m in cfg.models}
@@ -487,11 +484,11 @@ def test_a_drifted_manifest_is_detected(render, tmp_path):
     assert edited != text and render.splice(edited) == text
     # 2. the source changed, the manifest not re-rendered
     changed = yaml.safe_load((ROOT / source).read_text())
-    t = changed["applications"][0]["args"]["threshold"]
-    changed["applications"][0]["args"]["threshold"] = t / 2
+    t = changed["applications"][0]["args"]["policy"]["confidence_threshold"]
+    changed["applications"][0]["args"]["policy"]["confidence_threshold"] = t / 2
     (tmp_path / "helios.yaml").write_text(yaml.safe_dump(changed))
     assert list(_diff(_serve_config(rs), render.pod_config(tmp_path / "helios.yaml"))) == [
-        f"applications[0].args.threshold: {t} != source {t / 2}"]
+        f"applications[0].args.policy.confidence_threshold: {t} != source {t / 2}"]
     # 3. a non-override top-level difference is caught by the independent check
     cfg = _serve_config(rs)
     cfg["grpc_options"]["grpc_servicer_functions"] = []
