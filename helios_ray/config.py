@@ -104,6 +104,22 @@ class PlacementSpec(StrictModel):
     depth: int | None = Field(default=None, ge=1)
 
 
+class AdmissionConfig(StrictModel):
+    """How much waiting the cluster accepts before it sheds load, and how long a request waits out a switch.
+
+    Bounded everywhere: a replica holds ``engine.max_num_seqs`` running plus ``max_waiting_per_replica`` queued
+    requests; beyond that the router holds at most ``max_queued`` more; anything past both gets HTTP 503 (gRPC
+    RESOURCE_EXHAUSTED) with ``Retry-After: retry_after_s`` at once, instead of waiting in an unbounded queue.
+    """
+
+    max_waiting_per_replica: int = Field(default=32, ge=0, description="Queued requests inside each replica.")
+    max_queued: int = Field(default=64, ge=0, description="Requests the router holds while every replica is full.")
+    switch_wait_s: float = Field(default=120.0, gt=0,
+                                 description="How long a request arriving during a model swap waits for it "
+                                             "before a 503 with Retry-After.")
+    retry_after_s: float = Field(default=2.0, gt=0, description="The Retry-After a shed request is given.")
+
+
 class ServeConfig(StrictModel):
     """Everything ``build_app(args)`` needs; the ``args`` of ``deployments/helios.yaml`` are this model.
 
@@ -147,7 +163,8 @@ class ServeConfig(StrictModel):
     telemetry_every_tokens: int = Field(default=16, ge=1)
     api_key_env: str | None = Field(default="HELIOS_API_KEY",
                                     description="Env var holding the API key; unset or empty = no key needed.")
-    max_ongoing_requests: int = Field(default=256, ge=1)
+    max_ongoing_requests: int = Field(default=256, ge=1, description="Requests one router replica handles at once.")
+    admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
 
     @property
     def threshold(self) -> float:

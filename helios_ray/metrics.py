@@ -22,7 +22,7 @@ class RouterMetrics:
     """Per-request metrics, recorded by the ingress that relays every token."""
 
     def __init__(self) -> None:
-        from ray.serve.metrics import Counter, Histogram
+        from ray.serve.metrics import Counter, Gauge, Histogram
 
         self.ttft = Histogram("helios_time_to_first_token_seconds", "Time to first token",
                               boundaries=_LATENCY_BOUNDS, tag_keys=("model",))
@@ -35,6 +35,11 @@ class RouterMetrics:
         self.tokens = Counter("helios_generation_tokens", "Generated tokens", tag_keys=("model",))
         self.breaches = Counter("helios_confidence_breaches", "Tokens whose exit confidence was below the "
                                 "threshold", tag_keys=("model",))
+        self.shed = Counter("helios_requests_shed", "Requests answered 503 + Retry-After by admission control "
+                            "(queue_full: every replica and the router queue full; switching: a swap outlasted "
+                            "the switch wait)", tag_keys=("reason",))
+        self.admission_limit = Gauge("helios_admission_limit", "Requests the cluster admits before shedding "
+                                     "(replicas x (max_num_seqs + max_waiting_per_replica) + max_queued)")
         self.exit_depth = Histogram("helios_exit_depth", "Layer at which tokens exit",
                                     boundaries=[float(b) for b in range(2, 65, 2)], tag_keys=("model",))
 

@@ -86,6 +86,15 @@ class BreachCounter:
         self._flags.clear()
         self._breaches = 0
 
+    def window_state(self) -> tuple[list[bool], int, int]:
+        """(the window's flags oldest first, lifetime tokens, lifetime breaches): what a checkpoint keeps."""
+        return list(self._flags), self._total, self._total_breaches
+
+    def load_window_state(self, flags: list[bool], total: int, total_breaches: int) -> None:
+        self._flags = deque(flags[-self.window:])
+        self._breaches = sum(self._flags)
+        self._total, self._total_breaches = total, total_breaches
+
     def snapshot(self) -> dict[str, Any]:
         return {
             "window": self.window,

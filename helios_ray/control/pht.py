@@ -57,6 +57,10 @@ class PHT(BaseModel):
             pht.set_clock(clock)
         return pht
 
+    @property
+    def clock(self) -> Clock:
+        return self._clock
+
     def set_clock(self, clock: Clock) -> None:
         self._clock = clock
 

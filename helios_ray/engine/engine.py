@@ -31,7 +31,7 @@ from helios_ray.engine.kv_cache import BlockManager, KVLayout, PagedKVCache
 from helios_ray.engine.sampling import sample
 from helios_ray.engine.scheduler import Scheduler
 from helios_ray.engine.sequence import SamplingParams, Sequence, SeqStatus, TokenEvent, finish_text
-from helios_ray.errors import HeliosError, InvalidRequestError
+from helios_ray.errors import EngineDrainingError, HeliosError, InvalidRequestError
 from helios_ray.models.early_exit import EarlyExitLM
 
 log = logging.getLogger(__name__)
@@ -340,7 +340,7 @@ class AsyncEngine:
 
         def add() -> Sequence:
             if not self._admit:
-                raise HeliosError("the engine is draining for a model switch; retry shortly")
+                raise EngineDrainingError("the engine is draining for a model switch")
             seq = self.engine.add_request(prompt_ids, params)
             self._subscribers[seq.seq_id] = (loop, q)
             return seq

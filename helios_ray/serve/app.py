@@ -64,7 +64,9 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     cfg = load_config(args)
     conf = cfg.model_dump(mode="json")
     # Its in-flight requests are placement long-polls, safe to cut: a short graceful shutdown.
+    # A killed brain is replaced within seconds (health checks every 2 s) and restores its checkpoint.
     brain = serve.deployment(Brain, name="HeliosBrain", num_replicas=1, max_ongoing_requests=100_000,
+                             health_check_period_s=2, health_check_timeout_s=30,
                              graceful_shutdown_timeout_s=1, graceful_shutdown_wait_loop_s=0.5,
                              ray_actor_options={"num_cpus": 0}).bind(conf)
     profiler = None
@@ -74,7 +76,11 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     cls, name = (PlainReplica, "PlainReplica") if cfg.mode == "plain" else (EarlyExitReplica, "EarlyExitReplica")
     replica = serve.deployment(
         cls, name=name, num_replicas=cfg.replicas,
-        max_ongoing_requests=4 * cfg.engine.max_num_seqs, health_check_period_s=1, health_check_timeout_s=30,
+        # Bounded admission (AdmissionConfig): running + queued per replica, then a bounded router-side queue;
+        # past both, Serve raises BackPressureError and the relay answers 503 + Retry-After.
+        max_ongoing_requests=cfg.engine.max_num_seqs + cfg.admission.max_waiting_per_replica,
+        max_queued_requests=cfg.admission.max_queued,
+        health_check_period_s=1, health_check_timeout_s=30,
         graceful_shutdown_timeout_s=30,
         ray_actor_options={"num_cpus": cfg.replica_num_cpus, "num_gpus": cfg.replica_num_gpus},
     ).bind(conf, brain)

@@ -14,19 +14,32 @@ from __future__ import annotations
 import asyncio
 import json
 import logging
+import os
 import random
 import time
 from typing import Any
 
 from helios_ray.config import ServeConfig
+from helios_ray.control import checkpoint
 from helios_ray.control.controller import Placement
+from helios_ray.serve import brain_store
 from helios_ray.serve.schemas import ReplicaStats
 
 log = logging.getLogger("ray.serve")
 
 
+def _app_name() -> str | None:
+    """The Serve application this brain belongs to (None outside Serve: no checkpoint then)."""
+    try:
+        from ray import serve
+
+        return serve.get_replica_context().app_name
+    except Exception:
+        return None
+
+
 class Brain:
-    def __init__(self, config: dict[str, Any]):
+    async def __init__(self, config: dict[str, Any]):
         from helios_ray.control import Controller, Hardware
         from helios_ray.models.profiling import candidate_info
         from helios_ray.models.repository import ModelRepository
@@ -37,9 +50,29 @@ class Brain:
         budget = self.cfg.engine.memory_budget_bytes or (16384 << 20)
         hw = Hardware(device="cuda" if self.cfg.replica_num_gpus > 0 else "cpu", memory_budget_bytes=budget)
         self.controller = Controller(self.candidates, self.cfg.slo, hw, self.cfg.policy)
-        self.pinned = self.cfg.mode != "helios"
+        self.pinned = self.cfg.mode != "helios"  # a baseline: never moved by the policy
+        self.operator_pin = False  # an operator's (or user_config's) pinned placement: the policy waits
+        self._cond = asyncio.Condition()
+        self._rng = random.Random(0)
+        self.replicas: dict[str, ReplicaStats] = {}
+        self.started_at = time.time()
+        self._app = _app_name()
+        self._fingerprint = brain_store.fingerprint(self.cfg.model_dump_json())
+        self._dirty = False
+        saved = brain_store.load(self._app, self._fingerprint) if self._app else None
+        if saved is not None:
+            self._restore(saved)
+            log.info("helios brain: restored %s at version %d (restart %d)", self.placement, self.version,
+                     self.restarts)
+        else:
+            self._first_placement()
+            log.info("helios brain: initial placement %s", self.placement)
+        self._save()
+        self._saver = asyncio.get_running_loop().create_task(self._save_periodically())
+
+    def _first_placement(self) -> None:
         first = None if self.pinned else self.controller.start()
-        if self.pinned:  # a baseline: the first candidate at full depth, never changed by the policy
+        if self.pinned:  # a baseline: the first candidate at full depth
             name = self.cfg.candidates[0]
             self.placement = {"model": name, "depth": self.candidates[0].num_layers}
             self.controller.current = Placement(**self.placement)
@@ -54,13 +87,35 @@ class Brain:
         self.version = 1
         self.changed_at = time.time()
         self.changes: list[dict[str, Any]] = []
-        self._cond = asyncio.Condition()
-        self._rng = random.Random(0)
-        self.requests = 0
-        self.tokens_observed = 0
-        self.profile_records = 0
-        self.replicas: dict[str, dict[str, Any]] = {}
-        log.info("helios brain: initial placement %s", self.placement)
+        self.requests = self.tokens_observed = self.profile_records = self.restarts = 0
+
+    # ---------------------------------------------------------------------------------- checkpoint
+    def _state(self) -> brain_store.BrainState:
+        return brain_store.BrainState(
+            fingerprint=self._fingerprint, version=self.version, placement=self.placement,
+            operator_pin=self.operator_pin, changed_at=self.changed_at, changes=self.changes[-200:],
+            requests=self.requests, tokens_observed=self.tokens_observed, profile_records=self.profile_records,
+            restarts=self.restarts, controller=checkpoint.snapshot(self.controller))
+
+    def _restore(self, st: brain_store.BrainState) -> None:
+        checkpoint.restore(self.controller, st.controller)
+        self.version, self.placement, self.operator_pin = st.version, dict(st.placement), st.operator_pin
+        self.changed_at, self.changes = st.changed_at, list(st.changes)
+        self.requests, self.tokens_observed, self.profile_records = st.requests, st.tokens_observed, st.profile_records
+        self.restarts = st.restarts + 1
+
+    def _save(self) -> None:
+        if self._app:
+            brain_store.save(self._app, self._state())
+        self._dirty = False
+
+    async def _save_periodically(self, every_s: float = 2.0) -> None:
+        """Telemetry changes the PHT and breach window all the time: checkpoint them every ``every_s``
+        (placement changes are saved at once)."""
+        while True:
+            await asyncio.sleep(every_s)
+            if self._dirty:
+                self._save()
 
     # ----------------------------------------------------------------------------------- placement
     def _snapshot(self) -> dict[str, Any]:
@@ -80,7 +135,7 @@ class Brain:
         return self._snapshot()
 
     async def _maybe_apply(self, decision: Any) -> None:
-        if self.pinned or decision is None or not decision.changes_placement:
+        if self.pinned or self.operator_pin or decision is None or not decision.changes_placement:
             return
         new = {"model": decision.model, "depth": int(decision.depth)}
         if new == self.placement:
@@ -93,24 +148,36 @@ class Brain:
             self.changes.append({"version": self.version, "at": self.changed_at, "from": old, "to": new,
                                  "action": decision.action, "trigger": decision.trigger, "reason": decision.reason})
             self._cond.notify_all()
+        self._save()
         log.info("helios brain: %s -> %s (%s: %s)", old, new, decision.action, decision.reason)
 
-    async def set_placement(self, model: str, depth: int | None) -> dict[str, Any]:
-        """Operator override (also used by tests to force a live switch)."""
+    async def set_placement(self, model: str, depth: int | None, pin: bool = False) -> dict[str, Any]:
+        """Operator override.  ``pin``: the policy leaves it there until :meth:`unpin` (a Serve ``user_config``
+        pins); otherwise the policy may move it again on its next storm or re-assessment."""
         names = {c.name: c for c in self.candidates}
         if model in names and depth is None:
             depth = names[model].num_layers
         if model not in names or not 1 <= depth <= names[model].num_layers:
             raise ValueError(f"{model}@{depth} is not a valid candidate placement")
+        self.operator_pin = pin
         if self.placement == {"model": model, "depth": depth}:
+            self._save()
             return self._snapshot()
         async with self._cond:
             old, self.placement = self.placement, {"model": model, "depth": depth}
             self.version += 1
-            self.changes.append({"version": self.version, "at": time.time(), "from": old, "to": self.placement,
-                                 "action": "manual", "trigger": "operator", "reason": "set_placement"})
+            self.changed_at = time.time()
+            self.changes.append({"version": self.version, "at": self.changed_at, "from": old, "to": self.placement,
+                                 "action": "manual", "trigger": "operator",
+                                 "reason": "set_placement (pinned)" if pin else "set_placement"})
             self.controller.current = Placement(model=model, depth=depth)
             self._cond.notify_all()
+        self._save()
+        return self._snapshot()
+
+    async def unpin(self) -> dict[str, Any]:
+        self.operator_pin = False
+        self._save()
         return self._snapshot()
 
     # ----------------------------------------------------------------------------------- telemetry
@@ -118,6 +185,7 @@ class Brain:
         """Called per admitted request: the candidates to mirror it to (profiling windows, plus a random
         ``mirror_fraction`` of traffic that keeps every candidate's profile fresh)."""
         self.requests += 1
+        self._dirty = True
         if self.pinned:
             return []
         targets = self.controller.begin_request()
@@ -126,17 +194,20 @@ class Brain:
         return targets
 
     async def observe_tokens(self, model: str, depth: int, confidences: list[float]) -> None:
+        self._dirty = True
         for c in confidences:
             self.tokens_observed += 1
             await self._maybe_apply(self.controller.observe_token(model, depth, c))
 
     async def observe_request(self, model: str, depth: int, output_tokens: int, seconds: float,
                               ttft_s: float | None, prompt_tokens: int) -> None:
+        self._dirty = True
         d = self.controller.observe_request(model, depth, output_tokens=output_tokens, seconds=seconds,
                                             ttft_s=ttft_s, prompt_tokens=prompt_tokens)
         await self._maybe_apply(d)
 
     async def observe_profile(self, records: list[dict[str, Any]]) -> None:
+        self._dirty = True
         from helios_ray.control.trace import TraceRequest, parse_record
 
         for r in records:
@@ -147,7 +218,7 @@ class Brain:
             else:
                 self.controller.observe_profile_token(rec)
 
-    async def report_replica(self, stats: ReplicaStats) -> None:
+    async def report_replica(self, stats: ReplicaStats) -> None:  # noqa: D102 - shown in the status
         self.replicas[stats.replica] = stats.model_copy(update={"reported_at": time.time()})
 
     # -------------------------------------------------------------------------------------- status
@@ -160,6 +231,7 @@ class Brain:
             "replicas": sorted(live, key=lambda r: r["replica"]),
             "requests": self.requests, "tokens_observed": self.tokens_observed,
             "profile_records": self.profile_records, "slo": self.cfg.slo.value, "candidates": self.cfg.candidates,
-            "mode": self.cfg.mode,
+            "mode": self.cfg.mode, "pinned": self.pinned or self.operator_pin,
+            "brain": {"pid": os.getpid(), "started_at": self.started_at, "restarts": self.restarts},
             "controller": json.loads(json.dumps(st, default=str)),
         }

@@ -20,9 +20,13 @@ def fail(grpc_context: Any, e: APIError) -> None:
     code = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
             404: grpc.StatusCode.NOT_FOUND, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
             503: grpc.StatusCode.UNAVAILABLE}.get(e.status, grpc.StatusCode.INTERNAL)
+    if e.code == "overloaded":  # shed by admission control, not a broken server
+        code = grpc.StatusCode.RESOURCE_EXHAUSTED
     if grpc_context is not None:
         grpc_context.set_code(code)
         grpc_context.set_details(e.message)
+        if e.retry_after_s is not None:
+            grpc_context.set_trailing_metadata((("retry-after", str(max(1, round(e.retry_after_s)))),))
 
 
 def metadata(grpc_context: Any) -> dict[str, str]:

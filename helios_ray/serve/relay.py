@@ -14,6 +14,8 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
+from ray.serve.exceptions import BackPressureError
+
 from helios_ray.config import ServeConfig
 from helios_ray.serve.protocol import APIError
 from helios_ray.serve.schemas import GenerateCall, StreamEnd, StreamError, StreamEvent, StreamStart, StreamToken
@@ -65,15 +67,20 @@ class Relay:
     async def open(self, call: GenerateCall, requested: str) -> tuple[StreamStart, Any]:
         """Start a generation; returns the replica's start event and the stream.  Raises APIError."""
         self.check_model(requested)
-        targets = await self.brain.begin_request.remote()
-        if targets and self.profiler is not None:
-            fire(self.profiler.mirror.remote({"prompt": call.prompt, "messages": call.messages, "kind": "mirrored"},
-                                             targets))
+        fire(self._begin(call))  # never awaited: no user request waits on the brain (it may be restarting)
         gen = self.replica.options(stream=True).generate.remote(call)
-        first: StreamEvent = await gen.__anext__()
+        try:
+            first: StreamEvent = await gen.__anext__()
+        except BackPressureError:
+            self.metrics.shed.inc(tags={"reason": "queue_full"})
+            raise APIError(503, "the server is at capacity (every replica busy and the queue full); retry later",
+                           "server_error", code="overloaded", retry_after_s=self.cfg.admission.retry_after_s
+                           ) from None
         if isinstance(first, StreamError):
+            if first.status == 503:
+                self.metrics.shed.inc(tags={"reason": "switching"})
             raise APIError(first.status, first.message, "invalid_request_error" if first.status < 500
-                           else "server_error")
+                           else "server_error", retry_after_s=first.retry_after_s)
         assert isinstance(first, StreamStart), f"a replica stream began with {type(first).__name__}"
         if requested != self.cfg.served_model_name and first.model != requested:
             fire(self._drain(gen))
@@ -81,6 +88,13 @@ class Relay:
                                 f"{first.model}); send model={self.cfg.served_model_name!r} to let HELIOS choose",
                            param="model", code="model_not_deployed")
         return first, gen
+
+    async def _begin(self, call: GenerateCall) -> None:
+        """Tell the brain a request started and mirror it to the candidates the brain asks for."""
+        targets = await self.brain.begin_request.remote()
+        if targets and self.profiler is not None:
+            await self.profiler.mirror.remote({"prompt": call.prompt, "messages": call.messages, "kind": "mirrored"},
+                                              targets)
 
     @staticmethod
     async def _drain(gen: Any) -> None:

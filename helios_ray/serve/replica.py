@@ -23,7 +23,7 @@ from ray import serve
 
 from helios_ray.config import ServeConfig
 from helios_ray.engine.sequence import SamplingParams
-from helios_ray.errors import HeliosError
+from helios_ray.errors import EngineDrainingError, HeliosError
 from helios_ray.serve.schemas import (
     GenerateCall, ReplicaStats, StreamEnd, StreamError, StreamEvent, StreamStart, StreamToken,
 )
@@ -50,6 +50,8 @@ class EarlyExitReplica:
         self.last_change: dict[str, Any] | None = None
         self._metrics = None
         self._apply_lock = asyncio.Lock()
+        self._serving = asyncio.Event()  # cleared while a model swap drains the engine
+        self._serving.set()
         self._poller: asyncio.Task | None = None
         self._reporter: asyncio.Task | None = None
         await self._ensure_started()  # load the current placement before taking traffic
@@ -93,7 +95,11 @@ class EarlyExitReplica:
                 kind = "none"
         else:
             lm = await asyncio.to_thread(self._load, model, depth)
-            await self.aeng.swap_model(lm)
+            self._serving.clear()  # new requests wait for the new model instead of being refused
+            try:
+                await self.aeng.swap_model(lm)
+            finally:
+                self._serving.set()
             kind = "swap"
         if kind in ("depth", "swap"):
             self.switches += 1
@@ -146,18 +152,32 @@ class EarlyExitReplica:
                 log.debug("helios replica: stats report failed", exc_info=True)
 
     async def generate(self, call: GenerateCall) -> AsyncIterator[StreamEvent]:
+        """A model swap never refuses a request: one arriving while the engine drains waits for the new model
+        (up to ``admission.switch_wait_s``, then a 503 with Retry-After) and is encoded with its tokenizer."""
         await self._ensure_started()
-        m = self.aeng.engine.model
-        try:
-            ids, params = prepare(m.tokenizer, call)
-            stream = self.aeng.generate(ids, params)
-            first = await stream.__anext__()
-        except HeliosError as e:
-            yield StreamError(status=e.http_status, message=str(e))
-            return
-        except StopAsyncIteration:
-            yield StreamError(status=500, message="the engine ended the request without output")
-            return
+        deadline = time.monotonic() + self.cfg.admission.switch_wait_s
+        while True:
+            try:
+                await asyncio.wait_for(self._serving.wait(), max(0.0, deadline - time.monotonic()))
+            except asyncio.TimeoutError:
+                yield StreamError(status=503, message="the replica is switching models; retry shortly",
+                                  retry_after_s=self.cfg.admission.retry_after_s)
+                return
+            m = self.aeng.engine.model
+            try:
+                ids, params = prepare(m.tokenizer, call)
+                stream = self.aeng.generate(ids, params)
+                first = await stream.__anext__()
+                break
+            except EngineDrainingError:
+                continue  # a swap began between the wait and the admission: wait for it, encode again
+            except HeliosError as e:
+                yield StreamError(status=e.http_status, message=str(e),
+                                  retry_after_s=getattr(e, "retry_after_s", None))
+                return
+            except StopAsyncIteration:
+                yield StreamError(status=500, message="the engine ended the request without output")
+                return
         yield StreamStart(model=m.name, depth=m.depth, prompt_tokens=len(ids))
         n = 0
         ev = first
@@ -176,7 +196,8 @@ class EarlyExitReplica:
         replica (it goes through the brain, so all replicas and the policy agree).  Idempotent."""
         if not user_config or "model" not in user_config:
             return
-        p = await self.brain.set_placement.remote(user_config["model"], int(user_config.get("depth") or 0) or None)
+        p = await self.brain.set_placement.remote(user_config["model"], int(user_config.get("depth") or 0) or None,
+                                                  pin=True)
         async with self._apply_lock:
             await self._apply(p)
 

@@ -14,6 +14,7 @@ string annotations would no longer resolve - FastAPI would then read ``request``
 
 import asyncio
 import json
+import math
 import os
 from typing import Any, AsyncIterator
 
@@ -36,6 +37,20 @@ def _error_response(e: APIError) -> JSONResponse:
     return JSONResponse(e.body, status_code=e.status, headers=headers)
 
 
+def _json_ready(obj: Any) -> Any:
+    """The status as strict JSON: non-finite floats (an infeasible placement's cost is +inf) become null, and
+    anything else JSON lacks becomes its string - JSON has no Infinity, and strict clients reject it."""
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    if isinstance(obj, dict):
+        return {str(k): _json_ready(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_json_ready(v) for v in obj]
+    if obj is None or isinstance(obj, (str, int, bool)):
+        return obj
+    return str(obj)
+
+
 def _key_from_headers(headers: Any) -> str | None:
     auth = headers.get("authorization") or ""
     if auth.lower().startswith("bearer "):
@@ -55,6 +70,9 @@ class Router:
         key = os.environ.get(self.cfg.api_key_env or "", "") if self.cfg.api_key_env else ""
         self.api_key = key or None
         self.metrics = RouterMetrics()
+        adm = self.cfg.admission
+        self.metrics.admission_limit.set(
+            self.cfg.replicas * (self.cfg.engine.max_num_seqs + adm.max_waiting_per_replica) + adm.max_queued)
         self.relay = Relay(self.cfg, replica, brain, profiler, self.metrics,
                            model_ids=[self.cfg.served_model_name] + list(self.cfg.candidates))
 
@@ -73,7 +91,7 @@ class Router:
                 st["profiler"] = await asyncio.wait_for(self.profiler.stats.remote(), 5)
             except Exception as e:
                 st["profiler"] = {"error": type(e).__name__}
-        return json.loads(json.dumps(st, default=str))
+        return _json_ready(st)
 
     # -------------------------------------------------------------------------------------- HTTP
     async def _http_generate(self, request: Request, chat: bool) -> Any:

@@ -59,6 +59,7 @@ class StreamError(_Msg):
     type: Literal["error"] = "error"
     status: int
     message: str
+    retry_after_s: float | None = Field(default=None, description="Set for server states worth retrying (503).")
 
 
 StreamEvent = Union[StreamStart, StreamToken, StreamEnd, StreamError]
