@@ -21,6 +21,7 @@ from typing import Any
 from helios_ray.config import ServeConfig
 from helios_ray.control.controller import Placement
 from helios_ray.serve.schemas import ReplicaStats
+from helios_ray.serve.timeline import Timeline
 
 log = logging.getLogger("ray.serve")
 
@@ -60,6 +61,9 @@ class Brain:
         self.tokens_observed = 0
         self.profile_records = 0
         self.replicas: dict[str, dict[str, Any]] = {}
+        self.timeline = Timeline()  # rolling request window, exit layers, stamped decisions (the live page)
+        if first is not None:
+            self.timeline.decision(time.time(), first.model_dump(mode="json"))
         log.info("helios brain: initial placement %s", self.placement)
 
     # ----------------------------------------------------------------------------------- placement
@@ -80,6 +84,8 @@ class Brain:
         return self._snapshot()
 
     async def _maybe_apply(self, decision: Any) -> None:
+        if decision is not None:
+            self.timeline.decision(time.time(), decision.model_dump(mode="json"))
         if self.pinned or decision is None or not decision.changes_placement:
             return
         new = {"model": decision.model, "depth": int(decision.depth)}
@@ -125,7 +131,10 @@ class Brain:
             targets = [c.name for c in self.candidates]
         return targets
 
-    async def observe_tokens(self, model: str, depth: int, confidences: list[float]) -> None:
+    async def observe_tokens(self, model: str, depth: int, confidences: list[float],
+                             exit_layers: list[int] | None = None) -> None:
+        if exit_layers:
+            self.timeline.exits(model, exit_layers)
         for c in confidences:
             self.tokens_observed += 1
             await self._maybe_apply(self.controller.observe_token(model, depth, c))
@@ -134,6 +143,7 @@ class Brain:
                               ttft_s: float | None, prompt_tokens: int) -> None:
         d = self.controller.observe_request(model, depth, output_tokens=output_tokens, seconds=seconds,
                                             ttft_s=ttft_s, prompt_tokens=prompt_tokens)
+        self.timeline.request(time.time(), model, depth, output_tokens, seconds, ttft_s)
         await self._maybe_apply(d)
 
     async def observe_profile(self, records: list[dict[str, Any]]) -> None:
@@ -162,4 +172,5 @@ class Brain:
             "profile_records": self.profile_records, "slo": self.cfg.slo.value, "candidates": self.cfg.candidates,
             "mode": self.cfg.mode,
             "controller": json.loads(json.dumps(st, default=str)),
+            "timeline": self.timeline.snapshot(now, self.changes),
         }

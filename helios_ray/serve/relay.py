@@ -93,6 +93,7 @@ class Relay:
         t0 = time.perf_counter()
         first_at: float | None = None
         confs: list[float] = []
+        exits: list[int] = []
         n = breaches = 0
         ended = False
         try:
@@ -103,11 +104,12 @@ class Relay:
                     if first_at is None:
                         first_at = time.perf_counter()
                     confs.append(ev.confidence)
+                    exits.append(ev.exit_layer)
                     breaches += ev.breach
                     self.metrics.exit_depth.observe(ev.exit_layer, tags={"model": model})
                     if len(confs) >= self.cfg.telemetry_every_tokens:
-                        fire(self.brain.observe_tokens.remote(model, depth, confs))
-                        confs = []
+                        fire(self.brain.observe_tokens.remote(model, depth, confs, exit_layers=exits))
+                        confs, exits = [], []
                 elif isinstance(ev, StreamEnd):
                     self.metrics.requests.inc(tags={"model": model, "finish_reason": ev.finish_reason})
                 yield ev
@@ -122,7 +124,7 @@ class Relay:
             if not ended:  # we stopped early: cancel the replica side (Serve also propagates client disconnects)
                 gen.cancel()
             if confs:
-                fire(self.brain.observe_tokens.remote(model, depth, confs))
+                fire(self.brain.observe_tokens.remote(model, depth, confs, exit_layers=exits))
         e2e = time.perf_counter() - t0
         ttft = (first_at - t0) if first_at is not None else None
         tags = {"model": model}
