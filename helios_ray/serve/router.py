@@ -18,11 +18,11 @@ import os
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
 from helios_ray.config import ServeConfig
-from helios_ray.serve import grpc_api
+from helios_ray.serve import dashboard, grpc_api
 from helios_ray.serve.openai_format import ChunkWriter, completion_body, sse_stream
 from helios_ray.serve.protocol import APIError, body_from_grpc, parse_request, to_call
 from helios_ray.serve.relay import Relay
@@ -116,6 +116,11 @@ class Router:
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Any:
         return await self._http_generate(request, chat=False)
+
+    @app.get("/dashboard")  # the live page: static files only, open; its data comes from /v1/helios/status
+    @app.get("/dashboard/{name}")
+    async def dashboard_file(self, name: str = "index.html") -> Response:
+        return dashboard.response(name)
 
     @app.get("/v1/helios/status")
     async def status(self, request: Request) -> Any:
