@@ -367,6 +367,7 @@ PLUGGED: list[tuple[str, str, str]] = [
     ("tune-exits", "train exit heads on a frozen backbone (self-distillation)", "helios_ray.models.tuning_cli"),
     ("eval-exits", "measure exit agreement/calibration on a prompt file", "helios_ray.models.tuning_cli:eval"),
     ("simulate", "replay a recorded per-token trace through the HELIOS policy", "helios_ray.control.simulate"),
+    ("status", "the fleet, breach counter and last decisions of a running server", "helios_ray.serve.status_cli"),
 ]
 
 

