@@ -59,6 +59,12 @@ class Relay:
     metrics: Any
     model_ids: list[str] = field(default_factory=list)
 
+    @property
+    def admission_limit(self) -> int:
+        """Requests the cluster admits before shedding: running + waiting per replica, plus the router queue."""
+        adm = self.cfg.admission
+        return self.cfg.replicas * (self.cfg.engine.max_num_seqs + adm.max_waiting_per_replica) + adm.max_queued
+
     def check_model(self, model: str) -> None:
         if model not in self.model_ids:
             raise APIError(404, f"the model {model!r} does not exist; available: {', '.join(self.model_ids)}",
@@ -69,6 +75,8 @@ class Relay:
         origin of TTFT and e2e latency: queueing and prefill included).  Raises APIError."""
         t0 = time.perf_counter()
         self.check_model(requested)
+        # (re-)set per request: a gauge set once at start-up is not reliably exported by Ray's metrics agent
+        self.metrics.admission_limit.set(self.admission_limit)
         fire(self._begin(call))  # never awaited: no user request waits on the brain (it may be restarting)
         gen = self.replica.options(stream=True).generate.remote(call)
         try:

@@ -70,9 +70,6 @@ class Router:
         key = os.environ.get(self.cfg.api_key_env or "", "") if self.cfg.api_key_env else ""
         self.api_key = key or None
         self.metrics = RouterMetrics()
-        adm = self.cfg.admission
-        self.metrics.admission_limit.set(
-            self.cfg.replicas * (self.cfg.engine.max_num_seqs + adm.max_waiting_per_replica) + adm.max_queued)
         self.relay = Relay(self.cfg, replica, brain, profiler, self.metrics,
                            model_ids=[self.cfg.served_model_name] + list(self.cfg.candidates))
 
