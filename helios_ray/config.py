@@ -118,6 +118,9 @@ class AdmissionConfig(StrictModel):
                                  description="How long a request arriving during a model swap waits for it "
                                              "before a 503 with Retry-After.")
     retry_after_s: float = Field(default=2.0, gt=0, description="The Retry-After a shed request is given.")
+    resume_timeout_s: float = Field(default=60.0, gt=0,
+                                    description="How long a stream whose replica died waits for a live replica "
+                                                "(another, or the restarted one) to resume it before an error event.")
 
 
 class ServeConfig(StrictModel):

@@ -38,6 +38,8 @@ class RouterMetrics:
         self.shed = Counter("helios_requests_shed", "Requests answered 503 + Retry-After by admission control "
                             "(queue_full: every replica and the router queue full; switching: a swap outlasted "
                             "the switch wait)", tag_keys=("reason",))
+        self.resumed = Counter("helios_requests_resumed", "Streams resumed on a live replica after theirs died",
+                               tag_keys=("model",))
         self.admission_limit = Gauge("helios_admission_limit", "Requests the cluster admits before shedding "
                                      "(replicas x (max_num_seqs + max_waiting_per_replica) + max_queued)")
         self.exit_depth = Histogram("helios_exit_depth", "Layer at which tokens exit",

@@ -82,7 +82,6 @@ def run(a: argparse.Namespace) -> int:
     from ray import serve
     from ray.serve._private.api import serve_start
     from ray.serve.config import gRPCOptions
-    from ray.serve.context import _get_global_client  # noqa: F401 - serve_start registers the client there
 
     ray.init(address=a.address, namespace="serve", include_dashboard=False, logging_level="WARNING")
     stop = {"now": False}

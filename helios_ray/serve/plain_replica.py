@@ -26,7 +26,6 @@ from collections import deque
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
-from ray import serve
 
 from helios_ray.config import ServeConfig
 from helios_ray.errors import HeliosError, InvalidRequestError
@@ -264,8 +263,8 @@ class PlainReplica:
             p.cancelled = True  # client gone (or finished): the row stops at the next step
 
     async def stats(self) -> ReplicaStats:
-        return ReplicaStats(
-            replica=serve.get_replica_context().replica_id.unique_id, pid=os.getpid(), mode="plain",
+        return ReplicaStats.here(
+            mode="plain",
             model=self.name, depth=self.num_layers, total_layers=self.num_layers, exit_head="none",
             running=self.running, waiting=len(self._pending), weight_bytes=self.weight_bytes,
             kv_bytes_per_token=self.kv_bytes_per_token, memory_budget_bytes=self.budget,

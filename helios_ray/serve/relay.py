@@ -78,14 +78,23 @@ class Relay:
         # (re-)set per request: a gauge set once at start-up is not reliably exported by Ray's metrics agent
         self.metrics.admission_limit.set(self.admission_limit)
         fire(self._begin(call))  # never awaited: no user request waits on the brain (it may be restarting)
-        gen = self.replica.options(stream=True).generate.remote(call)
-        try:
-            first: StreamEvent = await gen.__anext__()
-        except BackPressureError:
-            self.metrics.shed.inc(tags={"reason": "queue_full"})
-            raise APIError(503, "the server is at capacity (every replica busy and the queue full); retry later",
-                           "server_error", code="overloaded", retry_after_s=self.cfg.admission.retry_after_s
-                           ) from None
+        deadline = time.monotonic() + self.cfg.admission.resume_timeout_s
+        while True:
+            gen = self.replica.options(stream=True).generate.remote(call)
+            try:
+                first: StreamEvent = await gen.__anext__()
+                break
+            except BackPressureError:
+                self.metrics.shed.inc(tags={"reason": "queue_full"})
+                raise APIError(503, "the server is at capacity (every replica busy and the queue full); retry "
+                                    "later", "server_error", code="overloaded",
+                               retry_after_s=self.cfg.admission.retry_after_s) from None
+            except Exception as e:  # the replica died before starting it: a request not yet started is retried
+                if time.monotonic() > deadline:
+                    raise APIError(503, f"no replica could start the request ({type(e).__name__}); retry later",
+                                   "server_error", retry_after_s=self.cfg.admission.retry_after_s) from None
+                log.warning("helios router: starting a request failed (%s); retrying", type(e).__name__)
+                await asyncio.sleep(0.5)
         if isinstance(first, StreamError):
             if first.status == 503:
                 self.metrics.shed.inc(tags={"reason": "switching"})
@@ -106,12 +115,65 @@ class Relay:
             await self.profiler.mirror.remote({"prompt": call.prompt, "messages": call.messages, "kind": "mirrored"},
                                               targets)
 
+    async def _resilient(self, call: GenerateCall, start: StreamStart, gen: Any
+                         ) -> AsyncIterator[StreamToken | StreamEnd | StreamError]:
+        """The replica's events - and if the replica dies mid-stream, the same request resumed on a live replica
+        (another one, or the restarted one) from the prompt plus the tokens already streamed, so the client sees
+        one uninterrupted stream; greedy text equals the uninterrupted run's.  Only when no replica serving the
+        same model takes it within ``admission.resume_timeout_s`` does the client get an error event."""
+        streamed: list[int] = list(call.resume_ids)
+        try:
+            while True:
+                try:
+                    async for ev in gen:
+                        if isinstance(ev, StreamToken):
+                            streamed.append(ev.token)
+                        yield ev
+                        if isinstance(ev, (StreamEnd, StreamError)):
+                            return
+                    return
+                except Exception as e:  # the replica died mid-stream (ActorDiedError, RayTaskError, ...)
+                    log.warning("helios router: stream from %s@%d failed (%s) after %d tokens; resuming",
+                                start.model, start.depth, type(e).__name__, len(streamed))
+                    resumed = await self._resume(call, start.model, streamed)
+                    if resumed is None:
+                        self.metrics.errors.inc(tags={"status": "503"})
+                        yield StreamError(status=503, message=f"the replica serving this request failed mid-stream "
+                                                              f"({type(e).__name__}) and no replica could resume it "
+                                                              "in time; retry the request")
+                        return
+                    self.metrics.resumed.inc(tags={"model": start.model})
+                    gen = resumed
+        finally:
+            gen.cancel()  # a no-op once the stream ended; frees the replica's sequence when the client left
+
+    async def _resume(self, call: GenerateCall, model: str, streamed: list[int]) -> Any | None:
+        """A new stream continuing ``call`` after ``streamed`` on a replica serving ``model``, or None."""
+        resume = call.model_copy(update={"resume_ids": list(streamed)})
+        deadline = time.monotonic() + self.cfg.admission.resume_timeout_s
+        while time.monotonic() < deadline:
+            gen = self.replica.options(stream=True).generate.remote(resume)
+            try:
+                first = await asyncio.wait_for(gen.__anext__(), max(0.1, deadline - time.monotonic()))
+            except Exception:  # no live replica yet (restarting), or it died again: try again shortly
+                gen.cancel()
+                await asyncio.sleep(0.5)
+                continue
+            if isinstance(first, StreamStart) and first.model == model:
+                return gen
+            gen.cancel()
+            if isinstance(first, StreamError) and first.status >= 500:
+                await asyncio.sleep(first.retry_after_s or 0.5)
+                continue
+            return None  # another model now (its tokenizer cannot continue these ids), or refused
+        return None
+
     @staticmethod
     async def _drain(gen: Any) -> None:
         async for _ in gen:
             pass
 
-    async def relay(self, start: StreamStart, gen: Any, t0: float
+    async def relay(self, call: GenerateCall, start: StreamStart, gen: Any, t0: float
                     ) -> AsyncIterator[StreamToken | StreamEnd | StreamError]:
         """Yield the replica's token/end events (or one error event) while feeding telemetry and metrics."""
         model, depth = start.model, start.depth
@@ -119,10 +181,9 @@ class Relay:
         confs: list[float] = []
         exits: list[int] = []
         n = breaches = 0
-        ended = False
+        events = self._resilient(call, start, gen)
         try:
-            async for ev in gen:
-                ended = isinstance(ev, (StreamEnd, StreamError))
+            async for ev in events:
                 if isinstance(ev, StreamToken):
                     n += 1
                     if first_at is None:
@@ -137,16 +198,8 @@ class Relay:
                 elif isinstance(ev, StreamEnd):
                     self.metrics.requests.inc(tags={"model": model, "finish_reason": ev.finish_reason})
                 yield ev
-        except Exception as e:  # the replica died mid-stream (ActorDiedError, RayTaskError, ...)
-            ended = True
-            self.metrics.errors.inc(tags={"status": "503"})
-            log.warning("helios router: stream from %s@%d failed: %s", model, depth, type(e).__name__)
-            yield StreamError(status=503, message=f"the replica serving this request failed mid-stream "
-                                                  f"({type(e).__name__}); retry the request")
-            return
         finally:
-            if not ended:  # we stopped early: cancel the replica side (Serve also propagates client disconnects)
-                gen.cancel()
+            await events.aclose()  # we stopped early: cancels the replica side (Serve also propagates disconnects)
             if confs:
                 fire(self.brain.observe_tokens.remote(model, depth, confs, exit_layers=exits))
         e2e = time.perf_counter() - t0
@@ -167,7 +220,7 @@ class Relay:
         text: list[str] = []
         tokens: list[StreamToken] = []
         end: StreamEnd | None = None
-        async for ev in self.relay(start, gen, t0):
+        async for ev in self.relay(call, start, gen, t0):
             if isinstance(ev, StreamToken):
                 text.append(ev.text)
                 tokens.append(ev)

@@ -19,7 +19,6 @@ import os
 import time
 from typing import Any, AsyncIterator
 
-from ray import serve
 
 from helios_ray.config import ServeConfig
 from helios_ray.engine.sequence import SamplingParams
@@ -206,8 +205,8 @@ class EarlyExitReplica:
         eng = self.aeng.engine
         t = eng.totals
         last = t.recent[-1] if t.recent else None
-        return ReplicaStats(
-            replica=serve.get_replica_context().replica_id.unique_id, pid=os.getpid(), mode=self.cfg.mode,
+        return ReplicaStats.here(
+            mode=self.cfg.mode,
             model=eng.model.name, depth=eng.model.depth, total_layers=eng.model.total_layers,
             placement_version=self.version, exit_head=eng.model.exit_head.kind,
             running=len(eng.scheduler.running), waiting=len(eng.scheduler.waiting),

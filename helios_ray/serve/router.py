@@ -102,7 +102,7 @@ class Router:
             call = to_call(req)
             if req.stream:
                 start, gen, t0 = await self.relay.open(call, req.model)
-                events = self.relay.relay(start, gen, t0)
+                events = self.relay.relay(call, start, gen, t0)
                 return StreamingResponse(sse_stream(ChunkWriter(call.request_id, start, chat), events,
                                                     req.include_usage), media_type="text/event-stream")
             out = await self.relay.complete(call, req.model)
@@ -173,7 +173,7 @@ class Router:
         except APIError as e:
             grpc_api.fail(grpc_context, e)
             raise
-        async for ev in self.relay.relay(start, gen, t0):
+        async for ev in self.relay.relay(call, start, gen, t0):
             if isinstance(ev, StreamToken):
                 yield grpc_api.token_chunk(call.request_id, start, ev)
             elif isinstance(ev, StreamEnd):

@@ -25,6 +25,9 @@ class GenerateCall(_Msg):
     prompt: str | None = None
     messages: list[dict[str, str]] | None = None
     params: SamplingParams
+    resume_ids: list[int] = Field(
+        default_factory=list, description="Tokens already streamed to the client by a replica that died: the "
+                                          "replica continues after them (they count towards max_tokens).")
 
 
 # --------------------------------------------------------------------------------------- stream events
@@ -73,6 +76,7 @@ class ReplicaStats(BaseModel):
 
     replica: str
     pid: int
+    node_id: str = Field(default="", description="The Ray node it runs on.")
     mode: Literal["helios", "early_exit", "plain"]
     model: str
     depth: int
@@ -98,6 +102,17 @@ class ReplicaStats(BaseModel):
     last_change: dict[str, Any] | None = None
     energy_j_per_token: float | None = None
     reported_at: float | None = None
+
+    @classmethod
+    def here(cls, **fields: Any) -> "ReplicaStats":
+        """Stats of the replica this runs in: its Serve replica id, process and Ray node filled in."""
+        import os
+
+        import ray
+        from ray import serve
+
+        return cls(replica=serve.get_replica_context().replica_id.unique_id, pid=os.getpid(),
+                   node_id=ray.get_runtime_context().get_node_id(), **fields)
 
     @property
     def kv_usage(self) -> float:
