@@ -145,16 +145,16 @@ def _run_generate(a: argparse.Namespace) -> int:
     if not 0 < a.threshold <= 1:
         raise HeliosError(f"--threshold must be in (0, 1] (got {a.threshold})")
     m = _load(a, confidence_kind=a.confidence, threshold=a.threshold)
+    from helios_ray.engine.detok import TextStream
     from helios_ray.engine.sequence import SamplingParams, finish_text
 
     enc = m.encode_request(messages=[{"role": "user", "content": a.prompt}]) if a.chat else m.encode_request(a.prompt)
     ids, stops = enc.ids, SamplingParams(max_tokens=a.max_tokens, stop=list(enc.stop))  # a base model: one turn
     if not a.json:
-        text, emitted = "", 0
+        stream = TextStream(m.tokenizer, stops)
         for i, t in enumerate(m.generate_stream(ids, a.max_tokens)):
             eos = t.token in m.eos_ids
-            text += "" if eos else t.text
-            _, reason, delta, emitted = finish_text(text, stops, eos, i + 1 >= a.max_tokens, emitted)
+            delta, reason = stream.add(None if eos else t.token, eos, i + 1 >= a.max_tokens)
             print(delta, end="", flush=True)
             if reason:
                 break

@@ -27,10 +27,11 @@ from typing import AsyncIterator, Callable
 
 import torch
 from helios_ray.engine.config import EngineConfig
+from helios_ray.engine.detok import TextStream
 from helios_ray.engine.kv_cache import BlockManager, KVLayout, PagedKVCache
 from helios_ray.engine.sampling import sample
 from helios_ray.engine.scheduler import Scheduler
-from helios_ray.engine.sequence import SamplingParams, Sequence, SeqStatus, TokenEvent, finish_text
+from helios_ray.engine.sequence import SamplingParams, Sequence, SeqStatus, TokenEvent
 from helios_ray.errors import HeliosError, InvalidRequestError
 from helios_ray.models.early_exit import EarlyExitLM
 
@@ -163,6 +164,7 @@ class LLMEngine:
         params = params or SamplingParams()
         self.validate(prompt_ids, params)
         seq = Sequence(list(prompt_ids), params)
+        seq.stream = TextStream(self.model.tokenizer, params)
         self.sequences[seq.seq_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -236,11 +238,12 @@ class LLMEngine:
         s.output_ids.append(tok)
         p = s.params
         is_eos = tok in self.model.eos_ids and not p.ignore_eos
-        visible = s.output_ids[:-1] if is_eos else s.output_ids
         at_length = len(s.output_ids) >= p.max_tokens or s.num_tokens >= self.max_model_len
-        text, reason, delta, s.emitted_chars = finish_text(self.model.decode(visible), p, is_eos, at_length,
-                                                           s.emitted_chars)
-        s.text = text
+        # incremental: only the new token is decoded and only the new text is searched for stop strings
+        if s.stream is None:  # a Sequence built outside add_request
+            s.stream = TextStream(self.model.tokenizer, p)
+        delta, reason = s.stream.add(None if is_eos else tok, is_eos, at_length)
+        s.text, s.emitted_chars = s.stream.text, s.stream.emitted
         ev = TokenEvent(s.seq_id, len(s.output_ids) - 1, tok, delta, layer, conf, breach)
         if reason is not None:
             self._finish(s, reason)

@@ -12,6 +12,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -89,6 +90,7 @@ class Sequence:
     emitted_chars: int = 0
     preemptions: int = 0
     generator: torch.Generator | None = None
+    stream: Any = None  # the engine's TextStream (incremental detokenizer + stop rules), set when queued
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:

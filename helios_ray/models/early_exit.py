@@ -300,16 +300,15 @@ class EarlyExitLM:
         dev = self.device
         ids = torch.tensor([prompt_ids], device=dev)
         pos = torch.arange(len(prompt_ids), device=dev)[None]
-        out_ids: list[int] = []
-        prev_text = ""
+        from helios_ray.engine.detok import IncrementalDecoder
+
+        detok = IncrementalDecoder(self.tokenizer)  # one short window per token, not the whole output again
         for i in range(max_tokens):
             token, conf, logits, layer = self.step(ids, pos, cache)
             if sample is not None:
                 token = sample(logits)
             t = int(token[0])
-            out_ids.append(t)
-            text = self.decode(out_ids)
-            piece, prev_text = text[len(prev_text):], text
+            piece, _ = detok.add(t)  # settled text only: an incomplete UTF-8 character waits for its next byte
             c = float(conf[0])
             yield TokenExit(token=t, text=piece, exit_layer=int(layer[0]), confidence=c, breach=c < self.threshold)
             if t in self.eos_ids:

@@ -223,10 +223,13 @@ class PlainReplica:
         is_eos = tok in self.eos_ids and not params.ignore_eos
         if not is_eos:
             p.out.append(tok)
-        from helios_ray.engine.sequence import finish_text
+        from helios_ray.engine.detok import TextStream
 
-        _, reason, delta, p.emitted = finish_text(self.tokenizer.decode(p.out, skip_special_tokens=True),
-                                                  params, is_eos, len(p.out) >= params.max_tokens, p.emitted)
+        stream = vars(p).get("text_stream")  # incremental detokenizer + stop rules, one per request
+        if stream is None:
+            stream = vars(p).setdefault("text_stream", TextStream(self.tokenizer, params))
+        delta, reason = stream.add(None if is_eos else tok, is_eos, len(p.out) >= params.max_tokens)
+        p.emitted = stream.emitted
         if not is_eos:
             self.tokens_out += 1
             p.loop.call_soon_threadsafe(p.queue.put_nowait, StreamToken(
