@@ -104,6 +104,16 @@ class Sequence:
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
 
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Tokens ``[start, end)`` of prompt + output without copying the whole sequence (per-step cost
+        independent of its length)."""
+        n = len(self.prompt_ids)
+        if end <= n:
+            return self.prompt_ids[start:end]
+        if start >= n:
+            return self.output_ids[start - n:end - n]
+        return self.prompt_ids[start:] + self.output_ids[:end - n]
+
 
 def _stop_prefix_len(text: str, stops: list[str]) -> int:
     """Length of the longest tail of ``text`` that is a proper prefix of one of ``stops``."""

@@ -203,6 +203,19 @@ class EarlyExitLM:
         token, conf = confidence(logits, self.confidence_kind)
         return token, conf, logits, torch.full_like(token, self.depth)
 
+    @torch.inference_mode()
+    def step_packed(self, ids: Tensor, q_pos: Tensor, cache: KVCache, rows: Tensor
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One packed serving step ([1, N] tokens of many sequences, see ``engine/packed.py``): like
+        :meth:`step` for the positions ``rows`` (each sampling sequence's last token).  The LM head runs on
+        those rows only.  Greedy exit at D (token-level exit models use :meth:`step`)."""
+        ctx = self.lm.context(q_pos, cache)
+        h = self.lm.run_layers(self.lm.embed_tokens(ids, ctx), ctx)
+        h = self.exit_head.transform(h, ctx)
+        logits = self.lm.logits(h[0, rows])
+        token, conf = confidence(logits, self.confidence_kind)
+        return token, conf, logits, torch.full_like(token, self.depth)
+
     def _step_token_exit(self, ids: Tensor, q_pos: Tensor, cache: KVCache) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """Each row leaves at its first confident exit; the rest of the batch runs on without it.
 
