@@ -121,9 +121,11 @@ class LLMEngine:
 
     def _setup_memory(self) -> None:
         budget = self.memory_budget_bytes
-        weights = self.model.param_bytes
+        fp = self.model.footprint  # the one memory model (helios_ray/memory.py), as the policy plans with
+        weights = fp.weight_bytes
         layout = self.layout
-        num_blocks = layout.num_blocks(budget - weights)
+        assert layout.bytes_per_token == fp.kv_bytes_per_token
+        num_blocks = fp.kv_blocks(budget, layout.block_size)
         if num_blocks < 1:
             raise HeliosError(
                 f"memory budget {budget / 2**20:.0f} MiB does not hold the weights ({weights / 2**20:.0f} MiB at "

@@ -91,9 +91,11 @@ class PlainReplica:
         self.num_layers = int(c.num_hidden_layers)
         kv_heads = int(getattr(c, "num_key_value_heads", None) or c.num_attention_heads)
         head_dim = int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+        from helios_ray import memory  # the one memory model, as the engine and the policy use
+
         esize = torch.tensor([], dtype=dtype).element_size()
-        self.kv_bytes_per_token = self.num_layers * 2 * kv_heads * head_dim * esize
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.hf.parameters())
+        self.kv_bytes_per_token = memory.kv_bytes_per_token(self.num_layers, kv_heads, head_dim, esize)
+        self.weight_bytes = sum(memory.param_bytes(p.numel(), str(p.dtype)) for p in self.hf.parameters())
         if self.cfg.engine.memory_budget is not None:
             self.budget = int(self.cfg.engine.memory_budget)
         elif self.device.type == "cuda":
@@ -267,12 +269,15 @@ class PlainReplica:
             p.cancelled = True  # client gone (or finished): the row stops at the next step
 
     async def stats(self) -> ReplicaStats:
+        from helios_ray import memory as _memory
+
         return ReplicaStats(
             replica=serve.get_replica_context().replica_id.unique_id, pid=os.getpid(), mode="plain",
             model=self.name, depth=self.num_layers, total_layers=self.num_layers, exit_head="none",
             running=self.running, waiting=len(self._pending), weight_bytes=self.weight_bytes,
             kv_bytes_per_token=self.kv_bytes_per_token, memory_budget_bytes=self.budget,
-            max_concurrent_1k=min(self.cfg.engine.max_num_seqs, self.kv_budget // (1024 * self.kv_bytes_per_token)),
+            max_concurrent_1k=min(self.cfg.engine.max_num_seqs, _memory.Footprint(
+                self.weight_bytes, self.kv_bytes_per_token).max_sequences(self.budget, 1024)),
             tokens_out=self.tokens_out, steps=self.batches, requests=self.requests, last_batch=self.running,
         )
 
