@@ -145,16 +145,16 @@ def _run_generate(a: argparse.Namespace) -> int:
     if not 0 < a.threshold <= 1:
         raise HeliosError(f"--threshold must be in (0, 1] (got {a.threshold})")
     m = _load(a, confidence_kind=a.confidence, threshold=a.threshold)
+    from helios_ray.engine.detok import TextStream
     from helios_ray.engine.sequence import SamplingParams, finish_text
 
     enc = m.encode_request(messages=[{"role": "user", "content": a.prompt}]) if a.chat else m.encode_request(a.prompt)
     ids, stops = enc.ids, SamplingParams(max_tokens=a.max_tokens, stop=list(enc.stop))  # a base model: one turn
     if not a.json:
-        text, emitted = "", 0
+        stream = TextStream(m.tokenizer, stops)
         for i, t in enumerate(m.generate_stream(ids, a.max_tokens)):
             eos = t.token in m.eos_ids
-            text += "" if eos else t.text
-            _, reason, delta, emitted = finish_text(text, stops, eos, i + 1 >= a.max_tokens, emitted)
+            delta, reason = stream.add(None if eos else t.token, eos, i + 1 >= a.max_tokens)
             print(delta, end="", flush=True)
             if reason:
                 break
@@ -271,6 +271,15 @@ def _cfg_bench(p: argparse.ArgumentParser) -> None:
     m = sub.add_parser("memory", help="max concurrent sequences the scheduler admits at each depth")
     m.add_argument("--model", default="smollm2-135m")
     m.add_argument("--budget-mb", type=int, default=1024)
+    x = sub.add_parser("mixed", help="chunked prefill vs prefill-first: prefill layouts and inter-token latency "
+                                     "under Poisson arrivals, side by side")
+    x.add_argument("--model", default="smollm2-135m")
+    x.add_argument("--quick", action="store_true", help="2 and 4 prompts; 8 arrivals x 24 tokens (~2 min)")
+    x.add_argument("--chunk-tokens", type=int, default=128, help="max_num_batched_tokens of the chunked side")
+    x.add_argument("--budget-mb", type=int, default=2048)
+    x.add_argument("--threads", type=int, default=1)
+    x.add_argument("--seed", type=int, default=0)
+    x.add_argument("--json", action="store_true")
     m.add_argument("--depths", default=None, help="comma-separated depths (default: full and 2/3 of it)")
     m.add_argument("--seq-len", type=int, default=512)
     m.add_argument("--block-size", type=int, default=16)
@@ -326,6 +335,12 @@ def _run_bench(a: argparse.Namespace) -> int:
     if a.bench == "engine":
         if a.quick:
             a.batches, a.requests, a.max_output_tokens = "1,8", 16, 64
+    if a.bench == "mixed":
+        from helios_ray.bench import mixed_bench
+
+        res = mixed_bench.bench_mixed(a.model, a.quick, a.seed, a.threads, a.budget_mb, a.chunk_tokens)
+        _emit(res, a.json, mixed_bench.format_table)
+        return 0
         res = engine_bench.bench_engine(a.model, _ints(a.batches, "--batches"), a.requests, a.max_prompt_tokens,
                                         a.max_output_tokens, a.budget_mb, a.seed, a.threads, progress=not a.json,
                                         repeats=a.repeats)

@@ -39,6 +39,8 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from helios_ray.memory import Footprint
+
 SystemName = Literal["helios", "baseline", "plain"]
 MODES = {"helios": "helios", "baseline": "early_exit", "plain": "plain"}
 
@@ -213,13 +215,9 @@ def accuracy(scorer: Scorer, workload: list[Any], records: list[Any]) -> dict[st
 
 # ---------------------------------------------------------------------------------------------- memory
 def max_concurrency(stats: dict[str, Any], budget_bytes: int, seq_len: int, block_size: int | None) -> int:
-    kv = budget_bytes - int(stats["weight_bytes"])
-    per = int(stats["kv_bytes_per_token"])
-    if kv <= 0 or per <= 0:
-        return 0
-    if block_size:  # whole blocks, as the engine's BlockManager admits
-        return (kv // (per * block_size)) // math.ceil(seq_len / block_size)
-    return kv // (per * seq_len)
+    """By whole blocks as the engine admits (``block_size``), else by tokens - the one memory model's rule."""
+    fp = Footprint(int(stats["weight_bytes"]), int(stats["kv_bytes_per_token"]))
+    return fp.max_sequences(budget_bytes, seq_len, block_size)
 
 
 # ------------------------------------------------------------------------------------------------ run

@@ -17,6 +17,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from helios_ray.memory import Footprint, ModelParts
+from helios_ray.memory import footprint as memory_footprint
+
 __all__ = [
     "SLO",
     "PolicyConfig",
@@ -226,21 +229,26 @@ class CandidateInfo(_Strict):
         if not 1 <= depth <= self.num_layers:
             raise ValueError(f"depth {depth} outside 1..{self.num_layers} for {self.name!r}")
 
-    def weight_bytes(self, depth: int) -> int:
-        """Resident weights when layers [0, depth) and the exit at ``depth`` are loaded.
-
-        A trained exit head is only needed below the full depth; at the full depth the model's own
-        head is the exit.
-        """
+    def footprint(self, depth: int) -> Footprint:
+        """Weights and KV per token with layers [0, depth) and the exit at ``depth`` loaded, by the one memory
+        model the engine admits by (:mod:`helios_ray.memory`).  A trained exit head is only needed below the
+        full depth; at the full depth the model's own head is the exit (and a block head's KV goes with it)."""
         self._check_depth(depth)
-        exit_head = self.exit_head_bytes if depth < self.num_layers else 0
-        return self.embed_bytes + depth * self.layer_bytes + self.head_bytes + exit_head
+        below = depth < self.num_layers
+        parts = ModelParts(num_layers=self.num_layers, embed_bytes=self.embed_bytes, layer_bytes=self.layer_bytes,
+                           head_bytes=self.head_bytes, kv_bytes_per_token_per_layer=self.kv_bytes_per_token_per_layer,
+                           exit_head_bytes=self.exit_head_bytes)
+        fp = memory_footprint(parts, depth, exit_heads=1 if below else 0, attending_exit_heads=0)
+        # a block exit head attends: one more layer of KV per token, carried here as its own byte count
+        return Footprint(fp.weight_bytes, fp.kv_bytes_per_token + (self.exit_kv_bytes_per_token if below else 0))
+
+    def weight_bytes(self, depth: int) -> int:
+        """Resident weights when layers [0, depth) and the exit at ``depth`` are loaded."""
+        return self.footprint(depth).weight_bytes
 
     def kv_bytes_per_token(self, depth: int) -> int:
         """KV-cache bytes one token occupies with ``depth`` layers loaded (plus a block exit head)."""
-        self._check_depth(depth)
-        exit_kv = self.exit_kv_bytes_per_token if depth < self.num_layers else 0
-        return depth * self.kv_bytes_per_token_per_layer + exit_kv
+        return self.footprint(depth).kv_bytes_per_token
 
     def exits_above(self, depth: int) -> list[int]:
         """Exit depths strictly deeper than ``depth``, shallowest first."""

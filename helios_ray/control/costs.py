@@ -67,13 +67,12 @@ def max_batch(
 ) -> int:
     """Concurrent sequences of ``typical_seq_len`` tokens that fit next to the weights (uncapped;
     0 when the weights alone overflow the budget; ``max_batch`` when KV size is unknown)."""
-    free = hardware.memory_budget_bytes - candidate.weight_bytes(depth)
-    if free < 0:
+    fp = candidate.footprint(depth)  # the one memory model (helios_ray/memory.py), as the engine admits by
+    if fp.weight_bytes > hardware.memory_budget_bytes:
         return 0
-    per_seq = candidate.kv_bytes_per_token(depth) * config.typical_seq_len
-    if per_seq <= 0:
+    if fp.kv_bytes_per_token <= 0:
         return config.max_batch
-    return free // per_seq
+    return fp.max_sequences(hardware.memory_budget_bytes, config.typical_seq_len)
 
 
 

@@ -22,7 +22,18 @@ class EngineConfig(BaseModel):
                                        description="CUDA only, when memory_budget is None.")
     block_size: int = Field(default=16, ge=1, le=1024, description="Tokens per paged KV block.")
     max_num_seqs: int = Field(default=32, ge=1, description="Sequences decoding at once (the batch cap).")
-    max_num_batched_tokens: int = Field(default=2048, ge=16, description="Prompt tokens prefilled in one step.")
+    max_num_batched_tokens: int = Field(
+        default=128, ge=16,
+        description="Tokens one step runs (decode tokens + prompt chunks).  Small chunks keep inter-token latency "
+                    "low while prompts arrive (SmolLM2 on 1 CPU thread, Poisson arrivals of 100-512-token "
+                    "prompts: ITL p99 1.52 s -> 0.46 s at 128, TTFT p50 0.97 -> 1.18 s; `helios-ray bench mixed`).")
+    chunked_prefill: bool = Field(
+        default=True,
+        description="Mixed steps: the decode tokens of running sequences plus prompt chunks (up to "
+                    "max_num_batched_tokens tokens in all) in one packed forward, so a new prompt never stalls "
+                    "decoding.  False = the older prefill-first steps, one forward per prompt (kept to measure "
+                    "against).  Token-level exit models always use the older steps.",
+    )
     max_model_len: int | None = Field(default=2048, ge=2,
                                       description="Prompt + output cap; None = the model's context (max 8192).")
     torch_threads: int | None = Field(

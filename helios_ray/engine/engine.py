@@ -27,10 +27,12 @@ from typing import AsyncIterator, Callable
 
 import torch
 from helios_ray.engine.config import EngineConfig
+from helios_ray.engine.detok import TextStream
 from helios_ray.engine.kv_cache import BlockManager, KVLayout, PagedKVCache
+from helios_ray.engine.packed import PackedKV
 from helios_ray.engine.sampling import sample
 from helios_ray.engine.scheduler import Scheduler
-from helios_ray.engine.sequence import SamplingParams, Sequence, SeqStatus, TokenEvent, finish_text
+from helios_ray.engine.sequence import SamplingParams, Sequence, SeqStatus, TokenEvent
 from helios_ray.errors import EngineDrainingError, HeliosError, InvalidRequestError
 from helios_ray.models.early_exit import EarlyExitLM
 
@@ -119,9 +121,11 @@ class LLMEngine:
 
     def _setup_memory(self) -> None:
         budget = self.memory_budget_bytes
-        weights = self.model.param_bytes
+        fp = self.model.footprint  # the one memory model (helios_ray/memory.py), as the policy plans with
+        weights = fp.weight_bytes
         layout = self.layout
-        num_blocks = layout.num_blocks(budget - weights)
+        assert layout.bytes_per_token == fp.kv_bytes_per_token
+        num_blocks = fp.kv_blocks(budget, layout.block_size)
         if num_blocks < 1:
             raise HeliosError(
                 f"memory budget {budget / 2**20:.0f} MiB does not hold the weights ({weights / 2**20:.0f} MiB at "
@@ -163,6 +167,7 @@ class LLMEngine:
         params = params or SamplingParams()
         self.validate(prompt_ids, params)
         seq = Sequence(list(prompt_ids), params)
+        seq.stream = TextStream(self.model.tokenizer, params)
         self.sequences[seq.seq_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -177,7 +182,14 @@ class LLMEngine:
         return True
 
     # ---------------------------------------------------------------------------------------- step
+    @property
+    def mixed_steps(self) -> bool:
+        """Chunked prefill in packed mixed steps (token-level exit needs whole rows, so it keeps the old ones)."""
+        return self.config.chunked_prefill and not self.model.token_exits
+
     def step(self) -> list[TokenEvent]:
+        if self.mixed_steps:
+            return self._step_mixed()
         seqs, prefill = self.scheduler.schedule()
         if not seqs:
             return []
@@ -192,19 +204,56 @@ class LLMEngine:
                 layers = torch.cat([o[2] for o in outs])
                 tokens_in = sum(s.num_tokens for s in seqs)
             else:
-                conf, logits, layers = self._forward(seqs, torch.tensor([[s.all_ids[-1]] for s in seqs]),
+                conf, logits, layers = self._forward(seqs, torch.tensor([s.token_ids(s.num_tokens - 1, s.num_tokens)
+                                                                         for s in seqs]),
                                                      torch.tensor([[s.num_tokens - 1] for s in seqs]))
                 tokens_in = len(seqs)
             new_tokens = sample(logits, seqs)
         except Exception as e:  # a failing batch never takes the engine down
             log.exception("engine step failed")
             return [self._finish(s, None, f"error: {type(e).__name__}: {e}") for s in seqs]
+        for s in seqs:
+            s.num_cached = s.num_tokens
+        return self._emit_step(seqs, new_tokens, conf, layers, prefill, len(seqs), tokens_in, t0)
+
+    def _step_mixed(self) -> list[TokenEvent]:
+        """Decode tokens and prompt chunks in one packed forward (``engine/packed.py``)."""
+        work = self.scheduler.schedule_mixed()
+        if not work:
+            return []
+        t0 = time.perf_counter()
+        seqs = [s for s, _ in work]
+        starts = [s.num_cached for s, _ in work]
+        counts = [n for _, n in work]
+        num_decode = sum(1 for s, n in work if n == 1 and s.num_cached == s.num_tokens - 1)
+        sampling = [s for s, n in work if s.num_cached + n == s.num_tokens]  # their prompt is complete now
+        try:
+            ids: list[int] = []
+            rows: list[int] = []
+            for s, n in work:
+                ids += s.token_ids(s.num_cached, s.num_cached + n)
+                if s.num_cached + n == s.num_tokens:
+                    rows.append(len(ids) - 1)
+            dev = self.model.device
+            kv = PackedKV(self.kv, seqs, starts, counts, num_decode)
+            _, conf, logits, layers = self.model.step_packed(torch.tensor([ids], device=dev), kv.q_pos.to(dev), kv,
+                                                             torch.tensor(rows, dtype=torch.long, device=dev))
+            new_tokens = sample(logits, sampling)
+        except Exception as e:  # a failing batch never takes the engine down
+            log.exception("engine step failed")
+            return [self._finish(s, None, f"error: {type(e).__name__}: {e}") for s in seqs]
+        for s, n in work:
+            s.num_cached += n
+        return self._emit_step(sampling, new_tokens, conf, layers, len(work) > num_decode, len(seqs), len(ids), t0)
+
+    def _emit_step(self, seqs: list[Sequence], new_tokens: list[int], conf: torch.Tensor, layers: torch.Tensor,
+                   prefill: bool, batch_size: int, tokens_in: int, t0: float) -> list[TokenEvent]:
+        """Append the sampled tokens, stream their events, account the step."""
         conf_list, layer_list = conf.tolist(), layers.tolist()
         events: list[TokenEvent] = []
         breaches = 0
         now = time.perf_counter()
         for s, tok, c, layer in zip(seqs, new_tokens, conf_list, layer_list):
-            s.num_cached = s.num_tokens
             breach = c < self.model.threshold
             breaches += breach
             events.append(self._append(s, tok, c, breach, now, int(layer)))
@@ -215,7 +264,7 @@ class LLMEngine:
         t.tokens_out += len(seqs)
         t.breaches += breaches
         t.busy_seconds += dt
-        stats = StepStats(prefill, len(seqs), tokens_in, len(seqs), dt, breaches, self.scheduler.blocks.num_used,
+        stats = StepStats(prefill, batch_size, tokens_in, len(seqs), dt, breaches, self.scheduler.blocks.num_used,
                           self.scheduler.blocks.num_blocks, len(self.scheduler.running), len(self.scheduler.waiting),
                           self.model.depth)
         t.recent.append(stats)
@@ -236,11 +285,12 @@ class LLMEngine:
         s.output_ids.append(tok)
         p = s.params
         is_eos = tok in self.model.eos_ids and not p.ignore_eos
-        visible = s.output_ids[:-1] if is_eos else s.output_ids
         at_length = len(s.output_ids) >= p.max_tokens or s.num_tokens >= self.max_model_len
-        text, reason, delta, s.emitted_chars = finish_text(self.model.decode(visible), p, is_eos, at_length,
-                                                           s.emitted_chars)
-        s.text = text
+        # incremental: only the new token is decoded and only the new text is searched for stop strings
+        if s.stream is None:  # a Sequence built outside add_request
+            s.stream = TextStream(self.model.tokenizer, p)
+        delta, reason = s.stream.add(None if is_eos else tok, is_eos, at_length)
+        s.text, s.emitted_chars = s.stream.text, s.stream.emitted
         ev = TokenEvent(s.seq_id, len(s.output_ids) - 1, tok, delta, layer, conf, breach)
         if reason is not None:
             self._finish(s, reason)

@@ -22,6 +22,7 @@ from torch import Tensor
 
 from helios_ray.engine.sequence import Sequence
 from helios_ray.errors import HeliosError
+from helios_ray.memory import kv_bytes_per_token
 
 
 @dataclass(frozen=True)
@@ -36,7 +37,7 @@ class KVLayout:
 
     @property
     def bytes_per_token(self) -> int:
-        return self.num_kv_layers * 2 * self.num_kv_heads * self.head_dim * self.dtype_bytes
+        return kv_bytes_per_token(self.num_kv_layers, self.num_kv_heads, self.head_dim, self.dtype_bytes)
 
     @property
     def bytes_per_block(self) -> int:

@@ -58,6 +58,47 @@ class Scheduler:
         seq.preemptions += 1
         self.waiting.appendleft(seq)
 
+    def schedule_mixed(self) -> list[tuple[Sequence, int]]:
+        """One mixed step (chunked prefill): ``[(sequence, tokens to run)]``, decode sequences first.
+
+        Every running sequence whose prompt is done decodes one token (preempting the newest when blocks run
+        out, as ``schedule``); the rest of the step's ``max_num_batched_tokens`` goes to prompt chunks -
+        first of sequences already part-way through their prompt, then of newly admitted ones (oldest
+        first).  Admission still reserves blocks for the whole prompt, so admission by memory is unchanged;
+        only the compute is chunked.  A running sequence never waits for someone else's prompt.
+        """
+        decode: list[Sequence] = []
+        for seq in list(self.running):
+            if seq not in self.running or seq.num_cached < seq.num_tokens - 1:
+                continue
+            while not self.blocks.can_allocate(seq, seq.num_cached + 1):
+                victim = max(self.running, key=lambda s: s.arrival)
+                self._preempt(victim)
+                if victim is seq:
+                    break
+            if seq in self.running:
+                self.blocks.allocate(seq, seq.num_cached + 1)
+                decode.append(seq)
+        work = [(s, 1) for s in decode if s in self.running]
+        budget = self.max_num_batched_tokens - len(work)
+        for seq in self.running:
+            if budget > 0 and seq.num_cached < seq.num_tokens - 1:
+                n = min(seq.num_tokens - seq.num_cached, budget)
+                work.append((seq, n))
+                budget -= n
+        while budget > 0 and self.waiting and len(self.running) < self.max_num_seqs:
+            seq = self.waiting[0]
+            if not self.blocks.can_allocate(seq, seq.num_tokens):
+                break
+            self.blocks.allocate(seq, seq.num_tokens)
+            self.waiting.popleft()
+            seq.status = SeqStatus.RUNNING
+            self.running.append(seq)
+            n = min(seq.num_tokens, budget)
+            work.append((seq, n))
+            budget -= n
+        return work
+
     def schedule(self) -> tuple[list[Sequence], bool]:
         """Returns (sequences, is_prefill).  Empty when there is nothing that can run."""
         batch: list[Sequence] = []

@@ -12,6 +12,7 @@ import itertools
 import time
 from dataclasses import dataclass, field
 from enum import Enum
+from typing import Any
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, field_validator
@@ -89,6 +90,7 @@ class Sequence:
     emitted_chars: int = 0
     preemptions: int = 0
     generator: torch.Generator | None = None
+    stream: Any = None  # the engine's TextStream (incremental detokenizer + stop rules), set when queued
 
     def __post_init__(self) -> None:
         if self.params.seed is not None:
@@ -101,6 +103,16 @@ class Sequence:
     @property
     def all_ids(self) -> list[int]:
         return self.prompt_ids + self.output_ids
+
+    def token_ids(self, start: int, end: int) -> list[int]:
+        """Tokens ``[start, end)`` of prompt + output without copying the whole sequence (per-step cost
+        independent of its length)."""
+        n = len(self.prompt_ids)
+        if end <= n:
+            return self.prompt_ids[start:end]
+        if start >= n:
+            return self.output_ids[start - n:end - n]
+        return self.prompt_ids[start:] + self.output_ids[:end - n]
 
 
 def _stop_prefix_len(text: str, stops: list[str]) -> int:

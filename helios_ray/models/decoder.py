@@ -205,20 +205,38 @@ class Attention(nn.Module):
         if rope:
             cos, sin = ctx.rope(rope)
             q = _apply_rope(q, cos, sin)
+        if getattr(ctx.cache, "packed", False):
+            return self.o(self._attend_groups(q, x, ctx, cache_key, rope, window))
         k, v = ctx.cache.update(cache_key, *self.kv(x, ctx, rope))
-        mask = ctx.mask(window)
+        out = self._attend(q, k, v, ctx.mask(window))
+        return self.o(out.transpose(1, 2).reshape(B, T, s.num_heads * s.head_dim))
+
+    def _attend_groups(self, q: Tensor, x: Tensor, ctx: StepContext, cache_key: Hashable, rope: str,
+                       window: int | None) -> Tensor:
+        """A packed step ([1, N] tokens of many sequences): attention per group of the engine's PackedKV -
+        the batched decode tokens, then each prompt chunk - while every matmul stays one packed GEMM."""
+        s, cache = self.spec, ctx.cache
+        kvs = cache.update_groups(cache_key, *self.kv(x, ctx, rope))  # type: ignore[attr-defined]
+        outs = []
+        for gi, (g, (k, v)) in enumerate(zip(cache.groups(), kvs)):  # type: ignore[attr-defined]
+            qg = q[0, :, g.start:g.end].view(s.num_heads, g.rows, g.tokens, s.head_dim).transpose(0, 1)
+            og = self._attend(qg, k, v, cache.mask(gi, window))  # type: ignore[attr-defined]
+            outs.append(og.transpose(1, 2).reshape(g.rows * g.tokens, s.num_heads * s.head_dim))
+        return torch.cat(outs)[None] if len(outs) > 1 else outs[0][None]
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, mask: Tensor) -> Tensor:
+        s = self.spec
         if s.attn_logit_softcap is None:
-            out = F.scaled_dot_product_attention(
+            return F.scaled_dot_product_attention(
                 q, k, v, attn_mask=mask, scale=s.attn_scale, enable_gqa=s.num_heads != s.num_kv_heads
             )
-        else:  # softcapped logits need the explicit (eager) path
-            rep = s.num_heads // s.num_kv_heads
-            k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
-            w = (q @ k.transpose(-1, -2)) * s.attn_scale
-            w = torch.tanh(w / s.attn_logit_softcap) * s.attn_logit_softcap
-            w = w.masked_fill(~mask, torch.finfo(w.dtype).min)
-            out = torch.softmax(w.float(), dim=-1).to(q.dtype) @ v
-        return self.o(out.transpose(1, 2).reshape(B, T, s.num_heads * s.head_dim))
+        # softcapped logits need the explicit (eager) path
+        rep = s.num_heads // s.num_kv_heads
+        k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)
+        w = (q @ k.transpose(-1, -2)) * s.attn_scale
+        w = torch.tanh(w / s.attn_logit_softcap) * s.attn_logit_softcap
+        w = w.masked_fill(~mask, torch.finfo(w.dtype).min)
+        return torch.softmax(w.float(), dim=-1).to(q.dtype) @ v
 
 
 class MLP(nn.Module):

@@ -27,7 +27,9 @@ from typing import Any, Callable, Iterator, Literal
 import torch
 from torch import Tensor
 
+from helios_ray import memory
 from helios_ray.errors import HeliosError, InvalidRequestError
+from helios_ray.memory import Footprint, ModelParts
 from helios_ray.models.decoder import DecoderLM, DenseKVCache, KVCache
 from helios_ray.models.exit_heads import ExitHead, SharedHead, load_heads
 from helios_ray.models.prompts import EncodedPrompt, encode_request, has_chat_template
@@ -132,8 +134,30 @@ class EarlyExitLM:
         return heads
 
     @property
+    def parts(self) -> ModelParts:
+        """This model's part sizes at its loaded dtype, measured from the modules (for :mod:`helios_ray.memory`)."""
+        lm, s = self.lm, self.spec
+        embed = param_bytes(lm.embed) + (param_bytes(lm.pos_embed) if lm.pos_embed is not None else 0)
+        head = param_bytes(lm.final_norm) + (param_bytes(lm.lm_head) if lm.lm_head is not None else 0)
+        heads = self.serving_heads
+        return ModelParts(
+            num_layers=s.num_layers, embed_bytes=embed, layer_bytes=param_bytes(lm.layers[0]), head_bytes=head,
+            kv_bytes_per_token_per_layer=memory.kv_bytes_per_token(1, s.num_kv_heads, s.head_dim,
+                                                                   lm.embed.weight.element_size()),
+            exit_head_bytes=max((param_bytes(h) for h in heads), default=0),
+            exit_head_attends=any(h.kind == "block" for h in heads),
+        )
+
+    @property
+    def footprint(self) -> Footprint:
+        """Weights + exit heads and KV bytes per token as loaded, by the one memory model."""
+        heads = self.serving_heads
+        return memory.footprint(self.parts, self.depth, exit_heads=len(heads),
+                                attending_exit_heads=sum(1 for h in heads if h.kind == "block"))
+
+    @property
     def param_bytes(self) -> int:
-        return param_bytes(self.lm) + sum(param_bytes(h) for h in self.serving_heads)
+        return self.footprint.weight_bytes
 
     @property
     def kv_layers(self) -> int:
@@ -143,8 +167,7 @@ class EarlyExitLM:
     @property
     def kv_bytes_per_token(self) -> int:
         """KV bytes one token costs at this depth (block exit heads count as layers)."""
-        s = self.spec
-        return self.kv_layers * 2 * s.num_kv_heads * s.head_dim * self.lm.embed.weight.element_size()
+        return self.footprint.kv_bytes_per_token
 
     @property
     def has_chat_template(self) -> bool:
@@ -200,6 +223,19 @@ class EarlyExitLM:
         if self.token_exits:
             return self._step_token_exit(ids, q_pos, cache)
         logits = self.forward_exit(ids, q_pos, cache, last_only=True)[:, -1]
+        token, conf = confidence(logits, self.confidence_kind)
+        return token, conf, logits, torch.full_like(token, self.depth)
+
+    @torch.inference_mode()
+    def step_packed(self, ids: Tensor, q_pos: Tensor, cache: KVCache, rows: Tensor
+                    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """One packed serving step ([1, N] tokens of many sequences, see ``engine/packed.py``): like
+        :meth:`step` for the positions ``rows`` (each sampling sequence's last token).  The LM head runs on
+        those rows only.  Greedy exit at D (token-level exit models use :meth:`step`)."""
+        ctx = self.lm.context(q_pos, cache)
+        h = self.lm.run_layers(self.lm.embed_tokens(ids, ctx), ctx)
+        h = self.exit_head.transform(h, ctx)
+        logits = self.lm.logits(h[0, rows])
         token, conf = confidence(logits, self.confidence_kind)
         return token, conf, logits, torch.full_like(token, self.depth)
 
@@ -300,16 +336,15 @@ class EarlyExitLM:
         dev = self.device
         ids = torch.tensor([prompt_ids], device=dev)
         pos = torch.arange(len(prompt_ids), device=dev)[None]
-        out_ids: list[int] = []
-        prev_text = ""
+        from helios_ray.engine.detok import IncrementalDecoder
+
+        detok = IncrementalDecoder(self.tokenizer)  # one short window per token, not the whole output again
         for i in range(max_tokens):
             token, conf, logits, layer = self.step(ids, pos, cache)
             if sample is not None:
                 token = sample(logits)
             t = int(token[0])
-            out_ids.append(t)
-            text = self.decode(out_ids)
-            piece, prev_text = text[len(prev_text):], text
+            piece, _ = detok.add(t)  # settled text only: an incomplete UTF-8 character waits for its next byte
             c = float(conf[0])
             yield TokenExit(token=t, text=piece, exit_layer=int(layer[0]), confidence=c, breach=c < self.threshold)
             if t in self.eos_ids:

@@ -67,9 +67,14 @@ def profile_prompts(model: EarlyExitLM, prompts: Iterable[dict[str, Any]], max_t
     return records
 
 
-def candidate_info(repo: Any, name: str) -> CandidateInfo:
-    """Static metadata of a registered model in the control plane's terms, with its exit card as prior."""
-    info = repo.info(name)
+def candidate_info(repo: Any, name: str, dtype: str = "float32") -> CandidateInfo:
+    """Static metadata of a registered model in the control plane's terms, with its exit card as prior.
+
+    Sizes are at ``dtype`` (the serving dtype) through :mod:`helios_ray.memory`, the model the engine admits by:
+    exit heads cost their parameters at that dtype, and a block exit head one more layer of KV per token."""
+    from helios_ray import memory
+
+    info = repo.info(name, dtype=dtype)
     if not info.prepared:
         from helios_ray.errors import ModelUnavailableError
 
@@ -89,13 +94,16 @@ def candidate_info(repo: Any, name: str) -> CandidateInfo:
                    for c in e.get("calibration", []) if c.get("agreement") is not None]
             if e.get("agreement") is not None:
                 prior[d] = ExitPrior(agreement=e["agreement"], calibration=cal)
-            exit_head_bytes = max(exit_head_bytes, int(e.get("parameters", 0)) * 4)
-    bytes_per_param = 4 if info.dtype == "float32" else 2
+            exit_head_bytes = max(exit_head_bytes, memory.param_bytes(int(e.get("parameters", 0)), dtype))
+    kinds = info.exits.kinds if info.exits else {}
+    attends = any(kind == "block" for d, kind in kinds.items() if int(d) < info.num_layers)
+    kv_layer = info.kv_bytes_per_token_per_layer or 0
     return CandidateInfo(
         name=name, num_layers=info.num_layers, embed_bytes=info.embed_bytes or 0, layer_bytes=info.layer_bytes,
         head_bytes=info.head_bytes or 0, exit_head_bytes=exit_head_bytes,
-        kv_bytes_per_token_per_layer=info.kv_bytes_per_token_per_layer or 0, exits=exits, exit_prior=prior,
-        flops_per_token_per_layer=2 * info.layer_bytes // bytes_per_param,
+        kv_bytes_per_token_per_layer=kv_layer, exit_kv_bytes_per_token=kv_layer if attends else 0,
+        exits=exits, exit_prior=prior,
+        flops_per_token_per_layer=2 * info.layer_bytes // memory.dtype_bytes(dtype),
         head_flops_per_token=2 * info.hidden_size * info.vocab_size,
     )
 

@@ -22,6 +22,7 @@ from typing import Any
 import yaml
 from pydantic import BaseModel, ValidationError
 
+from helios_ray import memory
 from helios_ray.config import ModelSpec, ModelsFile
 from helios_ray.errors import HeliosError, ModelUnavailableError, UnknownModelError
 
@@ -44,7 +45,6 @@ BUILTIN_MODELS: tuple[ModelSpec, ...] = (
     ),
 )
 
-_DTYPE_BYTES = {"float32": 4, "bfloat16": 2, "float16": 2}
 
 
 def cache_root() -> Path:
@@ -238,7 +238,7 @@ def _static_info(d: str, name: str, description: str, source: str, dtype: str, e
     cfg = json.loads((Path(d) / "config.json").read_text())
     spec = spec_from_config(cfg)
     ckpt = Checkpoint(Path(d))
-    nbytes = _DTYPE_BYTES[dtype]
+    nbytes = memory.dtype_bytes(dtype)
 
     def size(names: dict[str, Any]) -> int:
         total = 0
@@ -263,7 +263,7 @@ def _static_info(d: str, name: str, description: str, source: str, dtype: str, e
         num_layers=spec.num_layers, hidden_size=spec.hidden_size, num_heads=spec.num_heads,
         num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, vocab_size=spec.vocab_size, dtype=dtype,
         embed_bytes=size(embed), layer_bytes=size(layer_names(spec, 0)), head_bytes=size(head),
-        kv_bytes_per_token_per_layer=2 * spec.num_kv_heads * spec.head_dim * nbytes,
+        kv_bytes_per_token_per_layer=memory.kv_bytes_per_token(1, spec.num_kv_heads, spec.head_dim, dtype),
         tied_embeddings=spec.tie_word_embeddings, chat_template=chat, exits=exits,
     )
 

@@ -90,9 +90,11 @@ class PlainReplica:
         self.num_layers = int(c.num_hidden_layers)
         kv_heads = int(getattr(c, "num_key_value_heads", None) or c.num_attention_heads)
         head_dim = int(getattr(c, "head_dim", None) or c.hidden_size // c.num_attention_heads)
+        from helios_ray import memory  # the one memory model, as the engine and the policy use
+
         esize = torch.tensor([], dtype=dtype).element_size()
-        self.kv_bytes_per_token = self.num_layers * 2 * kv_heads * head_dim * esize
-        self.weight_bytes = sum(p.numel() * p.element_size() for p in self.hf.parameters())
+        self.kv_bytes_per_token = memory.kv_bytes_per_token(self.num_layers, kv_heads, head_dim, esize)
+        self.weight_bytes = sum(memory.param_bytes(p.numel(), str(p.dtype)) for p in self.hf.parameters())
         if self.cfg.engine.memory_budget is not None:
             self.budget = int(self.cfg.engine.memory_budget)
         elif self.device.type == "cuda":
@@ -222,10 +224,13 @@ class PlainReplica:
         is_eos = tok in self.eos_ids and not params.ignore_eos
         if not is_eos:
             p.out.append(tok)
-        from helios_ray.engine.sequence import finish_text
+        from helios_ray.engine.detok import TextStream
 
-        _, reason, delta, p.emitted = finish_text(self.tokenizer.decode(p.out, skip_special_tokens=True),
-                                                  params, is_eos, len(p.out) >= params.max_tokens, p.emitted)
+        stream = vars(p).get("text_stream")  # incremental detokenizer + stop rules, one per request
+        if stream is None:
+            stream = vars(p).setdefault("text_stream", TextStream(self.tokenizer, params))
+        delta, reason = stream.add(None if is_eos else tok, is_eos, len(p.out) >= params.max_tokens)
+        p.emitted = stream.emitted
         if not is_eos:
             self.tokens_out += 1
             p.loop.call_soon_threadsafe(p.queue.put_nowait, StreamToken(
@@ -263,12 +268,15 @@ class PlainReplica:
             p.cancelled = True  # client gone (or finished): the row stops at the next step
 
     async def stats(self) -> ReplicaStats:
+        from helios_ray import memory as _memory
+
         return ReplicaStats.here(
             mode="plain",
             model=self.name, depth=self.num_layers, total_layers=self.num_layers, exit_head="none",
             running=self.running, waiting=len(self._pending), weight_bytes=self.weight_bytes,
             kv_bytes_per_token=self.kv_bytes_per_token, memory_budget_bytes=self.budget,
-            max_concurrent_1k=min(self.cfg.engine.max_num_seqs, self.kv_budget // (1024 * self.kv_bytes_per_token)),
+            max_concurrent_1k=min(self.cfg.engine.max_num_seqs, _memory.Footprint(
+                self.weight_bytes, self.kv_bytes_per_token).max_sequences(self.budget, 1024)),
             tokens_out=self.tokens_out, steps=self.batches, requests=self.requests, last_batch=self.running,
         )
 
