@@ -67,6 +67,15 @@ class TextStream:
         self._settled = ""  # text that no later token changes (without the pending part)
         self._searched = 0  # stop strings were searched in text[:_searched]
 
+    @classmethod
+    def resumed(cls, tokenizer: Any, params: SamplingParams, already: list[int]) -> "TextStream":
+        """A stream continuing after ``already`` - tokens a replica that died had streamed: they are decoded
+        (so the next token's text joins them exactly as in the uninterrupted run) but not streamed again."""
+        stream = cls(tokenizer, params)
+        for token in already:
+            stream.add(token)
+        return stream
+
     def add(self, token: int | None, is_eos: bool = False, at_length: bool = False) -> tuple[str, str | None]:
         """Feed the next visible token (``None`` when the sequence ends on a token that is not shown, e.g. EOS).
         Returns ``(text to stream now, finish reason or None)`` - the same as ``finish_text`` on the full

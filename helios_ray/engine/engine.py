@@ -163,11 +163,20 @@ class LLMEngine:
                 f"at depth {self.model.depth}; lower max_tokens or the prompt length"
             )
 
-    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None) -> Sequence:
+    def add_request(self, prompt_ids: list[int], params: SamplingParams | None = None,
+                    resume_ids: list[int] | None = None) -> Sequence:
+        """Queue a request.  ``resume_ids``: output a replica that died had already streamed - the sequence starts
+        as a preempted one does (prompt and those tokens prefilled again, they count towards ``max_tokens``) and
+        streams only what comes after them."""
         params = params or SamplingParams()
-        self.validate(prompt_ids, params)
-        seq = Sequence(list(prompt_ids), params)
-        seq.stream = TextStream(self.model.tokenizer, params)
+        resume = list(resume_ids or [])
+        self.validate(prompt_ids + resume, params.model_copy(update={"max_tokens": max(1, params.max_tokens
+                                                                                       - len(resume))}))
+        if len(resume) >= params.max_tokens:
+            raise InvalidRequestError(f"nothing to resume: {len(resume)} tokens already reach max_tokens")
+        seq = Sequence(list(prompt_ids), params, output_ids=resume)
+        seq.stream = TextStream.resumed(self.model.tokenizer, params, resume)
+        seq.text, seq.emitted_chars = seq.stream.text, seq.stream.emitted
         self.sequences[seq.seq_id] = seq
         self.scheduler.add(seq)
         return seq
@@ -383,7 +392,8 @@ class AsyncEngine:
     async def run(self, fn: Callable[[], object]) -> object:
         return await asyncio.wrap_future(self.call(fn))
 
-    async def generate(self, prompt_ids: list[int], params: SamplingParams | None = None) -> AsyncIterator[TokenEvent]:
+    async def generate(self, prompt_ids: list[int], params: SamplingParams | None = None,
+                       resume_ids: list[int] | None = None) -> AsyncIterator[TokenEvent]:
         """Stream token events; leaving the iterator early (client gone) aborts the request and frees its KV."""
         loop = asyncio.get_running_loop()
         q: asyncio.Queue[TokenEvent] = asyncio.Queue()
@@ -391,7 +401,7 @@ class AsyncEngine:
         def add() -> Sequence:
             if not self._admit:
                 raise EngineDrainingError("the engine is draining for a model switch")
-            seq = self.engine.add_request(prompt_ids, params)
+            seq = self.engine.add_request(prompt_ids, params, resume_ids)
             self._subscribers[seq.seq_id] = (loop, q)
             return seq
 

@@ -43,7 +43,7 @@ class _Pending:
     loop: asyncio.AbstractEventLoop
     queue: asyncio.Queue
     out: list[int] = field(default_factory=list)
-    emitted: int = 0
+    stream: Any = None  # TextStream: incremental detokenizer + stop rules, one per request
     done: bool = False
     cancelled: bool = False
 
@@ -224,13 +224,7 @@ class PlainReplica:
         is_eos = tok in self.eos_ids and not params.ignore_eos
         if not is_eos:
             p.out.append(tok)
-        from helios_ray.engine.detok import TextStream
-
-        stream = vars(p).get("text_stream")  # incremental detokenizer + stop rules, one per request
-        if stream is None:
-            stream = vars(p).setdefault("text_stream", TextStream(self.tokenizer, params))
-        delta, reason = stream.add(None if is_eos else tok, is_eos, len(p.out) >= params.max_tokens)
-        p.emitted = stream.emitted
+        delta, reason = p.stream.add(None if is_eos else tok, is_eos, len(p.out) >= params.max_tokens)
         if not is_eos:
             self.tokens_out += 1
             p.loop.call_soon_threadsafe(p.queue.put_nowait, StreamToken(
@@ -247,13 +241,19 @@ class PlainReplica:
     async def generate(self, call: GenerateCall) -> AsyncIterator[StreamEvent]:
         from helios_ray.serve.replica import prepare
 
+        from helios_ray.engine.detok import TextStream
+
         try:
             ids, params = prepare(self.tokenizer, call)
             self._validate(ids, params)
+            if len(call.resume_ids) >= params.max_tokens:
+                raise InvalidRequestError(f"nothing to resume: {len(call.resume_ids)} tokens reach max_tokens")
         except HeliosError as e:
             yield StreamError(status=e.http_status, message=str(e))
             return
-        p = _Pending(ids, params, asyncio.get_running_loop(), asyncio.Queue())
+        # a resumed request (its replica died): prompt + the streamed tokens as input, those count as output
+        p = _Pending(ids + list(call.resume_ids), params, asyncio.get_running_loop(), asyncio.Queue(),
+                     out=list(call.resume_ids), stream=TextStream.resumed(self.tokenizer, params, call.resume_ids))
         self.requests += 1
         self._pending.append(p)
         self._wake.set()

@@ -59,6 +59,13 @@ class Relay:
     metrics: Any
     model_ids: list[str] = field(default_factory=list)
 
+    _gauges: asyncio.Task | None = field(default=None, init=False, repr=False)
+
+    async def _refresh_gauges(self, every_s: float = 2.0) -> None:
+        while True:
+            self.metrics.admission_limit.set(self.admission_limit)
+            await asyncio.sleep(every_s)
+
     @property
     def admission_limit(self) -> int:
         """Requests the cluster admits before shedding: running + waiting per replica, plus the router queue."""
@@ -75,8 +82,8 @@ class Relay:
         origin of TTFT and e2e latency: queueing and prefill included).  Raises APIError."""
         t0 = time.perf_counter()
         self.check_model(requested)
-        # (re-)set per request: a gauge set once at start-up is not reliably exported by Ray's metrics agent
-        self.metrics.admission_limit.set(self.admission_limit)
+        if self._gauges is None:  # Ray exports a gauge only while it is being set: keep it fresh
+            self._gauges = asyncio.get_running_loop().create_task(self._refresh_gauges())
         fire(self._begin(call))  # never awaited: no user request waits on the brain (it may be restarting)
         deadline = time.monotonic() + self.cfg.admission.resume_timeout_s
         while True:

@@ -165,7 +165,11 @@ class EarlyExitReplica:
             m = self.aeng.engine.model
             try:
                 ids, params = prepare(m.tokenizer, call)
-                stream = self.aeng.generate(ids, params)
+                if call.resume_ids and len(call.resume_ids) >= params.max_tokens:  # died between last token and end
+                    yield StreamStart(model=m.name, depth=m.depth, prompt_tokens=len(ids))
+                    yield StreamEnd(finish_reason="length", completion_tokens=len(call.resume_ids))
+                    return
+                stream = self.aeng.generate(ids, params, call.resume_ids)
                 first = await stream.__anext__()
                 break
             except EngineDrainingError:
@@ -178,7 +182,7 @@ class EarlyExitReplica:
                 yield StreamError(status=500, message="the engine ended the request without output")
                 return
         yield StreamStart(model=m.name, depth=m.depth, prompt_tokens=len(ids))
-        n = 0
+        n = len(call.resume_ids)  # completion_tokens counts the resumed part too
         ev = first
         while True:
             if ev.token is not None and not (ev.finished and ev.finish_reason == "stop" and ev.token in m.eos_ids):

@@ -131,3 +131,19 @@ def test_decoder_pieces_concatenate_to_the_full_decode(tok):
     d = IncrementalDecoder(tok)
     text = "".join(d.add(t)[0] for t in ids)
     assert text == tok.decode(ids, skip_special_tokens=True)
+
+
+def test_a_resumed_stream_joins_what_was_already_streamed(tok):
+    """Resuming after any k tokens (a replica died there): what the original stream had sent for its first k
+    tokens, followed by what the resumed stream sends, is exactly the uninterrupted stream - also when k splits a
+    multi-byte character, whose first bytes were held back and never sent."""
+    params = SamplingParams(max_tokens=10_000, stop=["\n\nnewlines"])
+    for text in TEXTS:
+        ids = tok(text, add_special_tokens=False)["input_ids"]
+        full = _stream(tok, ids, params, False)
+        whole = "".join(d for d, _ in full)
+        for k in range(1, len(full)):
+            resumed = TextStream.resumed(tok, params, ids[:k])
+            rest = [resumed.add(t, False, i == len(ids) - 1) for i, t in enumerate(ids[k:], start=k)]
+            sent = "".join(d for d, _ in full[:k]) + "".join(d for d, _ in rest)
+            assert sent == whole, (text, k)

@@ -131,7 +131,7 @@ def test_grafana_dashboard_queries_only_exported_metrics(cluster):
     while time.time() < deadline:
         text = httpx.get(cluster["metrics"], timeout=10).text
         exported = {m.group(1) for m in re.finditer(r"^(ray_helios_[a-z0-9_]+)[{ ]", text, re.M)}
-        missing = wanted - exported - {"ray_helios_requests_shed_total"}
+        missing = wanted - exported - {"ray_helios_requests_shed_total", "ray_helios_requests_resumed_total"}
         if not missing:
             break
         if missing == {"ray_helios_placement_changes_total"} and not shifted:  # run alone: no change happened yet
@@ -139,9 +139,9 @@ def test_grafana_dashboard_queries_only_exported_metrics(cluster):
             _shift(cluster, DEPTH)
             shifted = True
         time.sleep(2)
-    # Shedding happens only under overload: test_resilience.py provokes it and checks the counter is exported;
-    # here it must at least be a metric the app defines.
-    event_only = {"ray_helios_requests_shed_total"} - exported
+    # Shedding and resuming happen only under overload and failures (test_resilience.py and test_serve.py provoke
+    # them); here they must at least be metrics the app defines.
+    event_only = {"ray_helios_requests_shed_total", "ray_helios_requests_resumed_total"} - exported
     source = (Path(__file__).resolve().parents[2] / "helios_ray" / "metrics.py").read_text()
     assert all(f'"{n.removeprefix("ray_").removesuffix("_total")}"' in source for n in event_only), event_only
     assert wanted - event_only <= exported, \
