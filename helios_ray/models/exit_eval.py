@@ -1,13 +1,21 @@
 """``helios-ray eval-exits``: exit quality on a prompt file, against the full model's own greedy output.
 
 Unlike the held-out scores in an exit card (teacher-forced on training-like rows), this measures what
-serving sees: generated tokens, and free-running generation at a loaded depth.
+serving sees: generated tokens, and free-running generation at a loaded depth.  With ``humaneval > 0`` it also
+measures task quality: HumanEval pass@1 of greedy completions at each evaluated depth and at full depth.
+
+HumanEval protocol: raw completion of the problem's prompt (signature + docstring), no chat template even for
+chat models - the standard protocol, and the one that compares depths on equal terms; greedy; generation stops
+at EOS, at HumanEval's stop sequences (:data:`~helios_ray.models.code_eval.STOP_SEQUENCES`) or after
+``humaneval_max_tokens``; each ``prompt + completion + test + check(entry_point)`` runs in a sandboxed child
+process with a timeout (:mod:`helios_ray.models.code_eval`), never in this process.
 """
 
 from __future__ import annotations
 
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
@@ -38,16 +46,62 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def humaneval_completion(m: Any, prompt: str, max_tokens: int) -> tuple[str | None, int]:
+    """Greedy raw completion of ``prompt`` at the model's loaded depth, cut at HumanEval's stop sequences.
+    Returns (completion, generated tokens); (None, 0) when the prompt leaves no room in the model's context."""
+    from helios_ray.models.code_eval import truncate_at_stop
+
+    ids = m.encode(prompt=prompt)
+    max_tokens = min(max_tokens, m.spec.max_positions - len(ids))
+    if max_tokens < 1:
+        return None, 0
+    text, n = "", 0
+    for t in m.generate_stream(ids, max_tokens):
+        n += 1
+        if t.token in m.eos_ids:
+            break
+        text += t.text
+        if truncate_at_stop(text) != text:
+            break
+    return truncate_at_stop(text), n
+
+
+def _pass_at_1(m: Any, problems: list[Conversation], max_tokens: int, timeout: float, progress: bool,
+               desc: str) -> dict[str, Any]:
+    from helios_ray.models.code_eval import check_program, humaneval_program
+
+    t0 = time.perf_counter()
+    per: dict[str, str] = {}
+    tokens = 0
+    for conv in tqdm(problems, desc=desc, disable=not progress, file=sys.stderr):
+        assert conv.text is not None
+        completion, n = humaneval_completion(m, conv.text, max_tokens)
+        tokens += n
+        if completion is None:
+            per[conv.id] = "failed: the prompt does not fit the model's context"
+            continue
+        r = check_program(humaneval_program(conv.text, completion, conv.meta["test"], conv.meta["entry_point"]),
+                          timeout=timeout)
+        per[conv.id] = r.status if r.passed or r.status == "timeout" else f"failed: {r.detail}"[:200]
+    passed = sum(v == "passed" for v in per.values())
+    return {"pass_at_1": round(passed / max(1, len(problems)), 4), "passed": passed, "problems": len(problems),
+            "generated_tokens": tokens, "seconds": round(time.perf_counter() - t0, 1), "results": per}
+
+
 def evaluate_exits(model: str, prompts: str, max_tokens: int = 16, limit: int | None = None,
                    exits: list[int] | None = None, heads_path: Path | None = None, split: str = "all",
-                   models_file: str | None = None, progress: bool = True, repo: Any = None) -> dict[str, Any]:
+                   models_file: str | None = None, progress: bool = True, repo: Any = None,
+                   humaneval: int = 0, pass_at_1_depths: list[int] | None = None, humaneval_max_tokens: int = 256,
+                   humaneval_timeout: float = 10.0) -> dict[str, Any]:
     """Exit quality on a prompt file, against the full model's own greedy output.
 
     * teacher-forced: the full model generates ``max_tokens`` greedy tokens per prompt (profile mode); at every
       generated position each exit's argmax is compared with the final layer's -> agreement + calibration;
     * free-running: the model loaded to depth D only (plus its exit head, as serving loads it) generates greedily
       from the same prompt -> share of prompts whose ``max_tokens`` tokens equal the full model's exactly,
-      mean common-prefix share and position-wise token agreement.
+      mean common-prefix share and position-wise token agreement;
+    * task quality (``humaneval`` > 0): pass@1 on the first ``humaneval`` HumanEval problems at each of
+      ``pass_at_1_depths`` (default: the evaluated exits) and at full depth (module doc: the protocol).
     """
     from helios_ray.models.early_exit import load_model
     from helios_ray.models.repository import ModelRepository
@@ -56,6 +110,8 @@ def evaluate_exits(model: str, prompts: str, max_tokens: int = 16, limit: int | 
         raise HeliosError(f"--max-tokens must be >= 1 (got {max_tokens})")
     if limit is not None and limit < 1:
         raise HeliosError(f"--limit must be >= 1 (got {limit})")
+    if humaneval < 0 or humaneval_max_tokens < 1 or humaneval_timeout <= 0:
+        raise HeliosError("--humaneval must be >= 0, --humaneval-max-tokens >= 1 and --humaneval-timeout > 0")
     repo = repo or ModelRepository(models_file=models_file)
     repo.spec(model)
     convs = load_dataset(prompts, split=split, limit=limit, seed=None)  # type: ignore[arg-type]
@@ -72,6 +128,16 @@ def evaluate_exits(model: str, prompts: str, max_tokens: int = 16, limit: int | 
     bad = [d for d in depths if not 1 <= d < L]
     if bad:
         raise HeliosError(f"exit layer(s) {bad} out of range for {model}: exits must be in 1..{L - 1}")
+    he_depths = sorted(set(pass_at_1_depths if pass_at_1_depths is not None else depths) | {L}) if humaneval else []
+    bad = [d for d in he_depths if not 1 <= d <= L]
+    if bad:
+        raise HeliosError(f"--pass-at-1-depths {bad} out of range for {model}: depths must be in 1..{L}")
+    problems: list[Conversation] = []
+    if humaneval:
+        from loadgen.data import load_humaneval
+
+        problems = load_humaneval(limit=humaneval)
+    pass_at_1: dict[str, Any] = {}
     card: dict[str, Any] = {}
     hp = Path(heads_path) if heads_path else repo.exits_path(model)
     if hp is not None and hp.with_suffix(".json").exists():
@@ -95,6 +161,9 @@ def evaluate_exits(model: str, prompts: str, max_tokens: int = 16, limit: int | 
         refs.append((conv, ids, [r["final"] for r in recs]))
     if not refs:
         raise HeliosError(f"{prompts}: every prompt is empty or longer than the model's context")
+    if problems:
+        pass_at_1[str(L)] = {"head": "final", **_pass_at_1(full, problems, humaneval_max_tokens, humaneval_timeout,
+                                                          progress, f"humaneval depth {L}")}
     del full
 
     out_exits: dict[str, Any] = {}
@@ -125,11 +194,30 @@ def evaluate_exits(model: str, prompts: str, max_tokens: int = 16, limit: int | 
             sel = conf >= card_thr
             entry["at_card_threshold"] = {"coverage": round(float(sel.mean()), 4),
                                           "agreement": round(float(agree[sel].mean()), 4) if sel.any() else None}
+        if problems and d in he_depths:
+            pass_at_1[str(d)] = {"head": m.exit_head.kind, **_pass_at_1(m, problems, humaneval_max_tokens,
+                                                                       humaneval_timeout, progress, f"humaneval depth {d}")}
+            entry["pass_at_1"] = pass_at_1[str(d)]["pass_at_1"]
         out_exits[str(d)] = entry
+        del m
+    for d in he_depths:  # depths asked for pass@1 only
+        if str(d) not in pass_at_1:
+            m = load_model(model, depth=d, repo=repo, device="cpu", exits=Path(heads_path) if heads_path else "auto")
+            pass_at_1[str(d)] = {"head": m.exit_head.kind, **_pass_at_1(m, problems, humaneval_max_tokens,
+                                                                       humaneval_timeout, progress, f"humaneval depth {d}")}
+            del m
+    humaneval_report = None
+    if problems:
+        humaneval_report = {
+            "problems": len(problems), "max_tokens": humaneval_max_tokens, "timeout_s": humaneval_timeout,
+            "protocol": "raw completion of the prompt (no chat template), greedy, HumanEval stop sequences; "
+                        "prompt + completion + test + check(entry_point) in a sandboxed subprocess",
+            "depths": {k: pass_at_1[k] for k in sorted(pass_at_1, key=int)},
+        }
     return {
         "model": model, "prompts": prompts, "split": split, "num_prompts": len(refs), "skipped": skipped,
         "max_tokens": max_tokens, "generated_tokens": int(sum(len(r) for _, _, r in refs)),
-        "total_layers": L, "heads_file": str(hp) if hp else None, "exits": out_exits,
+        "total_layers": L, "heads_file": str(hp) if hp else None, "exits": out_exits, "humaneval": humaneval_report,
     }
 
 
@@ -146,4 +234,11 @@ def report_table(report: dict[str, Any]) -> str:
         lines.append(f"| L{d} | {e['head']} | {pct(e['agreement'])} | {kinds} | {pct(e['free_run']['exact_match'])} | "
                      f"{pct(e['free_run']['common_prefix'])} | {e['card_threshold'] or '-'} | "
                      f"{pct(at.get('coverage'))} | {pct(at.get('agreement'))} |")
+    he = report.get("humaneval")
+    if he:
+        lines += ["", f"HumanEval pass@1 on the first {he['problems']} problems ({he['protocol']}):",
+                  "| depth | head | pass@1 | passed | tokens | seconds |", "|---|---|---|---|---|---|"]
+        for d, r in he["depths"].items():
+            lines.append(f"| L{d} | {r['head']} | {pct(r['pass_at_1'])} | {r['passed']}/{r['problems']} | "
+                         f"{r['generated_tokens']} | {r['seconds']} |")
     return "\n".join(lines)

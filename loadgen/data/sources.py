@@ -113,7 +113,8 @@ def load_humaneval(limit: int | None = None, split: Split = "all") -> list[Conve
                 continue
             r = json.loads(line)
             c = Conversation(id=r["task_id"], text=r["prompt"], kind="code", source="humaneval", group=r["task_id"],
-                             meta={"entry_point": r.get("entry_point"), "canonical_solution": r.get("canonical_solution")})
+                             meta={"entry_point": r.get("entry_point"), "canonical_solution": r.get("canonical_solution"),
+                                   "test": r.get("test")})
             if in_split(c, split):
                 out.append(c)
     return out[:limit] if limit is not None else out

@@ -175,6 +175,7 @@ def test_eval_exits_on_a_prompt_file(card, tiny, capsys):
     prompts.write_text("".join(json.dumps({"prompt": f"the cat sat on {w}", "kind": k}) + "\n"
                                for w, k in [("a mat", "text"), ("the river", "text"), ("two dogs", "story")]))
     rc = main(["eval-exits", "tiny-llama", "--prompts", str(prompts), "--max-tokens", "4", "--json", "--no-progress",
+               "--humaneval", "2", "--humaneval-max-tokens", "6", "--pass-at-1-depths", "3",
                "--models-file", str(tiny["models_file"])])
     out, err = capsys.readouterr()
     assert rc == 0, err
@@ -184,6 +185,14 @@ def test_eval_exits_on_a_prompt_file(card, tiny, capsys):
         assert 0.0 <= e["agreement"] <= 1.0 and set(e["by_kind"]) == {"story", "text"}
         assert 0.0 <= e["free_run"]["exact_match"] <= e["free_run"]["common_prefix"] <= 1.0
     assert rep["exits"]["3"]["head"] == "block"
+    # task quality: pass@1 at the asked depth and at full depth (a tiny random model passes nothing)
+    he = rep["humaneval"]
+    assert he["problems"] == 2 and sorted(he["depths"], key=int) == ["3", "5"]
+    for d in he["depths"].values():
+        assert d["pass_at_1"] == 0.0 and d["problems"] == 2 and d["generated_tokens"] <= 12
+        assert set(d["results"]) == {"HumanEval/0", "HumanEval/1"}
+        assert all(v.startswith("failed") for v in d["results"].values())
+    assert rep["exits"]["3"]["pass_at_1"] == 0.0 and "pass_at_1" not in rep["exits"]["2"]
 
 
 @pytest.mark.parametrize("extra, message", [
