@@ -383,6 +383,8 @@ PLUGGED: list[tuple[str, str, str]] = [
     ("eval-exits", "measure exit agreement/calibration on a prompt file", "helios_ray.models.tuning_cli:eval"),
     ("simulate", "replay a recorded per-token trace through the HELIOS policy", "helios_ray.control.simulate"),
     ("status", "the fleet, breach counter and last decisions of a running server", "helios_ray.serve.status_cli"),
+    ("fleet", "show or move the replica groups of a running server (show | set MODEL [--depth D] | unpin)",
+     "helios_ray.serve.fleet_cli"),
 ]
 
 

@@ -20,6 +20,7 @@ import time
 from typing import Any
 
 from helios_ray.config import ServeConfig
+from helios_ray.errors import HeliosError, InvalidRequestError, UnknownModelError
 from helios_ray.control import checkpoint
 from helios_ray.control.controller import Placement
 from helios_ray.serve import brain_store
@@ -161,10 +162,16 @@ class Brain:
         """Operator override.  ``pin``: the policy leaves it there until :meth:`unpin` (a Serve ``user_config``
         pins); otherwise the policy may move it again on its next storm or re-assessment."""
         names = {c.name: c for c in self.candidates}
-        if model in names and depth is None:
+        if model not in names:
+            raise UnknownModelError(f"{model!r} is not a candidate of this application "
+                                    f"(candidates: {', '.join(names)})")
+        if depth is None:
             depth = names[model].num_layers
-        if model not in names or not 1 <= depth <= names[model].num_layers:
-            raise ValueError(f"{model}@{depth} is not a valid candidate placement")
+        if not 1 <= depth <= names[model].num_layers:
+            raise InvalidRequestError(f"depth {depth} is out of range for {model!r} "
+                                      f"(1..{names[model].num_layers} layers)")
+        if self.pinned:
+            raise InvalidRequestError(f"mode {self.cfg.mode!r} serves a fixed baseline; its placement cannot move")
         self.operator_pin = pin
         if self.placement == {"model": model, "depth": depth}:
             self._save()
@@ -181,10 +188,18 @@ class Brain:
         self._save()
         return self._snapshot()
 
+    async def place(self, model: str, depth: int | None, pin: bool = True) -> dict[str, Any]:
+        """:meth:`set_placement` for the admin API: the new placement, or the refusal as data (status, message) -
+        an exception would reach the router wrapped in Ray's traceback text."""
+        try:
+            return {"placement": await self.set_placement(model, depth, pin=pin)}
+        except HeliosError as e:
+            return {"error": {"status": e.http_status, "message": str(e)}}
+
     async def unpin(self) -> dict[str, Any]:
         self.operator_pin = False
         self._save()
-        return self._snapshot()
+        return {"placement": self._snapshot()}
 
     # ----------------------------------------------------------------------------------- telemetry
     async def begin_request(self) -> list[str]:

@@ -122,6 +122,24 @@ def now() -> int:
     return int(time.time())
 
 
+class PlacementRequest(BaseModel):
+    """``POST /v1/helios/placements``: move a replica group to (model, depth), pinned unless ``pin`` is false.
+    Today the application has one group, ``default``."""
+
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    group: str = "default"
+    model: str = Field(min_length=1)
+    depth: int | None = Field(default=None, ge=1, description="None = the model's full depth.")
+    pin: bool = True
+
+
+class UnpinRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", strict=True)
+
+    group: str = "default"
+
+
 # ------------------------------------------------------------------------------------------------ errors
 class APIError(Exception):
     """A request that ends in an error response: HTTP status + OpenAI error body, or the gRPC status below."""
@@ -152,15 +170,20 @@ def validation_message(e: ValidationError) -> tuple[str, str | None]:
 Request = ChatCompletionRequest | CompletionRequest
 
 
-def parse_request(body: Any, chat: bool) -> Request:
-    """A decoded JSON body (or a gRPC message mapped by :func:`body_from_grpc`) -> a validated request."""
+def validate(schema: type[BaseModel], body: Any) -> Any:
+    """A decoded JSON body validated as ``schema``, or a 400 naming the first problem."""
     if not isinstance(body, dict):
         raise APIError(400, "the request body must be a JSON object")
     try:
-        return (ChatCompletionRequest if chat else CompletionRequest).model_validate(body)
+        return schema.model_validate(body)
     except ValidationError as e:
         msg, param = validation_message(e)
         raise APIError(400, msg, param=param) from None
+
+
+def parse_request(body: Any, chat: bool) -> Request:
+    """A decoded JSON body (or a gRPC message mapped by :func:`body_from_grpc`) -> a validated request."""
+    return validate(ChatCompletionRequest if chat else CompletionRequest, body)
 
 
 def to_call(req: Request, prefix: str | None = None) -> GenerateCall:

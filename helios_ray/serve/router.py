@@ -25,7 +25,9 @@ from ray import serve
 from helios_ray.config import ServeConfig
 from helios_ray.serve import dashboard, grpc_api
 from helios_ray.serve.openai_format import ChunkWriter, completion_body, sse_stream
-from helios_ray.serve.protocol import APIError, body_from_grpc, parse_request, to_call
+from helios_ray.serve.protocol import (
+    APIError, PlacementRequest, UnpinRequest, body_from_grpc, parse_request, to_call, validate,
+)
 from helios_ray.serve.relay import Relay
 from helios_ray.serve.schemas import StreamEnd, StreamToken
 
@@ -49,6 +51,13 @@ def _json_ready(obj: Any) -> Any:
     if obj is None or isinstance(obj, (str, int, bool)):
         return obj
     return str(obj)
+
+
+async def _json_body(request: Request) -> Any:
+    try:
+        return await request.json()
+    except Exception:
+        raise APIError(400, "the request body is not valid JSON") from None
 
 
 def _key_from_headers(headers: Any) -> str | None:
@@ -94,11 +103,7 @@ class Router:
     async def _http_generate(self, request: Request, chat: bool) -> Any:
         try:
             self._check_key(_key_from_headers(request.headers))
-            try:
-                body = await request.json()
-            except Exception:
-                raise APIError(400, "the request body is not valid JSON") from None
-            req = parse_request(body, chat)
+            req = parse_request(await _json_body(request), chat)
             call = to_call(req)
             if req.stream:
                 start, gen, t0 = await self.relay.open(call, req.model)
@@ -136,6 +141,37 @@ class Router:
     @app.get("/dashboard/{name}")
     async def dashboard_file(self, name: str = "index.html") -> Response:
         return dashboard.response(name)
+
+    # ------------------------------------------------------------------------------------ admin
+    GROUPS = ("default",)  # one replica group until the fleet lands
+
+    async def _admin(self, request: Request, schema: type, call: Any) -> Any:
+        try:
+            self._check_key(_key_from_headers(request.headers))
+            req = validate(schema, await _json_body(request))
+            if req.group not in self.GROUPS:
+                raise APIError(404, f"unknown group {req.group!r} (groups: {', '.join(self.GROUPS)})",
+                               param="group", code="group_not_found")
+            out = await call(req)
+            if "error" in out:  # the brain's verdict: unknown model (404), depth out of range (400)
+                err = out["error"]
+                not_found = err["status"] == 404
+                raise APIError(err["status"], err["message"], param="model" if not_found else "depth",
+                               code="model_not_found" if not_found else None)
+        except APIError as e:
+            self._count_error(e)
+            return _error_response(e)
+        return JSONResponse({"group": req.group, **out})
+
+    @app.post("/v1/helios/placements")
+    async def placements(self, request: Request) -> Any:
+        """Move a group live (operators; API key required when one is set)."""
+        return await self._admin(request, PlacementRequest,
+                                 lambda r: self.brain.place.remote(r.model, r.depth, pin=r.pin))
+
+    @app.post("/v1/helios/placements/unpin")
+    async def unpin(self, request: Request) -> Any:
+        return await self._admin(request, UnpinRequest, lambda r: self.brain.unpin.remote())
 
     @app.get("/v1/helios/status")
     async def status(self, request: Request) -> Any:

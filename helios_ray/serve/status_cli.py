@@ -22,25 +22,34 @@ from helios_ray.errors import HeliosError
 DEFAULT_URL = "http://127.0.0.1:8000"
 
 
-def configure_parser(p: argparse.ArgumentParser) -> None:
+def add_connection_options(p: argparse.ArgumentParser) -> None:
+    """Where the server is and how to talk to it: shared by ``status`` and ``fleet``."""
     p.add_argument("--url", default=os.environ.get("HELIOS_URL", DEFAULT_URL),
                    help=f"the Serve HTTP address (with any route prefix); default $HELIOS_URL or {DEFAULT_URL}")
-    p.add_argument("--watch", nargs="?", type=float, const=2.0, default=None, metavar="SECONDS",
-                   help="redraw every SECONDS (default 2) until Ctrl-C")
-    p.add_argument("--json", action="store_true", help="print the status document (JSON) instead of the tables")
+    p.add_argument("--json", action="store_true", help="print the server's JSON answer instead of a table")
     p.add_argument("--api-key", default=None, help="API key (default: $HELIOS_API_KEY)")
     p.add_argument("--timeout", type=float, default=10.0, help="seconds to wait for the server (default 10)")
 
 
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    add_connection_options(p)
+    p.add_argument("--watch", nargs="?", type=float, const=2.0, default=None, metavar="SECONDS",
+                   help="redraw every SECONDS (default 2) until Ctrl-C")
+
+
 # ------------------------------------------------------------------------------------------------ fetching
-def fetch(url: str, api_key: str | None, timeout: float = 10.0, client: Any = None) -> dict[str, Any]:
-    """The status document, or HeliosError with a one-line reason."""
+def call_api(url: str, path: str, api_key: str | None, timeout: float = 10.0, body: dict[str, Any] | None = None,
+             client: Any = None) -> dict[str, Any]:
+    """GET ``path`` (POST ``body`` when given) on a helios-ray server: its JSON answer, or HeliosError with a
+    one-line reason (unreachable, 401, an error body's message, not JSON)."""
     import httpx
 
-    target = url.rstrip("/") + "/v1/helios/status"
+    target = url.rstrip("/") + path
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    http = client or httpx
     try:
-        r = (client or httpx).get(target, headers=headers, timeout=timeout)
+        r = (http.post(target, headers=headers, json=body, timeout=timeout) if body is not None
+             else http.get(target, headers=headers, timeout=timeout))
     except httpx.TimeoutException:
         raise HeliosError(f"{target}: no answer within {timeout:g} s") from None
     except httpx.HTTPError as e:
@@ -48,14 +57,23 @@ def fetch(url: str, api_key: str | None, timeout: float = 10.0, client: Any = No
     if r.status_code == 401:
         how = "the API key was rejected" if api_key else "the server requires an API key"
         raise HeliosError(f"{target}: 401 unauthorized: {how} (--api-key or $HELIOS_API_KEY)")
-    if r.status_code != 200:
-        raise HeliosError(f"{target}: HTTP {r.status_code}: {r.text[:200].strip()}")
     try:
         doc = r.json()
     except ValueError:
+        if r.status_code != 200:
+            raise HeliosError(f"{target}: HTTP {r.status_code}: {r.text[:200].strip()}") from None
         raise HeliosError(f"{target}: the answer is not JSON (is this a helios-ray server?)") from None
+    if r.status_code != 200:
+        msg = doc.get("error", {}).get("message") if isinstance(doc, dict) else None
+        raise HeliosError(f"{target}: HTTP {r.status_code}: {msg or r.text[:200].strip()}")
+    return doc
+
+
+def fetch(url: str, api_key: str | None, timeout: float = 10.0, client: Any = None) -> dict[str, Any]:
+    """The status document, or HeliosError with a one-line reason."""
+    doc = call_api(url, "/v1/helios/status", api_key, timeout, client=client)
     if not isinstance(doc, dict) or "placement" not in doc:
-        raise HeliosError(f"{target}: not a helios-ray status document (no placement)")
+        raise HeliosError(f"{url.rstrip('/')}/v1/helios/status: not a helios-ray status document (no placement)")
     return doc
 
 

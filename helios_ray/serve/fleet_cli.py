@@ -1,0 +1,60 @@
+"""``helios-ray fleet show|set|unpin``: see and move the replica groups of a running server.
+
+    helios-ray fleet show                                   # groups: model@depth, version, pin, replicas
+    helios-ray fleet set gemma3-270m --depth 14             # move group "default" live and pin it there
+    helios-ray fleet set smollm2-135m --no-pin              # move it; the policy may move it again
+    helios-ray fleet unpin                                  # hand the group back to the policy
+
+A thin client of ``POST /v1/helios/placements`` and ``GET /v1/helios/status`` (same URL, key and error rules as
+``helios-ray status``).  Today an application has one group, ``default``; the fleet issue adds more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from typing import Any
+
+from helios_ray.serve.status_cli import add_connection_options, call_api, fetch
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="fleet", required=True, metavar="ACTION")
+    show = sub.add_parser("show", help="the groups and their placements")
+    move = sub.add_parser("set", help="move a group live to MODEL at --depth, pinned unless --no-pin")
+    move.add_argument("model", help="a candidate model name")
+    move.add_argument("--depth", type=int, default=None, help="layers to load (default: the full depth)")
+    move.add_argument("--no-pin", action="store_true", help="let the policy move it again later")
+    unpin = sub.add_parser("unpin", help="hand a group back to the policy")
+    for q in (show, move, unpin):
+        add_connection_options(q)
+        q.add_argument("--group", default="default", help="the replica group (default: default)")
+
+
+def _groups(doc: dict[str, Any]) -> list[dict[str, Any]]:
+    p = doc["placement"]
+    return [{"group": "default", "model": p["model"], "depth": p["depth"], "version": p["version"],
+             "pinned": bool(doc.get("pinned")), "replicas": len(doc.get("replicas") or [])}]
+
+
+def run(a: argparse.Namespace) -> int:
+    import os
+
+    key = a.api_key or os.environ.get("HELIOS_API_KEY") or None
+    if a.fleet == "set":
+        out = call_api(a.url, "/v1/helios/placements", key, a.timeout,
+                       body={"group": a.group, "model": a.model, "depth": a.depth, "pin": not a.no_pin})
+    elif a.fleet == "unpin":
+        out = call_api(a.url, "/v1/helios/placements/unpin", key, a.timeout, body={"group": a.group})
+    else:
+        out = {"groups": _groups(fetch(a.url, key, a.timeout))}
+    if a.json:
+        print(json.dumps(out, indent=2))
+    elif "groups" in out:
+        for g in out["groups"]:
+            print(f"{g['group']}: {g['model']}@{g['depth']} (version {g['version']}, "
+                  f"{'pinned' if g['pinned'] else 'policy'}, {g['replicas']} replica(s))")
+    else:
+        p = out["placement"]
+        print(f"{out['group']}: {p['model']}@{p['depth']} (version {p['version']})")
+    return 0
