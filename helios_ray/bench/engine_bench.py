@@ -89,16 +89,18 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 def bench_engine(model_name: str, batches: list[int], requests_per_batch: int, max_prompt_tokens: int,
                  max_output_tokens: int, budget_mb: int, seed: int, threads: int, progress: bool = True,
-                 repeats: int = 2) -> dict[str, Any]:
+                 repeats: int = 2, dtype: str = "float32") -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     from helios_ray.models.early_exit import load_model
 
     torch.set_num_threads(threads)
-    model = load_model(model_name, exits="shared")
+    model = load_model(model_name, exits="shared", dtype=dtype)
     hf = AutoModelForCausalLM.from_pretrained(str(model.ckpt_dir), dtype=torch.float32).eval()
     pad = model.spec.pad_token_id if model.spec.pad_token_id is not None else 0
     results: dict[str, Any] = {"model": model_name, "device": str(model.device), "threads": threads,
+                               "engine_dtype": str(model.lm.dtype).removeprefix("torch."),
+                               "transformers_dtype": "float32",
                                "budget_mb": budget_mb, "seed": seed, "workload": "sharegpt", "runs": []}
     for b in batches:
         n_req = max(b, requests_per_batch if b > 1 else max(2, requests_per_batch // 4))
