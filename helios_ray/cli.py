@@ -80,7 +80,8 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="registered model name (see `helios-ray models`)")
     p.add_argument("--depth", type=int, default=None, help="layers to load (default: all)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
+    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="auto: bfloat16 on CUDA and on CPUs with bf16 units (AVX512-BF16/AMX), else float32")
     p.add_argument("--exits", default="auto", choices=["auto", "shared"],
                    help="auto: trained exit head at the depth when available; shared: final norm + LM head")
     p.add_argument("--models-file")
@@ -241,12 +242,15 @@ def _cfg_bench(p: argparse.ArgumentParser) -> None:
     e.add_argument("--model", default="smollm2-135m")
     e.add_argument("--batches", default="1,8,16", help="comma-separated batch sizes")
     e.add_argument("--requests", type=int, default=32, help="requests per batched run (batch 1 uses a quarter)")
-    e.add_argument("--quick", action="store_true", help="batches 1,8; 16 requests; 64 output tokens (~3 min)")
+    e.add_argument("--quick", action="store_true",
+                   help="batches 1,8; 8 requests (2 at batch 1); 64 output tokens (~2 min on an idle 2-core host)")
     e.add_argument("--max-prompt-tokens", type=int, default=256)
     e.add_argument("--max-output-tokens", type=int, default=128)
     e.add_argument("--repeats", type=int, default=2, choices=[1, 2], help="2 = A-B-B-A order, times averaged")
     e.add_argument("--budget-mb", type=int, default=2048)
     e.add_argument("--threads", type=int, default=1, help="torch threads for both sides")
+    e.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
+                   help="the engine's dtype (transformers stays float32, the reference); auto: see generate")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", action="store_true")
     s = sub.add_parser("serve", help="helios vs full-depth early-exit baseline vs plain transformers, served "
@@ -268,9 +272,6 @@ def _cfg_bench(p: argparse.ArgumentParser) -> None:
     s.add_argument("--seed", type=int, default=0)
     s.add_argument("--out", default=None, help="folder for each system's loadgen JSON and plots")
     s.add_argument("--json", action="store_true")
-    m = sub.add_parser("memory", help="max concurrent sequences the scheduler admits at each depth")
-    m.add_argument("--model", default="smollm2-135m")
-    m.add_argument("--budget-mb", type=int, default=1024)
     x = sub.add_parser("mixed", help="chunked prefill vs prefill-first: prefill layouts and inter-token latency "
                                      "under Poisson arrivals, side by side")
     x.add_argument("--model", default="smollm2-135m")
@@ -280,6 +281,9 @@ def _cfg_bench(p: argparse.ArgumentParser) -> None:
     x.add_argument("--threads", type=int, default=1)
     x.add_argument("--seed", type=int, default=0)
     x.add_argument("--json", action="store_true")
+    m = sub.add_parser("memory", help="max concurrent sequences the scheduler admits at each depth")
+    m.add_argument("--model", default="smollm2-135m")
+    m.add_argument("--budget-mb", type=int, default=1024)
     m.add_argument("--depths", default=None, help="comma-separated depths (default: full and 2/3 of it)")
     m.add_argument("--seq-len", type=int, default=512)
     m.add_argument("--block-size", type=int, default=16)
@@ -332,18 +336,18 @@ def _run_bench(a: argparse.Namespace) -> int:
 
     if a.bench == "serve":
         return _run_bench_serve(a)
-    if a.bench == "engine":
-        if a.quick:
-            a.batches, a.requests, a.max_output_tokens = "1,8", 16, 64
     if a.bench == "mixed":
         from helios_ray.bench import mixed_bench
 
         res = mixed_bench.bench_mixed(a.model, a.quick, a.seed, a.threads, a.budget_mb, a.chunk_tokens)
         _emit(res, a.json, mixed_bench.format_table)
         return 0
+    if a.bench == "engine":
+        if a.quick:
+            a.batches, a.requests, a.max_output_tokens = "1,8", 8, 64
         res = engine_bench.bench_engine(a.model, _ints(a.batches, "--batches"), a.requests, a.max_prompt_tokens,
                                         a.max_output_tokens, a.budget_mb, a.seed, a.threads, progress=not a.json,
-                                        repeats=a.repeats)
+                                        repeats=a.repeats, dtype=a.dtype)
         _emit(res, a.json, lambda r: "\n".join(
             f"batch {x['batch']:>3}: engine {x['engine_tokens_per_s']:>7} tok/s | transformers "
             f"{x['transformers_tokens_per_s']:>7} tok/s | {x['ratio_engine_over_transformers']}x | "

@@ -56,6 +56,7 @@ def run_engine(model: EarlyExitLM, reqs: list[tuple[list[int], int]], batch: int
     dt = time.perf_counter() - t0
     ttft = sorted((s.first_token_at or 0) - t0 for s in seqs)
     return dt, [s.output_ids for s in seqs], {"steps": eng.totals.steps, "preemptions": eng.totals.preemptions,
+                                              "tokens_in": eng.totals.tokens_in,
                                               "ttft_p50_s": round(ttft[len(ttft) // 2], 3)}
 
 
@@ -79,6 +80,27 @@ def run_transformers(hf: Any, reqs: list[tuple[list[int], int]], batch: int, pad
     return time.perf_counter() - t0, outs
 
 
+def gemm_peak_gflops(dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 1.0) -> float:
+    """Measured matmul peak of this process (current torch threads): the best of repeated n x n x n products.
+    The yardstick for "how much of the machine does a decode step use"."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
+    best, t_end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < t_end:
+        t0 = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n ** 3 / best / 1e9
+
+
+def matmul_flops(model: EarlyExitLM, tokens_in: int, tokens_out: int) -> int:
+    """Weight-matmul FLOPs of a run: 2 x layer weights per token run through the layers (prompt and decode
+    inputs), 2 x LM head per sampled token.  Attention over the context is not counted, so the fraction of peak
+    derived from it is a lower bound."""
+    lm = model.lm
+    layer = sum(p.numel() for p in lm.layers[0].parameters() if p.dim() == 2)
+    return 2 * (tokens_in * lm.depth * layer + tokens_out * lm.lm_head_weight.numel())
+
+
 def agreement(a: list[list[int]], b: list[list[int]]) -> float:
     same = total = 0
     for x, y in zip(a, b):
@@ -89,17 +111,21 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 def bench_engine(model_name: str, batches: list[int], requests_per_batch: int, max_prompt_tokens: int,
                  max_output_tokens: int, budget_mb: int, seed: int, threads: int, progress: bool = True,
-                 repeats: int = 2) -> dict[str, Any]:
+                 repeats: int = 2, dtype: str = "float32") -> dict[str, Any]:
     from transformers import AutoModelForCausalLM
 
     from helios_ray.models.early_exit import load_model
 
     torch.set_num_threads(threads)
-    model = load_model(model_name, exits="shared")
+    model = load_model(model_name, exits="shared", dtype=dtype)
     hf = AutoModelForCausalLM.from_pretrained(str(model.ckpt_dir), dtype=torch.float32).eval()
     pad = model.spec.pad_token_id if model.spec.pad_token_id is not None else 0
+    peak = gemm_peak_gflops(model.lm.dtype)
     results: dict[str, Any] = {"model": model_name, "device": str(model.device), "threads": threads,
-                               "budget_mb": budget_mb, "seed": seed, "workload": "sharegpt", "runs": []}
+                               "engine_dtype": str(model.lm.dtype).removeprefix("torch."),
+                               "transformers_dtype": "float32",
+                               "budget_mb": budget_mb, "seed": seed, "workload": "sharegpt",
+                               "gemm_peak_gflops": round(peak, 2), "runs": []}
     for b in batches:
         n_req = max(b, requests_per_batch if b > 1 else max(2, requests_per_batch // 4))
         reqs = sharegpt_requests(model, n_req, seed, max_prompt_tokens, max_output_tokens)
@@ -124,6 +150,8 @@ def bench_engine(model_name: str, batches: list[int], requests_per_batch: int, m
             "engine_tokens_per_s": round(n_tokens / t_en, 2),
             "transformers_tokens_per_s": round(n_tokens / t_hf, 2),
             "ratio_engine_over_transformers": round(t_hf / t_en, 3),
+            "engine_fraction_of_gemm_peak": round(matmul_flops(model, extra["tokens_in"], n_tokens) / t_en / 1e9 / peak,
+                                                  3),
             "token_agreement_with_transformers": round(agreement(out_en, out_hf), 4),
             "engine_seconds": round(t_en, 2), "transformers_seconds": round(t_hf, 2),
             "seconds_per_repeat": {"engine": [round(t_en1, 2), round(t_en2, 2)],

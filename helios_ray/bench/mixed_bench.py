@@ -157,6 +157,33 @@ def bench_itl(model: EarlyExitLM, n_requests: int, rate: float, max_prompt_token
     return res
 
 
+def bench_detok(model: EarlyExitLM, lengths: tuple[int, ...] = (250, 2000)) -> list[dict[str, Any]]:
+    """Streaming text cost per token: re-decoding the whole output + ``finish_text`` (the old way) vs
+    ``TextStream`` (incremental), on the same ids, with two stop strings that never match."""
+    from helios_ray.engine.detok import TextStream
+    from helios_ray.engine.sequence import finish_text
+
+    tok = model.tokenizer
+    text = "The quick brown fox jumps over the lazy dog, said 日本語 😀. " * 400
+    ids = tok(text, add_special_tokens=False)["input_ids"]
+    params = SamplingParams(max_tokens=10**6, stop=["</s>", "User:"])
+    out = []
+    for n in lengths:
+        t0 = time.perf_counter()
+        emitted = 0
+        for i in range(n):
+            _, _, _, emitted = finish_text(tok.decode(ids[:i + 1], skip_special_tokens=True), params, False, False,
+                                           emitted)
+        t1 = time.perf_counter()
+        stream = TextStream(tok, params)
+        for i in range(n):
+            stream.add(ids[i])
+        t2 = time.perf_counter()
+        out.append({"output_tokens": n, "full_redecode_us_per_token": round((t1 - t0) / n * 1e6, 1),
+                    "incremental_us_per_token": round((t2 - t1) / n * 1e6, 1)})
+    return out
+
+
 def bench_mixed(model_name: str, quick: bool, seed: int, threads: int, budget_mb: int,
                 chunk_tokens: int) -> dict[str, Any]:
     from helios_ray.models.early_exit import load_model
@@ -165,6 +192,7 @@ def bench_mixed(model_name: str, quick: bool, seed: int, threads: int, budget_mb
     model = load_model(model_name, exits="shared")
     out: dict[str, Any] = {"model": model_name, "device": str(model.device), "dtype": str(model.lm.dtype),
                            "threads": threads, "seed": seed}
+    out["detokenize"] = bench_detok(model)
     out["prefill_layouts"] = bench_prefill_layouts(model, seed, (2, 4) if quick else (2, 3, 4))
     out["itl"] = bench_itl(model, 8 if quick else 16, 0.5, 512, 24 if quick else 48, chunk_tokens, seed, budget_mb,
                            repeats=2)
@@ -172,7 +200,9 @@ def bench_mixed(model_name: str, quick: bool, seed: int, threads: int, budget_mb
 
 
 def format_table(r: dict[str, Any]) -> str:
-    lines = [f"prefill, prompt tokens/s ({r['model']}, {r['dtype']}, {r['threads']} thread(s)):"]
+    lines = [f"streaming text, {x['output_tokens']} tokens: re-decode {x['full_redecode_us_per_token']} us/token, "
+             f"incremental {x['incremental_us_per_token']} us/token" for x in r.get("detokenize", [])]
+    lines.append(f"prefill, prompt tokens/s ({r['model']}, {r['dtype']}, {r['threads']} thread(s)):")
     for x in r["prefill_layouts"]:
         t = x["tokens_per_s"]
         lines.append(f"  {x['prompts']} prompts {x['prompt_lengths']}: per-prompt {t['per_prompt']} | padded "

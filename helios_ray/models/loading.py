@@ -15,6 +15,7 @@ from pathlib import Path
 import psutil
 import torch
 
+from helios_ray.dtypes import cpu_has_bf16
 from helios_ray.errors import HeliosError
 from helios_ray.models.checkpoint import Checkpoint
 from helios_ray.models.decoder import Block, DecoderLM
@@ -33,9 +34,10 @@ def pick_device(device: str = "auto") -> torch.device:
 
 
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """float32 on CPU (bf16 matmuls are slow there and change results), bfloat16 on CUDA."""
+    """``auto``: bfloat16 on CUDA and on CPUs with bf16 units (AVX512-BF16/AMX), float32 on other CPUs (bf16
+    matmuls are emulated there: slower than fp32, and they change results)."""
     if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" else torch.float32
+        return torch.bfloat16 if device.type == "cuda" or cpu_has_bf16() else torch.float32
     if dtype not in _DTYPES:
         raise HeliosError(f"unknown dtype {dtype!r} (known: auto, {', '.join(_DTYPES)})")
     return _DTYPES[dtype]

@@ -43,12 +43,14 @@ def _app_name() -> str | None:
 class Brain:
     async def __init__(self, config: dict[str, Any]):
         from helios_ray.control import Controller, Hardware
+        from helios_ray.dtypes import serving_dtype
         from helios_ray.models.profiling import candidate_info
         from helios_ray.models.repository import ModelRepository
 
         self.cfg = ServeConfig.model_validate(config)
         repo = ModelRepository(extra=self.cfg.models, models_file=self.cfg.models_file)
-        self.candidates = [candidate_info(repo, n) for n in self.cfg.candidates]
+        self.candidates = [candidate_info(repo, n, serving_dtype(self.cfg.dtype, self.cfg.replica_num_gpus > 0))
+                           for n in self.cfg.candidates]  # priced at the dtype the replicas load
         budget = self.cfg.engine.memory_budget_bytes or (16384 << 20)
         hw = Hardware(device="cuda" if self.cfg.replica_num_gpus > 0 else "cpu", memory_budget_bytes=budget)
         self.controller = Controller(self.candidates, self.cfg.slo, hw, self.cfg.policy)

@@ -73,7 +73,7 @@ class EarlyExitReplica:
         if self.cfg.mode == "early_exit":
             token_exits = resolve_token_exits(self.cfg, self.repo, model, depth)
         return load_model(model, depth, repo=self.repo, device=self.cfg.device, threshold=self.cfg.threshold,
-                          token_exits=token_exits)
+                          token_exits=token_exits, dtype=self.cfg.dtype)
 
     async def _apply(self, p: dict[str, Any]) -> None:
         """Bring this replica to placement ``p`` (idempotent)."""
