@@ -83,7 +83,7 @@ class PlainReplica:
         repo = ModelRepository(extra=self.cfg.models, models_file=self.cfg.models_file)
         d = repo.checkpoint_dir(self.name)
         self.device = pick_device(self.cfg.device)
-        dtype = pick_dtype("auto", self.device)
+        dtype = pick_dtype(self.cfg.dtype, self.device)  # the same serving dtype as the engine replicas
         self.hf = AutoModelForCausalLM.from_pretrained(str(d), dtype=dtype).to(self.device).eval()
         self.tokenizer = AutoTokenizer.from_pretrained(str(d))
         c = self.hf.config.get_text_config()
