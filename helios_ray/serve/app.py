@@ -29,6 +29,12 @@ from helios_ray.serve.replica import EarlyExitReplica
 from helios_ray.serve.router import Router
 
 
+#: Router, brain and profiler reserve no CPU and live on the head node, with the GCS and the HTTP/gRPC proxy
+#: (``proxy_location: HeadOnly``): losing a worker node then costs only the replicas on it, whose streams the
+#: router resumes elsewhere.  Ray gives every head node the ``node:__internal_head__`` resource.
+ON_HEAD: dict[str, Any] = {"num_cpus": 0, "resources": {"node:__internal_head__": 0.001}}
+
+
 def load_config(args: dict[str, Any] | None) -> ServeConfig:
     try:
         cfg = ServeConfig.model_validate(args or {})
@@ -68,11 +74,11 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     brain = serve.deployment(Brain, name="HeliosBrain", num_replicas=1, max_ongoing_requests=100_000,
                              health_check_period_s=2, health_check_timeout_s=30,
                              graceful_shutdown_timeout_s=1, graceful_shutdown_wait_loop_s=0.5,
-                             ray_actor_options={"num_cpus": 0}).bind(conf)
+                             ray_actor_options=ON_HEAD).bind(conf)
     profiler = None
     if cfg.profiler and cfg.mode == "helios":
         profiler = serve.deployment(Profiler, name="HeliosProfiler", num_replicas=1, max_ongoing_requests=1000,
-                                    ray_actor_options={"num_cpus": 0}).bind(conf, brain)
+                                    ray_actor_options=ON_HEAD).bind(conf, brain)
     cls, name = (PlainReplica, "PlainReplica") if cfg.mode == "plain" else (EarlyExitReplica, "EarlyExitReplica")
     replica = serve.deployment(
         cls, name=name, num_replicas=cfg.replicas,
@@ -86,5 +92,5 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     ).bind(conf, brain)
     ingress = serve.deployment(Router, name="Router", num_replicas=1,
                                max_ongoing_requests=cfg.max_ongoing_requests,
-                               ray_actor_options={"num_cpus": 0}).bind(conf, replica, brain, profiler)
+                               ray_actor_options=ON_HEAD).bind(conf, replica, brain, profiler)
     return ingress

@@ -40,6 +40,13 @@ def _app_name() -> str | None:
         return None
 
 
+def change_entry(version: int, at: float, old: dict[str, Any], new: dict[str, Any], action: str, trigger: str,
+                 reason: str) -> dict[str, Any]:
+    """One ``changes`` entry of the status document (also what loadgen's fake server must produce)."""
+    return {"version": version, "at": at, "from": dict(old), "to": dict(new), "action": action, "trigger": trigger,
+            "reason": reason}
+
+
 class Brain:
     async def __init__(self, config: dict[str, Any]):
         from helios_ray.control import Controller, Hardware
@@ -154,8 +161,8 @@ class Brain:
             self.placement = new
             self.version += 1
             self.changed_at = time.time()
-            self.changes.append({"version": self.version, "at": self.changed_at, "from": old, "to": new,
-                                 "action": decision.action, "trigger": decision.trigger, "reason": decision.reason})
+            self.changes.append(change_entry(self.version, self.changed_at, old, new, decision.action,
+                                             decision.trigger, decision.reason))
             self._cond.notify_all()
         self._save()
         log.info("helios brain: %s -> %s (%s: %s)", old, new, decision.action, decision.reason)
@@ -182,9 +189,8 @@ class Brain:
             old, self.placement = self.placement, {"model": model, "depth": depth}
             self.version += 1
             self.changed_at = time.time()
-            self.changes.append({"version": self.version, "at": self.changed_at, "from": old, "to": self.placement,
-                                 "action": "manual", "trigger": "operator",
-                                 "reason": "set_placement (pinned)" if pin else "set_placement"})
+            self.changes.append(change_entry(self.version, self.changed_at, old, self.placement, "manual", "operator",
+                                             "set_placement (pinned)" if pin else "set_placement"))
             self.controller.current = Placement(model=model, depth=depth)
             self._cond.notify_all()
         self._save()

@@ -33,11 +33,12 @@ SWITCH = Decision(action="deploy", trigger="reassess", model="tiny", depth=4, pr
 
 
 def change_entry(decision: Decision, version: int, at: float) -> dict[str, Any]:
-    """One ``changes`` entry of ``/v1/helios/status``, as ``helios_ray.serve.brain.Brain`` writes it."""
-    return {"version": version, "at": at,
-            "from": {"model": decision.previous_model, "depth": decision.previous_depth},
-            "to": {"model": decision.model, "depth": decision.depth},
-            "action": decision.action, "trigger": decision.trigger, "reason": decision.reason}
+    """One ``changes`` entry of ``/v1/helios/status``, built by the real brain's own function."""
+    from helios_ray.serve.brain import change_entry as real
+
+    return real(version, at, {"model": decision.previous_model, "depth": decision.previous_depth},
+                {"model": decision.model, "depth": decision.depth}, decision.action, decision.trigger,
+                decision.reason)
 
 
 @dataclass

@@ -69,4 +69,7 @@ def cluster():
            "headers": {"Authorization": f"Bearer {API_KEY}"}, "key": API_KEY, "app": app_cfg["name"]}
     serve.shutdown()
     ray.shutdown()
+    keep = os.environ.get("HELIOS_KEEP_RAY_LOGS")  # debugging a failed run: keep the cluster's logs there
+    if keep:
+        shutil.copytree(Path(tmp) / "session_latest" / "logs", keep, dirs_exist_ok=True)
     shutil.rmtree(tmp, ignore_errors=True)
