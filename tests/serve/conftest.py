@@ -38,7 +38,9 @@ def cluster():
              _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000},
              logging_level="WARNING", log_to_driver=False)  # worker logs stay in the temp dir
     http_port, grpc_port = _free_port(), _free_port()
-    serve.start(http_options={"host": "127.0.0.1", "port": http_port},
+    # HeadOnly, as deployments/helios.yaml: test_two_nodes.py adds a second node on this same host, whose own proxy
+    # would share the port and take connections with it when that node dies.
+    serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": http_port},
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": [
                     "helios_proto.helios_pb2_grpc.add_HeliosServiceServicer_to_server"]})
     cfg = yaml.safe_load((ROOT / "deployments" / "helios.yaml").read_text())

@@ -47,10 +47,13 @@ def test_moving_the_group_live_shows_in_status_and_metrics(cluster):
 
     def load() -> None:
         while not done.is_set():
-            r = httpx.post(f"{cluster['base']}/v1/completions", headers=cluster["headers"], timeout=120,
-                           json={"model": "helios", "prompt": "Hello", "max_tokens": 8, "stream": True})
-            if r.status_code != 200 or "[DONE]" not in r.text or '"error"' in r.text:
-                failures.append(f"{r.status_code}: {r.text[:200]}")
+            try:
+                r = httpx.post(f"{cluster['base']}/v1/completions", headers=cluster["headers"], timeout=120,
+                               json={"model": "helios", "prompt": "Hello", "max_tokens": 8, "stream": True})
+                if r.status_code != 200 or "[DONE]" not in r.text or '"error"' in r.text:
+                    failures.append(f"{r.status_code}: {r.text[:200]}")
+            except Exception as e:  # a dropped connection is a failed request too
+                failures.append(repr(e))
 
     t = threading.Thread(target=load)
     t.start()

@@ -61,17 +61,21 @@ def test_model_switches_under_load_refuse_nothing(cluster):
         i = 0
         while not done.is_set():
             prompt = PROMPTS[(k + i) % len(PROMPTS)]
-            r = _complete(cluster, prompt)
+            try:
+                r = _complete(cluster, prompt)
+                out = (prompt, r.status_code, r.json())
+            except Exception as e:  # a dropped connection is a lost request: reported below
+                out = (prompt, 0, {"exception": repr(e)})
             with lock:
-                results.append((prompt, r.status_code, r.json()))
+                results.append(out)
             i += 1
 
     threads = [threading.Thread(target=client, args=(k,)) for k in range(4)]
     for t in threads:
         t.start()
     try:
-        # two model swaps (each drains the engine) and two depth changes (recompute in place)
-        for model, depth in [("gemma3-270m", None), ("smollm2-135m", 24), ("smollm2-135m", 30), ("gemma3-270m", 14)]:
+        # two model swaps (each drains the engine), one of them with a depth change, and a depth change in place
+        for model, depth in [("gemma3-270m", None), ("smollm2-135m", 24), ("smollm2-135m", 30)]:
             p = brain.set_placement.remote(model, depth, pin=True).result()  # the policy must not move it back
             _until(lambda: any(r["placement_version"] == p["version"] for r in _status(cluster)["replicas"]), 180,
                    f"replica never reached {model}@{depth}")
@@ -84,7 +88,7 @@ def test_model_switches_under_load_refuse_nothing(cluster):
             t.join(timeout=300)
     bad = [(code, body) for _, code, body in results if code != 200]
     assert bad == [], bad[:3]
-    served = {body["model"] for _, _, body in results}
+    served = {body["model"] for _, _, body in results}  # (every result is a 200 here)
     assert served == {"gemma3-270m", "smollm2-135m"}  # requests really ran on both sides of the switches
     assert all(body["choices"][0]["finish_reason"] in ("stop", "length") for _, _, body in results)
     # Greedy, batch-independent: each answer served on the final placement equals the request served alone.
@@ -170,9 +174,12 @@ def test_killed_brain_comes_back_with_its_state(cluster):
     def load() -> None:
         i = 0
         while not done.is_set():
-            r = _complete(cluster, PROMPTS[i % len(PROMPTS)], 6)
-            if r.status_code != 200:
-                failures.append(f"{r.status_code}: {r.text[:200]}")
+            try:
+                r = _complete(cluster, PROMPTS[i % len(PROMPTS)], 6)
+                if r.status_code != 200:
+                    failures.append(f"{r.status_code}: {r.text[:200]}")
+            except Exception as e:  # a dropped connection is a failed request too
+                failures.append(repr(e))
             i += 1
 
     t = threading.Thread(target=load)

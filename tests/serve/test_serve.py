@@ -197,8 +197,12 @@ def test_live_shift_changes_placement_without_failures(cluster):
     def background() -> None:
         client = httpx.Client(timeout=120, headers=cluster["headers"])
         while not done.is_set():
-            r = client.post(f"{cluster['base']}/v1/chat/completions",
-                            json={"model": "helios", "messages": CHAT, "max_tokens": 8, "stream": True})
+            try:
+                r = client.post(f"{cluster['base']}/v1/chat/completions",
+                                json={"model": "helios", "messages": CHAT, "max_tokens": 8, "stream": True})
+            except Exception as e:  # a dropped connection is a failed request too
+                failures.append(repr(e))
+                continue
             body = r.text
             if r.status_code != 200 or "data: [DONE]" not in body or '"error"' in body:
                 failures.append(f"{r.status_code}: {body[:200]}")
@@ -239,7 +243,7 @@ def test_killed_replica_mid_stream_is_resumed(cluster):
     provably lands mid-stream: it is sent once tokens have arrived and before any end event."""
     from ray import serve
 
-    max_tokens = 160
+    max_tokens = 96
     body = {"model": "helios", "prompt": "Once upon a time", "max_tokens": max_tokens, "ignore_eos": True,
             "temperature": 0}
     before = _status(cluster)

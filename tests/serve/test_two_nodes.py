@@ -72,16 +72,20 @@ def test_replicas_span_two_nodes_and_survive_losing_one(cluster):
 
         def client() -> None:
             while not done.is_set():
-                r = httpx.post(f"{url}/v1/completions", timeout=300, json={
-                    "model": "helios", "prompt": "Once upon a time", "max_tokens": 32, "ignore_eos": True,
-                    "temperature": 0})
-                results.append((r.status_code, r.json()["choices"][0]["text"] if r.status_code == 200 else r.text))
+                try:
+                    r = httpx.post(f"{url}/v1/completions", timeout=300, json={
+                        "model": "helios", "prompt": "Once upon a time", "max_tokens": 16, "ignore_eos": True,
+                        "temperature": 0})
+                    results.append((r.status_code, r.json()["choices"][0]["text"] if r.status_code == 200
+                                    else r.text))
+                except Exception as e:  # a dropped connection is a lost request: the assertion below reports it
+                    results.append((0, repr(e)))
 
-        threads = [threading.Thread(target=client) for _ in range(4)]
+        threads = [threading.Thread(target=client) for _ in range(2)]
         for t in threads:
             t.start()
         try:
-            _wait(lambda: len(results) >= 4, 300, "no requests completed on two nodes")
+            _wait(lambda: len(results) >= 2, 300, "no requests completed on two nodes")
             raylets = [p for p in psutil.Process(node2.pid).children(recursive=True) if p.name() == "raylet"]
             assert len(raylets) == 1
             raylets[0].send_signal(signal.SIGKILL)  # the second node's raylet, started by this test
@@ -89,7 +93,7 @@ def test_replicas_span_two_nodes_and_survive_losing_one(cluster):
             _wait(lambda: len(_replicas(url)) == 2 and {r["node_id"] for r in _replicas(url)} <= before, 300,
                   "the lost replica was not moved to the first node")
             n = len(results)
-            _wait(lambda: len(results) >= n + 4, 300, "no requests completed after the node loss")
+            _wait(lambda: len(results) >= n + 2, 300, "no requests completed after the node loss")
         finally:
             done.set()
             for t in threads:
