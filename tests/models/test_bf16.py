@@ -34,14 +34,14 @@ def pair():
 
 
 def test_bf16_teacher_forced_top1_agreement_with_fp32(pair):
-    """Each prompt plus the fp32 model's own 32-token greedy continuation, scored by both models in one forward:
+    """Each prompt plus the fp32 model's own 48-token greedy continuation, scored by both models in one forward:
     the share of continuation positions where bf16's argmax equals fp32's."""
     f32, b16 = pair
     assert b16.lm.dtype == torch.bfloat16 and b16.param_bytes * 2 == f32.param_bytes
     same = total = 0
     for q in QUESTIONS:
         ids = f32.encode(messages=[{"role": "user", "content": q}])
-        cont = [t.token for t in f32.generate_stream(ids, 32)]
+        cont = [t.token for t in f32.generate_stream(ids, 48)]
         seq = torch.tensor([ids + cont])
         pos = torch.arange(seq.shape[1])[None]
         a = f32.forward_exit(seq, pos, f32.new_cache(), last_only=False)[0, len(ids) - 1:-1].argmax(-1)
