@@ -71,13 +71,7 @@ class Scheduler:
         for seq in list(self.running):
             if seq not in self.running or seq.num_cached < seq.num_tokens - 1:
                 continue
-            while not self.blocks.can_allocate(seq, seq.num_cached + 1):
-                victim = max(self.running, key=lambda s: s.arrival)
-                self._preempt(victim)
-                if victim is seq:
-                    break
-            if seq in self.running:
-                self.blocks.allocate(seq, seq.num_cached + 1)
+            if self._reserve_decode_slot(seq):
                 decode.append(seq)
         work = [(s, 1) for s in decode if s in self.running]
         budget = self.max_num_batched_tokens - len(work)
@@ -121,13 +115,17 @@ class Scheduler:
 
         # Decode: each running sequence needs a slot for its next token (position num_cached).
         for seq in list(self.running):
-            if seq not in self.running:
-                continue  # preempted below as a victim
-            while not self.blocks.can_allocate(seq, seq.num_cached + 1):
-                victim = max(self.running, key=lambda s: s.arrival)
-                self._preempt(victim)
-                if victim is seq:
-                    break
-            if seq in self.running:
-                self.blocks.allocate(seq, seq.num_cached + 1)
+            if seq in self.running:  # (not preempted meanwhile as a victim)
+                self._reserve_decode_slot(seq)
         return list(self.running), False
+
+    def _reserve_decode_slot(self, seq: Sequence) -> bool:
+        """A KV slot for ``seq``'s next token (position num_cached), preempting the newest running sequences -
+        ``seq`` itself if it is the newest - until it fits.  Returns whether ``seq`` is still running."""
+        while not self.blocks.can_allocate(seq, seq.num_cached + 1):
+            victim = max(self.running, key=lambda s: s.arrival)
+            self._preempt(victim)
+            if victim is seq:
+                return False
+        self.blocks.allocate(seq, seq.num_cached + 1)
+        return True
