@@ -12,7 +12,6 @@ Everything here is async and runs on the replica's event loop, so the Controller
 from __future__ import annotations
 
 import asyncio
-import json
 import logging
 import os
 import random
@@ -266,6 +265,6 @@ class Brain:
             "profile_records": self.profile_records, "slo": self.cfg.slo.value, "candidates": self.cfg.candidates,
             "mode": self.cfg.mode, "pinned": self.pinned or self.operator_pin,
             "brain": {"pid": os.getpid(), "started_at": self.started_at, "restarts": self.restarts},
-            "controller": json.loads(json.dumps(st, default=str)),
+            "controller": st,  # the router turns the document into strict JSON (router._json_ready)
             "timeline": self.timeline.snapshot(now, self.changes),
         }

@@ -85,23 +85,16 @@ class Relay:
         if self._gauges is None:  # Ray exports a gauge only while it is being set: keep it fresh
             self._gauges = asyncio.get_running_loop().create_task(self._refresh_gauges())
         fire(self._begin(call))  # never awaited: no user request waits on the brain (it may be restarting)
-        deadline = time.monotonic() + self.cfg.admission.resume_timeout_s
-        while True:
-            gen = self.replica.options(stream=True).generate.remote(call)
-            try:
-                first: StreamEvent = await gen.__anext__()
-                break
-            except BackPressureError:
-                self.metrics.shed.inc(tags={"reason": "queue_full"})
-                raise APIError(503, "the server is at capacity (every replica busy and the queue full); retry "
-                                    "later", "server_error", code="overloaded",
-                               retry_after_s=self.cfg.admission.retry_after_s) from None
-            except Exception as e:  # the replica died before starting it: a request not yet started is retried
-                if time.monotonic() > deadline:
-                    raise APIError(503, f"no replica could start the request ({type(e).__name__}); retry later",
-                                   "server_error", retry_after_s=self.cfg.admission.retry_after_s) from None
-                log.warning("helios router: starting a request failed (%s); retrying", type(e).__name__)
-                await asyncio.sleep(0.5)
+        try:  # a request not yet started whose replica died is simply started again
+            gen, first = await self._start(call, time.monotonic() + self.cfg.admission.resume_timeout_s)
+        except BackPressureError:
+            self.metrics.shed.inc(tags={"reason": "queue_full"})
+            raise APIError(503, "the server is at capacity (every replica busy and the queue full); retry "
+                                "later", "server_error", code="overloaded",
+                           retry_after_s=self.cfg.admission.retry_after_s) from None
+        except Exception as e:
+            raise APIError(503, f"no replica could start the request ({type(e).__name__}); retry later",
+                           "server_error", retry_after_s=self.cfg.admission.retry_after_s) from None
         if isinstance(first, StreamError):
             if first.status == 503:
                 self.metrics.shed.inc(tags={"reason": "switching"})
@@ -154,18 +147,36 @@ class Relay:
         finally:
             gen.cancel()  # a no-op once the stream ended; frees the replica's sequence when the client left
 
+    async def _start(self, call: GenerateCall, deadline: float, first_within: float | None = None
+                     ) -> tuple[Any, StreamEvent]:
+        """A replica stream for ``call`` and its first event, started again while replicas die or restart (until
+        ``deadline``, monotonic); ``first_within`` also bounds the wait for that first event.  Admission control
+        (BackPressureError) is not retried here; the last failure is raised at the deadline."""
+        while True:
+            gen = self.replica.options(stream=True).generate.remote(call)
+            try:
+                return gen, await asyncio.wait_for(gen.__anext__(), first_within)
+            except BackPressureError:
+                raise
+            except Exception as e:
+                gen.cancel()
+                if time.monotonic() > deadline:
+                    raise
+                log.warning("helios router: starting a replica stream failed (%s); retrying", type(e).__name__)
+                await asyncio.sleep(0.5)
+
     async def _resume(self, call: GenerateCall, model: str, streamed: list[int]) -> Any | None:
         """A new stream continuing ``call`` after ``streamed`` on a replica serving ``model``, or None."""
         resume = call.model_copy(update={"resume_ids": list(streamed)})
         deadline = time.monotonic() + self.cfg.admission.resume_timeout_s
         while time.monotonic() < deadline:
-            gen = self.replica.options(stream=True).generate.remote(resume)
             try:
-                first = await asyncio.wait_for(gen.__anext__(), max(0.1, deadline - time.monotonic()))
-            except Exception:  # no live replica yet (restarting), or it died again: try again shortly
-                gen.cancel()
+                gen, first = await self._start(resume, deadline, max(0.1, deadline - time.monotonic()))
+            except BackPressureError:  # every replica full: keep trying until the deadline
                 await asyncio.sleep(0.5)
                 continue
+            except Exception:  # no replica came back in time
+                return None
             if isinstance(first, StreamStart) and first.model == model:
                 return gen
             gen.cancel()

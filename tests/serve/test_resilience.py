@@ -11,6 +11,8 @@ import time
 import httpx
 import pytest
 
+from tests.serve.waits import wait_until
+
 pytestmark = pytest.mark.slow
 PROMPTS = ["The capital of France is", "def fibonacci(n):", "Once upon a time", "The three primary colors are"]
 
@@ -38,14 +40,6 @@ def _brain(c):
 def _complete(c, prompt: str, max_tokens: int = 12) -> httpx.Response:
     return httpx.post(f"{c['base']}/v1/completions", headers=c["headers"], timeout=300,
                       json={"model": "helios", "prompt": prompt, "max_tokens": max_tokens, "temperature": 0})
-
-
-def _until(pred, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while not pred():
-        if time.time() > deadline:
-            raise TimeoutError(what)
-        time.sleep(0.5)
 
 
 def test_model_switches_under_load_refuse_nothing(cluster):
@@ -77,11 +71,11 @@ def test_model_switches_under_load_refuse_nothing(cluster):
         # two model swaps (each drains the engine), one of them with a depth change, and a depth change in place
         for model, depth in [("gemma3-270m", None), ("smollm2-135m", 24), ("smollm2-135m", 30)]:
             p = brain.set_placement.remote(model, depth, pin=True).result()  # the policy must not move it back
-            _until(lambda: any(r["placement_version"] == p["version"] for r in _status(cluster)["replicas"]), 180,
+            wait_until(lambda: any(r["placement_version"] == p["version"] for r in _status(cluster)["replicas"]), 180,
                    f"replica never reached {model}@{depth}")
             on_it = lambda: sum((b.get("model"), b.get("helios", {}).get("depth")) == (p["model"], p["depth"])  # noqa
                                 for _, _, b in list(results))
-            _until(lambda: on_it() >= 2, 180, f"no requests served on {model}@{p['depth']}")
+            wait_until(lambda: on_it() >= 2, 180, f"no requests served on {model}@{p['depth']}")
     finally:
         done.set()
         for t in threads:
@@ -119,7 +113,7 @@ def test_overload_is_shed_with_retry_after(cluster):
             "admission": {"max_waiting_per_replica": 1, "max_queued": 1, "retry_after_s": 3}}
     serve.run(build_app(args), name="shed", route_prefix="/shed", blocking=False)
     url = f"{cluster['base']}/shed"
-    _until(lambda: httpx.get(f"{url}/health", timeout=5).status_code == 200, 300, "shed app not ready")
+    wait_until(lambda: httpx.get(f"{url}/health", timeout=5).status_code == 200, 300, "shed app not ready")
     results: list[tuple[int, float, httpx.Response]] = []
     lock = threading.Lock()
 
@@ -165,7 +159,7 @@ def test_killed_brain_comes_back_with_its_state(cluster):
     pinned = brain.set_placement.remote("smollm2-135m", 30, pin=True).result()
     for p in PROMPTS:
         assert _complete(cluster, p, 4).status_code == 200
-    _until(lambda: _status(cluster)["requests"] >= 4, 30, "requests not counted")
+    wait_until(lambda: _status(cluster)["requests"] >= 4, 30, "requests not counted")
     time.sleep(3)  # one checkpoint period
     before = _status(cluster)
     failures: list[str] = []
@@ -186,7 +180,7 @@ def test_killed_brain_comes_back_with_its_state(cluster):
     t.start()
     try:
         os.kill(before["brain"]["pid"], signal.SIGKILL)  # a process of this test's own cluster
-        _until(lambda: _status(cluster)["brain"]["pid"] != before["brain"]["pid"], 120, "brain not restarted")
+        wait_until(lambda: _status(cluster)["brain"]["pid"] != before["brain"]["pid"], 120, "brain not restarted")
         time.sleep(2)
     finally:
         done.set()

@@ -12,11 +12,12 @@ import signal
 import subprocess
 import tempfile
 import threading
-import time
 
 import httpx
 import psutil
 import pytest
+
+from tests.serve.waits import wait_until
 
 pytestmark = pytest.mark.slow
 APP = "twonode"
@@ -36,14 +37,6 @@ def _replicas(url: str) -> list[dict]:
         return []
 
 
-def _wait(pred, timeout: float, what: str) -> None:
-    deadline = time.time() + timeout
-    while not pred():
-        if time.time() > deadline:
-            raise TimeoutError(what)
-        time.sleep(1)
-
-
 def test_replicas_span_two_nodes_and_survive_losing_one(cluster):
     import ray
     from ray import serve
@@ -59,12 +52,12 @@ def test_replicas_span_two_nodes_and_survive_losing_one(cluster):
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "RAY_TMPDIR": tmp})
     url = f"{cluster['base']}/{APP}"
     try:
-        _wait(lambda: len(_alive_nodes()) == len(before) + 1, 120, "the second node never joined")
+        wait_until(lambda: len(_alive_nodes()) == len(before) + 1, 120, "the second node never joined")
         (second,) = {n["NodeID"] for n in _alive_nodes()} - before
         args = {"candidates": ["smollm2-135m"], "profiler": False, "api_key_env": None, "mirror_fraction": 0.0,
                 "replicas": 2, "engine": {"memory_budget": "1GiB", "max_num_seqs": 8}}
         serve.run(build_app(args), name=APP, route_prefix=f"/{APP}", blocking=False)
-        _wait(lambda: len({r["node_id"] for r in _replicas(url)}) == 2, 300, "replicas not on two nodes")
+        wait_until(lambda: len({r["node_id"] for r in _replicas(url)}) == 2, 300, "replicas not on two nodes")
         assert second in {r["node_id"] for r in _replicas(url)}
 
         results: list[tuple[int, str]] = []
@@ -85,15 +78,15 @@ def test_replicas_span_two_nodes_and_survive_losing_one(cluster):
         for t in threads:
             t.start()
         try:
-            _wait(lambda: len(results) >= 2, 300, "no requests completed on two nodes")
+            wait_until(lambda: len(results) >= 2, 300, "no requests completed on two nodes")
             raylets = [p for p in psutil.Process(node2.pid).children(recursive=True) if p.name() == "raylet"]
             assert len(raylets) == 1
             raylets[0].send_signal(signal.SIGKILL)  # the second node's raylet, started by this test
-            _wait(lambda: second not in {n["NodeID"] for n in _alive_nodes()}, 120, "node loss not noticed")
-            _wait(lambda: len(_replicas(url)) == 2 and {r["node_id"] for r in _replicas(url)} <= before, 300,
+            wait_until(lambda: second not in {n["NodeID"] for n in _alive_nodes()}, 120, "node loss not noticed")
+            wait_until(lambda: len(_replicas(url)) == 2 and {r["node_id"] for r in _replicas(url)} <= before, 300,
                   "the lost replica was not moved to the first node")
             n = len(results)
-            _wait(lambda: len(results) >= n + 2, 300, "no requests completed after the node loss")
+            wait_until(lambda: len(results) >= n + 2, 300, "no requests completed after the node loss")
         finally:
             done.set()
             for t in threads:
