@@ -15,6 +15,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from helios_ray.control.config import SLO, PolicyConfig
+from helios_ray.control.steering import SteeringConfig
 from helios_ray.engine.config import EngineConfig
 
 SourceKind = Literal["package", "gguf", "hf_dir", "safetensors", "hub"]
@@ -115,6 +116,34 @@ class PlacementSpec(StrictModel):
     depth: int | None = Field(default=None, ge=1)
 
 
+class GroupSpec(StrictModel):
+    """One replica group of the fleet: replicas that all run one (model, depth) at a time.
+
+    The policy moves each group on its own (from the telemetry of the requests steered to it), the router steers
+    every request to the group expected to serve it best, and an operator can move or pin a group by name.
+    ``candidates`` limits the models this group may move between (default: all of the application's).
+    """
+
+    name: str = Field(pattern=r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$",
+                      description="The group's name (admin API, metrics, deployment name); DNS-label style.")
+    replicas: int = Field(default=1, ge=1)
+    candidates: list[str] | None = Field(default=None, min_length=1,
+                                         description="Models this group may serve (default: the app's candidates).")
+    initial: PlacementSpec | None = Field(default=None, description="Where it starts (default: the policy's choice).")
+    replica_num_cpus: float | None = Field(default=None, ge=0, description="Default: the app's replica_num_cpus.")
+    replica_num_gpus: float | None = Field(default=None, ge=0, description="Default: the app's replica_num_gpus.")
+
+
+def replica_deployment_name(group: str, mode: str = "helios") -> str:
+    """The Serve deployment of a group's replicas.  The default group keeps the one-group name, so a Serve config's
+    ``deployments: [{name: EarlyExitReplica, ...}]`` override written for a one-group app keeps working."""
+    base = "PlainReplica" if mode == "plain" else "EarlyExitReplica"
+    return base if group == DEFAULT_GROUP else f"{base}-{group}"
+
+
+DEFAULT_GROUP = "default"
+
+
 class AdmissionConfig(StrictModel):
     """How much waiting the cluster accepts before it sheds load, and how long a request waits out a switch.
 
@@ -182,6 +211,54 @@ class ServeConfig(StrictModel):
                                     description="Env var holding the API key; unset or empty = no key needed.")
     max_ongoing_requests: int = Field(default=256, ge=1, description="Requests one router replica handles at once.")
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
+    groups: list[GroupSpec] | None = Field(
+        default=None, min_length=1,
+        description="The fleet: replica groups served at once, each at its own (model, depth).  Unset = one group "
+                    "named `default` with `replicas` and `initial`.")
+    steering: SteeringConfig = Field(default_factory=SteeringConfig,
+                                     description="How the router learns which group serves a request best.")
+
+    @model_validator(mode="after")
+    def _check_groups(self) -> "ServeConfig":
+        if self.groups is None:
+            return self
+        both = sorted({"replicas", "initial"} & self.model_fields_set)
+        if both:
+            raise ValueError(f"with `groups`, set {' and '.join(both)} per group (groups[].{both[0]}), not at the top")
+        names = [g.name for g in self.groups]
+        dup = sorted({n for n in names if names.count(n) > 1})
+        if dup:
+            raise ValueError(f"duplicate group names: {', '.join(dup)}")
+        if self.mode != "helios" and len(self.groups) > 1:
+            raise ValueError(f"mode {self.mode!r} serves one fixed model: it has one group")
+        for g in self.groups:
+            bad = [m for m in (g.candidates or []) if m not in self.candidates]
+            if g.initial is not None and g.initial.model not in (g.candidates or self.candidates):
+                bad.append(g.initial.model)
+            if bad:
+                raise ValueError(f"group {g.name!r}: {', '.join(sorted(set(bad)))} not among the candidates "
+                                 f"({', '.join(g.candidates or self.candidates)})")
+        return self
+
+    def fleet(self) -> list[GroupSpec]:
+        """The replica groups, resolved: the configured ones (each knob defaulting to the app's), or the one group
+        ``default`` that a config without ``groups`` describes."""
+        groups = self.groups or [GroupSpec(name=DEFAULT_GROUP, replicas=self.replicas, initial=self.initial)]
+        return [g.model_copy(update={
+            "candidates": g.candidates or list(self.candidates),
+            "replica_num_cpus": self.replica_num_cpus if g.replica_num_cpus is None else g.replica_num_cpus,
+            "replica_num_gpus": self.replica_num_gpus if g.replica_num_gpus is None else g.replica_num_gpus,
+        }) for g in groups]
+
+    def group(self, name: str) -> GroupSpec:
+        for g in self.fleet():
+            if g.name == name:
+                return g
+        raise KeyError(name)
+
+    @property
+    def total_replicas(self) -> int:
+        return sum(g.replicas for g in self.fleet())
 
     @property
     def threshold(self) -> float:
