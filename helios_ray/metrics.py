@@ -44,6 +44,15 @@ class RouterMetrics:
                                      "(replicas x (max_num_seqs + max_waiting_per_replica) + max_queued)")
         self.exit_depth = Histogram("helios_exit_depth", "Layer at which tokens exit",
                                     boundaries=[float(b) for b in range(2, 65, 2)], tag_keys=("model",))
+        self.routed = Counter("helios_routed_requests", "Requests steered to a replica group (kind: the request's "
+                              "class; reason: predicted, explore, capacity or only)",
+                              tag_keys=("group", "kind", "reason"))
+        self.route_error = Histogram("helios_route_prediction_error", "|predicted - observed| breach rate of a "
+                                     "request steered by a trusted prediction",
+                                     boundaries=[0.02, 0.05, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0], tag_keys=("group",))
+        self.group_depth = Gauge("helios_group_placement_depth", "Layers the group's placement loads, tagged with "
+                                 "its model (moves when the policy or an operator moves the group)",
+                                 tag_keys=("group", "model"))
 
 
 class ReplicaMetrics:

@@ -1,15 +1,25 @@
-"""``build_app(args)``: the Serve application behind ``deployments/helios.yaml``.
+"""``build_app(args)``: the Serve application behind ``deployments/helios.yaml`` and ``helios-fleet.yaml``.
 
-Four deployments (names are what ``deployments:`` overrides in a Serve config refer to):
+The deployments (names are what ``deployments:`` overrides in a Serve config refer to):
 
-* ``Router`` - ingress: OpenAI HTTP + helios.v1 gRPC, token relay, telemetry, mirroring (no CPU reserved);
-* ``EarlyExitReplica`` - one truncated early-exit engine per replica (``replica_num_cpus``/``replica_num_gpus``);
+* ``Router`` - ingress: OpenAI HTTP + helios.v1 gRPC, steering, token relay, telemetry, mirroring (no CPU);
+* ``EarlyExitReplica`` (the ``default`` group) or ``EarlyExitReplica-<group>`` - one deployment per replica group
+  of the fleet, one truncated early-exit engine per replica (``replica_num_cpus``/``replica_num_gpus``);
 * ``HeliosBrain`` - the policy and the versioned placement (one replica);
 * ``HeliosProfiler`` - profile-mode evaluation of candidates on mirrored prompts (one replica).
 
 ``mode: early_exit`` and ``mode: plain`` build the two baselines of ``helios-ray bench serve`` behind the same
 Router: the first candidate pinned at full depth with token-level exit (``EarlyExitReplica``), or ``transformers``
 ``generate()`` (``PlainReplica``); neither has a profiler, and the brain never moves their placement.
+
+Why one Serve deployment per group (and not one deployment with a custom ``RequestRouter`` or multiplexed model
+ids): a group is a unit of placement - its replicas load one (model, depth) and move together - so each needs its
+own replica count, resources (GPU or CPU slot), admission bounds and rolling restarts, which are exactly a
+deployment's knobs.  Serve's model multiplexing loads models lazily per request into an LRU, which fights a
+placement the policy chose on purpose; a custom ``RequestRouter`` picks among replicas of *one* deployment and
+sees only that deployment's stats.  Steering needs the request's features, every group's live placement and
+the learned predictor in one place - the router - which then calls the chosen group's handle; inside a group
+Serve's own power-of-two-choices router balances the replicas.
 """
 
 from __future__ import annotations
@@ -20,7 +30,7 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve import Application
 
-from helios_ray.config import ServeConfig
+from helios_ray.config import ServeConfig, replica_deployment_name
 from helios_ray.errors import HeliosError
 from helios_ray.serve.brain import Brain
 from helios_ray.serve.plain_replica import PlainReplica
@@ -50,6 +60,12 @@ def load_config(args: dict[str, Any] | None) -> ServeConfig:
         repo.checkpoint_dir(name)  # unknown or unprepared candidates fail here, with the fix in the message
     if cfg.initial is not None and cfg.initial.model not in cfg.candidates:
         raise HeliosError(f"initial model {cfg.initial.model!r} is not among the candidates")
+    for g in cfg.fleet():
+        if g.initial is not None and g.initial.depth is not None:
+            layers = repo.info(g.initial.model).num_layers or 0
+            if g.initial.depth > layers:
+                raise HeliosError(f"group {g.name!r}: initial depth {g.initial.depth} is out of range for "
+                                  f"{g.initial.model!r} (1..{layers} layers)")
     if cfg.mode != "helios" and len(cfg.candidates) != 1:
         raise HeliosError(f"mode {cfg.mode!r} serves one model: give exactly one candidate "
                           f"(got {', '.join(cfg.candidates)})")
@@ -79,18 +95,21 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     if cfg.profiler and cfg.mode == "helios":
         profiler = serve.deployment(Profiler, name="HeliosProfiler", num_replicas=1, max_ongoing_requests=1000,
                                     ray_actor_options=ON_HEAD).bind(conf, brain)
-    cls, name = (PlainReplica, "PlainReplica") if cfg.mode == "plain" else (EarlyExitReplica, "EarlyExitReplica")
-    replica = serve.deployment(
-        cls, name=name, num_replicas=cfg.replicas,
-        # Bounded admission (AdmissionConfig): running + queued per replica, then a bounded router-side queue;
-        # past both, Serve raises BackPressureError and the relay answers 503 + Retry-After.
-        max_ongoing_requests=cfg.engine.max_num_seqs + cfg.admission.max_waiting_per_replica,
-        max_queued_requests=cfg.admission.max_queued,
-        health_check_period_s=1, health_check_timeout_s=30,
-        graceful_shutdown_timeout_s=30,
-        ray_actor_options={"num_cpus": cfg.replica_num_cpus, "num_gpus": cfg.replica_num_gpus},
-    ).bind(conf, brain)
+    cls = PlainReplica if cfg.mode == "plain" else EarlyExitReplica
+    groups = {
+        g.name: serve.deployment(
+            cls, name=replica_deployment_name(g.name, cfg.mode), num_replicas=g.replicas,
+            # Bounded admission (AdmissionConfig): running + queued per replica, then a bounded router-side queue;
+            # past both, Serve raises BackPressureError and the relay answers 503 + Retry-After.
+            max_ongoing_requests=cfg.engine.max_num_seqs + cfg.admission.max_waiting_per_replica,
+            max_queued_requests=cfg.admission.max_queued,
+            health_check_period_s=1, health_check_timeout_s=30,
+            graceful_shutdown_timeout_s=30,
+            ray_actor_options={"num_cpus": g.replica_num_cpus, "num_gpus": g.replica_num_gpus},
+        ).bind(conf, brain, g.name)
+        for g in cfg.fleet()
+    }
     ingress = serve.deployment(Router, name="Router", num_replicas=1,
                                max_ongoing_requests=cfg.max_ongoing_requests,
-                               ray_actor_options=ON_HEAD).bind(conf, replica, brain, profiler)
+                               ray_actor_options=ON_HEAD).bind(conf, groups, brain, profiler)
     return ingress

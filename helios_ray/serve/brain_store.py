@@ -14,7 +14,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from helios_ray.control.checkpoint import ControllerState
+from helios_ray.serve.brain_group import GroupCheckpoint
 
 log = logging.getLogger("ray.serve")
 NAMESPACE = "helios"
@@ -24,16 +24,12 @@ class BrainState(BaseModel):
     model_config = ConfigDict(extra="forbid")
 
     fingerprint: str
-    version: int
-    placement: dict[str, Any]
-    operator_pin: bool = False
-    changed_at: float
+    groups: dict[str, GroupCheckpoint]
     changes: list[dict[str, Any]] = Field(default_factory=list)
     requests: int = 0
     tokens_observed: int = 0
     profile_records: int = 0
     restarts: int = 0
-    controller: ControllerState
 
 
 def fingerprint(config_json: str) -> str:

@@ -56,9 +56,10 @@ class _Pending:
 
 
 class PlainReplica:
-    async def __init__(self, config: dict[str, Any], brain: Any):
+    async def __init__(self, config: dict[str, Any], brain: Any, group: str = "default"):
         self.cfg = ServeConfig.model_validate(config)
         self.brain = brain
+        self.group = group
         self.name = self.cfg.candidates[0]
         self._pending: deque[_Pending] = deque()
         self._wake = asyncio.Event()
@@ -271,7 +272,7 @@ class PlainReplica:
         from helios_ray import memory as _memory
 
         return ReplicaStats.here(
-            mode="plain",
+            mode="plain", group=self.group,
             model=self.name, depth=self.num_layers, total_layers=self.num_layers, exit_head="none",
             running=self.running, waiting=len(self._pending), weight_bytes=self.weight_bytes,
             kv_bytes_per_token=self.kv_bytes_per_token, memory_budget_bytes=self.budget,

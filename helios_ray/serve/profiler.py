@@ -16,7 +16,7 @@ import logging
 import time
 from typing import Any
 
-from helios_ray.config import ServeConfig
+from helios_ray.config import DEFAULT_GROUP, ServeConfig
 
 log = logging.getLogger("ray.serve")
 
@@ -59,7 +59,7 @@ class Profiler:
                 t0 = time.perf_counter()
                 try:
                     records = await asyncio.to_thread(self._profile, item, name)
-                    await self.brain.observe_profile.remote(records)
+                    await self.brain.observe_profile.remote(records, group=item.get("group", DEFAULT_GROUP))
                     self.done += 1
                 except Exception:
                     self.failed += 1

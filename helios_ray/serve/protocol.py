@@ -124,7 +124,7 @@ def now() -> int:
 
 class PlacementRequest(BaseModel):
     """``POST /v1/helios/placements``: move a replica group to (model, depth), pinned unless ``pin`` is false.
-    Today the application has one group, ``default``."""
+    ``group`` names one of the application's groups (``default`` when the config has no ``groups``)."""
 
     model_config = ConfigDict(extra="forbid", strict=True)
 

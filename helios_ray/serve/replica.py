@@ -1,4 +1,4 @@
-"""One truncated early-exit replica: an engine on one GPU or CPU slot, following the brain's placement.
+"""One truncated early-exit replica: an engine on one GPU or CPU slot, following its group's placement.
 
 The replica reads the current placement (model, depth) from the brain deployment when it starts - so a
 replica that Serve restarts after a crash comes back with the current configuration - and then long-polls it.
@@ -20,7 +20,7 @@ import time
 from typing import Any, AsyncIterator
 
 
-from helios_ray.config import ServeConfig
+from helios_ray.config import DEFAULT_GROUP, ServeConfig
 from helios_ray.engine.sequence import SamplingParams
 from helios_ray.errors import EngineDrainingError, HeliosError
 from helios_ray.serve.schemas import (
@@ -31,11 +31,12 @@ log = logging.getLogger("ray.serve")
 
 
 class EarlyExitReplica:
-    async def __init__(self, config: dict[str, Any], brain: Any):
+    async def __init__(self, config: dict[str, Any], brain: Any, group: str = DEFAULT_GROUP):
         import torch
 
         self.cfg = ServeConfig.model_validate(config)
         self.brain = brain
+        self.group = group
         if self.cfg.engine.torch_threads:
             torch.set_num_threads(self.cfg.engine.torch_threads)
         os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -59,7 +60,7 @@ class EarlyExitReplica:
         if self.aeng is None:
             async with self._apply_lock:
                 if self.aeng is None:
-                    p = await self.brain.get_placement.remote()
+                    p = await self.brain.get_placement.remote(self.group)
                     await self._apply(p)
         if self._poller is None or self._poller.done():
             loop = asyncio.get_running_loop()
@@ -111,7 +112,7 @@ class EarlyExitReplica:
     async def _follow_placement(self) -> None:
         while True:
             try:
-                p = await self.brain.wait_placement.remote(self.version, 30.0)
+                p = await self.brain.wait_placement.remote(self.version, 30.0, self.group)
                 if int(p["version"]) != self.version:
                     async with self._apply_lock:
                         await self._apply(p)
@@ -200,7 +201,9 @@ class EarlyExitReplica:
         if not user_config or "model" not in user_config:
             return
         p = await self.brain.set_placement.remote(user_config["model"], int(user_config.get("depth") or 0) or None,
-                                                  pin=True)
+                                                  pin=True, group=self.group)
+        if not isinstance(p, dict) or "version" not in p:
+            raise HeliosError(f"user_config {user_config}: the brain refused it")
         async with self._apply_lock:
             await self._apply(p)
 
@@ -210,7 +213,7 @@ class EarlyExitReplica:
         t = eng.totals
         last = t.recent[-1] if t.recent else None
         return ReplicaStats.here(
-            mode=self.cfg.mode,
+            mode=self.cfg.mode, group=self.group,
             model=eng.model.name, depth=eng.model.depth, total_layers=eng.model.total_layers,
             placement_version=self.version, exit_head=eng.model.exit_head.kind,
             running=len(eng.scheduler.running), waiting=len(eng.scheduler.waiting),

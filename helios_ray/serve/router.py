@@ -71,7 +71,7 @@ def _key_from_headers(headers: Any) -> str | None:
 # (the FastAPI app is pickled by reference and re-imported in the replica).
 @serve.ingress(app)
 class Router:
-    def __init__(self, config: dict[str, Any], replica: Any, brain: Any, profiler: Any | None):
+    def __init__(self, config: dict[str, Any], groups: dict[str, Any], brain: Any, profiler: Any | None):
         from helios_ray.metrics import RouterMetrics
 
         self.cfg = ServeConfig.model_validate(config)
@@ -79,7 +79,7 @@ class Router:
         key = os.environ.get(self.cfg.api_key_env or "", "") if self.cfg.api_key_env else ""
         self.api_key = key or None
         self.metrics = RouterMetrics()
-        self.relay = Relay(self.cfg, replica, brain, profiler, self.metrics,
+        self.relay = Relay(self.cfg, groups, brain, profiler, self.metrics,
                            model_ids=[self.cfg.served_model_name] + list(self.cfg.candidates))
 
     def _check_key(self, presented: str | None) -> None:
@@ -92,6 +92,7 @@ class Router:
 
     async def status_doc(self) -> dict[str, Any]:
         st = await self.brain.status.remote()
+        st["routing"] = self.relay.routing_status()
         if self.profiler is not None:
             try:
                 st["profiler"] = await asyncio.wait_for(self.profiler.stats.remote(), 5)
@@ -106,9 +107,9 @@ class Router:
             req = parse_request(await _json_body(request), chat)
             call = to_call(req)
             if req.stream:
-                start, gen, t0 = await self.relay.open(call, req.model)
-                events = self.relay.relay(call, start, gen, t0)
-                return StreamingResponse(sse_stream(ChunkWriter(call.request_id, start, chat), events,
+                opened = await self.relay.open(call, req.model)
+                events = self.relay.relay(call, opened)
+                return StreamingResponse(sse_stream(ChunkWriter(call.request_id, opened.start, chat), events,
                                                     req.include_usage), media_type="text/event-stream")
             out = await self.relay.complete(call, req.model)
         except APIError as e:
@@ -143,14 +144,13 @@ class Router:
         return dashboard.response(name)
 
     # ------------------------------------------------------------------------------------ admin
-    GROUPS = ("default",)  # one replica group until the fleet lands
-
     async def _admin(self, request: Request, schema: type, call: Any) -> Any:
         try:
             self._check_key(_key_from_headers(request.headers))
             req = validate(schema, await _json_body(request))
-            if req.group not in self.GROUPS:
-                raise APIError(404, f"unknown group {req.group!r} (groups: {', '.join(self.GROUPS)})",
+            groups = [g.name for g in self.cfg.fleet()]
+            if req.group not in groups:
+                raise APIError(404, f"unknown group {req.group!r} (groups: {', '.join(groups)})",
                                param="group", code="group_not_found")
             out = await call(req)
             if "error" in out:  # the brain's verdict: unknown model (404), depth out of range (400)
@@ -167,11 +167,11 @@ class Router:
     async def placements(self, request: Request) -> Any:
         """Move a group live (operators; API key required when one is set)."""
         return await self._admin(request, PlacementRequest,
-                                 lambda r: self.brain.place.remote(r.model, r.depth, pin=r.pin))
+                                 lambda r: self.brain.place.remote(r.model, r.depth, pin=r.pin, group=r.group))
 
     @app.post("/v1/helios/placements/unpin")
     async def unpin(self, request: Request) -> Any:
-        return await self._admin(request, UnpinRequest, lambda r: self.brain.unpin.remote())
+        return await self._admin(request, UnpinRequest, lambda r: self.brain.unpin.remote(r.group))
 
     @app.get("/v1/helios/status")
     async def status(self, request: Request) -> Any:
@@ -205,15 +205,15 @@ class Router:
     async def GenerateStream(self, request: Any, grpc_context: Any = None) -> AsyncIterator[Any]:  # noqa: N802
         call, model = await self._grpc_call(request, grpc_context)
         try:
-            start, gen, t0 = await self.relay.open(call, model)
+            opened = await self.relay.open(call, model)
         except APIError as e:
             grpc_api.fail(grpc_context, e)
             raise
-        async for ev in self.relay.relay(call, start, gen, t0):
+        async for ev in self.relay.relay(call, opened):
             if isinstance(ev, StreamToken):
-                yield grpc_api.token_chunk(call.request_id, start, ev)
+                yield grpc_api.token_chunk(call.request_id, opened.start, ev)
             elif isinstance(ev, StreamEnd):
-                yield grpc_api.final_chunk(call.request_id, start, ev)
+                yield grpc_api.final_chunk(call.request_id, opened.start, ev)
             else:
                 grpc_api.fail(grpc_context, APIError(ev.status, ev.message))
                 raise RuntimeError(ev.message)

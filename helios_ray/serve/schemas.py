@@ -77,6 +77,7 @@ class ReplicaStats(BaseModel):
     replica: str
     pid: int
     node_id: str = Field(default="", description="The Ray node it runs on.")
+    group: str = Field(default="default", description="The replica group it belongs to.")
     mode: Literal["helios", "early_exit", "plain"]
     model: str
     depth: int

@@ -54,6 +54,6 @@ def test_the_brain_writes_its_changes_with_the_function_the_fake_uses():
     from helios_ray.serve import brain
 
     src = inspect.getsource(brain.Brain)
-    assert src.count("self.changes.append(change_entry(") == 2 and "self.changes.append({" not in src
+    assert src.count("self.changes.append(change_entry(") == 1 and "self.changes.append({" not in src
     fake = _switched_doc()["changes"][-1]
-    assert set(fake) == {"version", "at", "from", "to", "action", "trigger", "reason"}
+    assert set(fake) == {"version", "at", "group", "from", "to", "action", "trigger", "reason"}
