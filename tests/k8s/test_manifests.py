@@ -33,6 +33,9 @@ SOURCE_ANNOTATION = "helios-ray/serve-config-source"
 # The only places a RayService's Serve config may differ from its deployments/*.yaml source (docs/kubernetes.md).
 POD_OVERRIDES = {("proxy_location",): "EveryNode", ("http_options", "host"): "0.0.0.0"}
 RAY_PORTS = {"serve": 8000, "grpc": 9000, "metrics": 8080}
+# Each manifest and the deployments/*.yaml it is rendered from.
+SOURCES = {"rayservice.yaml": "deployments/helios-gpu.yaml", "rayservice-cpu.yaml": "deployments/helios.yaml",
+           "rayservice-fleet.yaml": "deployments/helios-fleet.yaml"}
 HEAD_PORTS = {**RAY_PORTS, "gcs-server": 6379, "dashboard": 8265, "client": 10001}
 
 
@@ -149,7 +152,7 @@ def render():
 # ------------------------------------------------------------------------------------------------- every file
 def test_expected_manifests_exist():
     names = {p.name for p in RAYSERVICE_FILES}
-    assert {"rayservice.yaml", "rayservice-cpu.yaml"} <= names, names
+    assert set(SOURCES) <= names, names
     for f in ("Dockerfile", "render.py"):
         assert (K8S / f).is_file(), f"k8s/{f} is missing"
 
@@ -308,10 +311,13 @@ def test_cluster_layout(path):
 
 
 @pytest.mark.parametrize("path", RAYSERVICE_FILES, ids=lambda p: p.name)
-def test_gpu_and_cpu_variants(path):
+def test_gpu_and_cpu_variants(path, render):
     rs = _rayservice(path)
+    assert SOURCES.get(path.name) == _source(rs), \
+        f"{path.name}: source {_source(rs)} (expected {SOURCES.get(path.name)})"
     (app,) = _serve_config(rs)["applications"]
     args = app["args"]
+    fleet = render.fleet(args)
     gpus = {}
     for name, group in _groups(rs):
         res = _ray_container(group).get("resources", {})
@@ -319,17 +325,16 @@ def test_gpu_and_cpu_variants(path):
         if "nvidia.com/gpu" in res.get("requests", {}):
             assert res["requests"]["nvidia.com/gpu"] == gpus[name], "GPU requests must equal limits"
     if _source(rs) == "deployments/helios-gpu.yaml":
-        assert path.name == "rayservice.yaml"
-        assert args["device"] == "cuda" and args["replica_num_gpus"] == 1
+        assert args["device"] == "cuda"
+        assert all(g.num_gpus == 1 for g in fleet), f"one GPU per replica in every group: {fleet}"
         assert gpus["head"] == 0, "the head gets no GPU (num-cpus 0, no replica)"
         gpu_groups = {n: int(g) for n, g in gpus.items() if n != "head" and g}
         assert gpu_groups, "a worker group with nvidia.com/gpu limits"
         for n, g in gpu_groups.items():  # one early-exit replica per GPU: whole replicas per pod
-            assert g >= 1 and g % args["replica_num_gpus"] == 0, f"group {n}: {g} GPUs per pod"
+            assert g >= 1 and all(g % r.num_gpus == 0 for r in fleet), f"group {n}: {g} GPUs per pod"
     else:
-        assert _source(rs) == "deployments/helios.yaml" and path.name == "rayservice-cpu.yaml"
-        assert not any(gpus.values()), "the CPU variant requests no GPU"
-        assert args.get("replica_num_gpus", 0) == 0 and args.get("device", "auto") != "cuda"
+        assert not any(gpus.values()), "a CPU variant requests no GPU"
+        assert all(g.num_gpus == 0 for g in fleet) and args.get("device", "auto") != "cuda"
 
 
 @pytest.mark.parametrize("path", RAYSERVICE_FILES, ids=lambda p: p.name)
@@ -366,6 +371,152 @@ def test_pod_monitor_scrapes_the_metrics_port_of_every_ray_pod():
             for name, group in _groups(_rayservice(rs_path)):
                 labels = group["template"].get("metadata", {}).get("labels", {})
                 assert sel.items() <= labels.items(), f"{path.name} misses {rs_path.name} {name} pods"
+
+
+# ---------------------------------------------------------------------------------- the fleet vs the workers
+FLEET_CASES = {
+    "no groups, defaults": {},
+    "no groups, replicas 3": {"replicas": 3, "replica_num_cpus": 2, "replica_num_gpus": 0.5},
+    "groups inherit the app's": {"replica_num_cpus": 0.5, "replica_num_gpus": 1,
+                                 "groups": [{"name": "a"}, {"name": "b", "replicas": 2}]},
+    "groups override": {"groups": [{"name": "a", "replica_num_cpus": 4, "replica_num_gpus": 0},
+                                   {"name": "b", "replicas": 3, "replica_num_gpus": 2}]},
+    "plain mode": {"mode": "plain", "candidates": ["smollm2-135m"], "replicas": 2},
+}
+
+
+@pytest.mark.parametrize("args", [*FLEET_CASES.values(), *(
+    yaml.safe_load((ROOT / s).read_text())["applications"][0]["args"] for s in sorted(set(SOURCES.values())))],
+    ids=[*FLEET_CASES, *sorted(set(SOURCES.values()))])
+def test_render_derives_the_fleet_as_serve_config_does(args, render):
+    """render.py re-derives the fleet from the YAML (it imports nothing from helios_ray): it must agree with
+    ServeConfig.fleet() and the deployment names the app uses."""
+    from helios_ray.config import ServeConfig, replica_deployment_name
+
+    cfg = ServeConfig.model_validate(args)
+    mine = render.fleet(args)
+    assert [(g.name, g.replicas, g.num_cpus, g.num_gpus) for g in mine] == [
+        (g.name, g.replicas, g.replica_num_cpus, g.replica_num_gpus) for g in cfg.fleet()]
+    assert [g.deployment for g in mine] == [replica_deployment_name(g.name, cfg.mode) for g in cfg.fleet()]
+
+
+def test_render_defaults_are_serve_config_defaults(render):
+    from helios_ray.config import DEFAULT_GROUP, GroupSpec, ServeConfig
+
+    fields = ServeConfig.model_fields
+    for key, value in render.APP_DEFAULTS.items():
+        assert fields[key].default == value, \
+            f"render.APP_DEFAULTS[{key!r}] = {value!r}, ServeConfig says {fields[key].default!r}"
+    assert GroupSpec.model_fields["replicas"].default == render.GROUP_DEFAULT_REPLICAS
+    assert render.DEFAULT_GROUP == DEFAULT_GROUP
+    assert render.APP_IMPORT_PATH == IMPORT_PATH
+
+
+@pytest.mark.parametrize("path", RAYSERVICE_FILES, ids=lambda p: p.name)
+def test_workers_hold_the_fleet(path, render):
+    """The pods a new cluster starts with have room for every replica of every group (CPUs and GPUs as KubeRay
+    tells Ray), and the rendered header states the fleet."""
+    rs = _rayservice(path)
+    cfg = _serve_config(rs)
+    assert render.fleet_problems(rs, cfg, path.name) == []
+    fleet = render.serve_fleet(cfg)
+    assert f"# Fleet: {render.describe_fleet(fleet)};" in rs["spec"]["serveConfigV2"]
+    workers = [p for p in render.cluster_pods(rs) if p.name != "head"]
+    assert sum(p.pods * p.num_cpus for p in workers) >= sum(g.replicas * g.num_cpus for g in fleet)
+    assert sum(p.pods * p.num_gpus for p in workers) >= sum(g.replicas * g.num_gpus for g in fleet)
+
+
+def test_the_fleet_manifest_serves_two_groups_on_two_cpu_slots(render):
+    rs = _rayservice(K8S / "rayservice-fleet.yaml")
+    fleet = render.serve_fleet(_serve_config(rs))
+    assert [(g.name, g.deployment, g.replicas, g.num_cpus, g.num_gpus) for g in fleet] == [
+        ("chat", "EarlyExitReplica-chat", 1, 1.0, 0.0), ("code", "EarlyExitReplica-code", 1, 1.0, 0.0)]
+    (worker,) = [p for p in render.cluster_pods(rs) if p.name != "head"]
+    assert worker.pods * worker.num_cpus == 2
+
+
+def test_pod_resources_follow_kuberay(render):
+    def group(params=None, limits=None, requests=None):
+        return {"rayStartParams": params or {},
+                "template": {"spec": {"containers": [{"resources": {"limits": limits or {},
+                                                                   "requests": requests or {}}}]}}}
+
+    assert render.pod_resources(group({"num-cpus": "0"}, {"cpu": "4"}))[:2] == (0.0, 0.0)
+    assert render.pod_resources(group(limits={"cpu": "1500m"}, requests={"cpu": "1"}))[:2] == (2.0, 0.0)  # rounded up
+    assert render.pod_resources(group(requests={"cpu": 3}))[:2] == (3.0, 0.0)
+    assert render.pod_resources(group(limits={"cpu": "8", "nvidia.com/gpu": 2}))[:2] == (8.0, 2.0)
+    assert render.pod_resources(group({"num-gpus": "1"}, {"cpu": "8", "nvidia.com/gpu": 4}))[:2] == (8.0, 1.0)
+    assert render.pod_resources(group())[0] is None
+
+
+def _fleet_sized(args_edit=None, worker_edit=None, path="rayservice-fleet.yaml"):
+    rs = _rayservice(K8S / path)
+    cfg = _serve_config(rs)
+    if args_edit:
+        args_edit(cfg["applications"][0]["args"])
+    if worker_edit:
+        worker_edit(rs["spec"]["rayClusterConfig"]["workerGroupSpecs"][0])
+    return rs, cfg
+
+
+def test_a_fleet_larger_than_the_workers_is_reported(render):
+    def more_code(args):
+        args["groups"][1]["replicas"] = 3
+
+    rs, cfg = _fleet_sized(more_code)
+    (msg,) = render.fleet_problems(rs, cfg, "rayservice-fleet.yaml")
+    assert "cannot hold the fleet" in msg and "chat 1 x (1 CPU), code 3 x (1 CPU) = 4 CPU, 0 GPU" in msg
+    assert "worker group cpu: 1 pod(s) x (2 CPU, from limits.cpu)" in msg
+    assert "No room for 2 replica(s) of group code (1 CPU)" in msg
+    assert "Give worker group cpu replicas: 2," in msg
+
+    # Enough CPUs in all, but a replica larger than any one pod: the sum alone would miss it.
+    def big(args):
+        args["groups"][0]["replica_num_cpus"] = 3
+
+    rs, cfg = _fleet_sized(big, lambda w: w.update(replicas=2))
+    (msg,) = render.fleet_problems(rs, cfg)
+    assert "No room for 1 replica(s) of group chat (3 CPU)" in msg and "give its pods more" in msg
+
+    # GPUs: two one-GPU groups on one one-GPU pod; the fix needs more pods than maxReplicas allows.
+    rs, cfg = _fleet_sized(lambda a: a["groups"][1].update(replicas=4), lambda w: w.update(replicas=1),
+                           path="rayservice.yaml")
+    (msg,) = render.fleet_problems(rs, cfg)
+    assert "= 5 CPU, 5 GPU" in msg and "No room for 4 replica(s) of group code (1 CPU, 1 GPU)" in msg
+    assert "replicas: 5 and maxReplicas: 5 (now 4)" in msg
+
+    # Serve's own per-deployment override in the config counts too.
+    rs, cfg = _fleet_sized()
+    cfg["applications"][0]["deployments"] = [{"name": "EarlyExitReplica-chat", "num_replicas": 2}]
+    assert render.fleet_problems(rs, cfg)
+    cfg["applications"][0]["deployments"] = [{"name": "EarlyExitReplica-chat",
+                                              "ray_actor_options": {"num_cpus": 0.5}},
+                                             {"name": "EarlyExitReplica-code",
+                                              "autoscaling_config": {"min_replicas": 1, "max_replicas": 8}}]
+    assert render.fleet_problems(rs, cfg) == []
+    # A worker whose CPUs Ray would count from the node: reported, not guessed.
+    rs, cfg = _fleet_sized(worker_edit=lambda w: _ray_container(w)["resources"].clear())
+    assert any("cannot tell how many CPUs" in m for m in render.fleet_problems(rs, cfg))
+
+
+def test_render_check_fails_when_the_workers_cannot_hold_the_fleet(render, tmp_path, monkeypatch, capsys):
+    """`python k8s/render.py --check` (and the plain render) exit 1 with the message, not only with a stale diff."""
+    (tmp_path / "k8s").mkdir()
+    (tmp_path / "deployments").mkdir()
+    src = yaml.safe_load((ROOT / "deployments" / "helios-fleet.yaml").read_text())
+    src["applications"][0]["args"]["groups"][0]["replicas"] = 2
+    (tmp_path / "deployments" / "helios-fleet.yaml").write_text(yaml.safe_dump(src, sort_keys=False))
+    (tmp_path / "k8s" / "rayservice-fleet.yaml").write_text((K8S / "rayservice-fleet.yaml").read_text())
+    monkeypatch.setattr(render, "ROOT", tmp_path)
+    monkeypatch.setattr(render, "K8S_DIR", tmp_path / "k8s")
+    assert render.main([]) == 1  # rendered, and still refused: the workers hold 2 of the 3 replicas
+    err = capsys.readouterr().err
+    assert "k8s/rayservice-fleet.yaml: the Ray cluster cannot hold the fleet" in err
+    assert render.main(["--check"]) == 1  # now up to date, still too small
+    assert "up to date" in capsys.readouterr().err
+    src["applications"][0]["args"]["groups"][0]["replicas"] = 1
+    (tmp_path / "deployments" / "helios-fleet.yaml").write_text(yaml.safe_dump(src, sort_keys=False))
+    assert render.main([]) == 0 and render.main(["--check"]) == 0
 
 
 # ------------------------------------------------------------------------------------------------- the image
@@ -507,6 +658,8 @@ def test_bad_serve_configs_are_rejected():
         ServeConfig.model_validate({**cfg["applications"][0]["args"], "replica_num_gpu": 1})  # typo: extra=forbid
     with pytest.raises(ValidationError):
         ServeConfig.model_validate({**cfg["applications"][0]["args"], "replicas": 0})
+    with pytest.raises(ValidationError, match="per group"):  # with `groups`, replicas belong to the groups
+        ServeConfig.model_validate({**cfg["applications"][0]["args"], "replicas": 2})
     bad = copy.deepcopy(cfg)
     del bad["applications"][0]["import_path"]
     with pytest.raises(ValidationError):
