@@ -6,7 +6,9 @@
     helios-ray fleet unpin                                  # hand the group back to the policy
 
 A thin client of ``POST /v1/helios/placements`` and ``GET /v1/helios/status`` (same URL, key and error rules as
-``helios-ray status``).  Today an application has one group, ``default``; the fleet issue adds more.
+``helios-ray status``).  An application without ``groups`` in its config has one group, ``default``; a fleet
+(``deployments/helios-fleet.yaml``) names its groups, and ``show`` prints each with the router's share of the
+requests it steered there.
 """
 
 from __future__ import annotations
@@ -32,9 +34,17 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 
 
 def _groups(doc: dict[str, Any]) -> list[dict[str, Any]]:
-    p = doc["placement"]
-    return [{"group": "default", "model": p["model"], "depth": p["depth"], "version": p["version"],
-             "pinned": bool(doc.get("pinned")), "replicas": len(doc.get("replicas") or [])}]
+    split = ((doc.get("routing") or {}).get("steering") or {}).get("split") or {}
+    total = sum(sum(k.values()) for k in split.values()) or 0
+    out = []
+    for g in doc.get("groups") or []:
+        p = g["placement"]
+        routed = sum((split.get(g["name"]) or {}).values())
+        out.append({"group": g["name"], "model": p["model"], "depth": p["depth"], "version": p["version"],
+                    "pinned": bool(g.get("pinned")), "replicas": len(g.get("replicas") or []),
+                    "routed": routed, "routed_share": round(routed / total, 3) if total else None,
+                    "routed_by_kind": split.get(g["name"]) or {}})
+    return out
 
 
 def run(a: argparse.Namespace) -> int:
@@ -52,8 +62,11 @@ def run(a: argparse.Namespace) -> int:
         print(json.dumps(out, indent=2))
     elif "groups" in out:
         for g in out["groups"]:
+            share = "" if g["routed_share"] is None else (
+                f", {g['routed_share']:.0%} of steered requests: "
+                + ", ".join(f"{k} {v}" for k, v in sorted(g["routed_by_kind"].items())))
             print(f"{g['group']}: {g['model']}@{g['depth']} (version {g['version']}, "
-                  f"{'pinned' if g['pinned'] else 'policy'}, {g['replicas']} replica(s))")
+                  f"{'pinned' if g['pinned'] else 'policy'}, {g['replicas']} replica(s){share})")
     else:
         p = out["placement"]
         print(f"{out['group']}: {p['model']}@{p['depth']} (version {p['version']})")

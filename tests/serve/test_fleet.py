@@ -1,0 +1,178 @@
+"""The fleet on a real local cluster: two replica groups at once (SmolLM2 and Gemma 3, each at full depth), and a
+router that learns - from the outcomes of the requests it relays - which group serves which kind of request.
+
+Nothing is told which group is for what: the groups differ only in their model.  On this machine SmolLM2 breaches
+the 0.9 confidence threshold less on HumanEval code and Gemma less on ShareGPT chats (docs/serving.md, "The
+fleet"), so once the predictor trusts its numbers most code goes one way and most chat the other; when the mix
+shifts from chat-heavy to code-heavy, the share of the group that serves code follows.  A group moved through the
+admin endpoint under load shows its new placement in the status and in the metrics."""
+
+from __future__ import annotations
+
+import re
+import threading
+import time
+from collections import Counter
+
+import httpx
+import pytest
+
+from tests.serve.waits import wait_until
+
+pytestmark = pytest.mark.slow
+
+APP, PREFIX = "fleet", "/fleet"
+
+
+@pytest.fixture(scope="module")
+def fleet(cluster):
+    from ray import serve
+
+    from helios_ray.serve.app import build_app
+
+    args = {
+        "candidates": ["smollm2-135m", "gemma3-270m"], "api_key_env": "HELIOS_TEST_API_KEY",
+        "profiler": False, "mirror_fraction": 0.0,
+        "groups": [{"name": "smol", "candidates": ["smollm2-135m"], "initial": {"model": "smollm2-135m"}},
+                   {"name": "gemma", "candidates": ["gemma3-270m"], "initial": {"model": "gemma3-270m"}}],
+        "engine": {"memory_budget": "1GiB", "max_num_seqs": 8, "torch_threads": 1},
+        # The test's budget: trust a (placement, kind) after 3 requests instead of 8.
+        "steering": {"min_observations": 3, "max_uncertainty": 0.9},
+        "policy": {"reassess_every": 1000, "breach_limit": 100},
+    }
+    serve.run(build_app(args), name=APP, route_prefix=PREFIX, blocking=False)
+    base = f"{cluster['base']}{PREFIX}"
+
+    def ready() -> bool:
+        try:
+            st = httpx.get(f"{base}/v1/helios/status", headers=cluster["headers"], timeout=10).json()
+            return len(st.get("replicas") or []) == 2
+        except Exception:
+            return False
+
+    wait_until(ready, 300, "both groups' replicas reporting")
+    yield {**cluster, "base": base}
+    serve.delete(APP)
+
+
+def _prompts():
+    from helios_ray.data import load_humaneval, load_sharegpt
+
+    chats = [c.prompt_messages for c in load_sharegpt(limit=40, seed=1, split="heldout", min_len=8, max_len=400)]
+    code = [c.prompt for c in load_humaneval(limit=40)]
+    return chats, code
+
+
+def _send(c, kind: str, payload) -> str:
+    """One request; returns the group that served it (from the response's ``helios`` block)."""
+    if kind == "chat":
+        r = httpx.post(f"{c['base']}/v1/chat/completions", headers=c["headers"], timeout=180,
+                       json={"model": "helios", "messages": payload, "max_tokens": 6, "ignore_eos": True})
+    else:
+        r = httpx.post(f"{c['base']}/v1/completions", headers=c["headers"], timeout=180,
+                       json={"model": "helios", "prompt": payload, "max_tokens": 6, "ignore_eos": True})
+    assert r.status_code == 200, r.text
+    return r.json()["helios"]["group"]
+
+
+def _run(c, plan: list[tuple[str, object]], workers: int = 2) -> list[tuple[str, str]]:
+    """Send ``plan`` (kind, payload) with ``workers`` concurrent clients; (kind, group) per request, in order."""
+    out: list[tuple[str, str] | None] = [None] * len(plan)
+    errors: list[str] = []
+    nxt = iter(range(len(plan)))
+    lock = threading.Lock()
+
+    def work() -> None:
+        while True:
+            with lock:
+                i = next(nxt, None)
+            if i is None:
+                return
+            kind, payload = plan[i]
+            try:
+                out[i] = (kind, _send(c, kind, payload))
+            except Exception as e:  # noqa: BLE001 - a failed request fails the test below
+                errors.append(f"{kind}: {e!r}")
+
+    threads = [threading.Thread(target=work) for _ in range(workers)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors, errors
+    return [o for o in out if o is not None]
+
+
+def _mix(chats, code, n_chat: int, n_code: int) -> list[tuple[str, object]]:
+    """``n_chat`` chats and ``n_code`` code prompts, spread evenly through the sequence (mixed, not in blocks)."""
+    plan = [((i + 0.5) / n_chat, "chat", chats.pop()) for i in range(n_chat)]
+    plan += [((i + 0.5) / n_code, "code", code.pop()) for i in range(n_code)]
+    return [(kind, payload) for _, kind, payload in sorted(plan, key=lambda p: (p[0], p[1]))]
+
+
+def test_steering_learns_which_group_serves_which_kind(fleet):
+    chats, code = _prompts()
+    _run(fleet, _mix(chats, code, 8, 8))  # learning: every (group, kind) explored
+    chat_heavy = _run(fleet, _mix(chats, code, 9, 3))
+    code_heavy = _run(fleet, _mix(chats, code, 3, 9))
+    served = chat_heavy + code_heavy
+    by_kind = {k: Counter(g for kk, g in served if kk == k) for k in ("chat", "code")}
+    chat_group, chat_n = by_kind["chat"].most_common(1)[0]
+    code_group, code_n = by_kind["code"].most_common(1)[0]
+    assert chat_group != code_group, by_kind
+    assert chat_n >= 0.7 * sum(by_kind["chat"].values()) and code_n >= 0.7 * sum(by_kind["code"].values()), by_kind
+
+    def share(rows, group):
+        return sum(g == group for _, g in rows) / len(rows)
+
+    assert share(code_heavy, code_group) >= share(chat_heavy, code_group) + 0.25, (chat_heavy, code_heavy)
+
+    st = httpx.get(f"{fleet['base']}/v1/helios/status", headers=fleet["headers"], timeout=30).json()
+    assert {g["name"] for g in st["groups"]} == {"smol", "gemma"}
+    steering = st["routing"]["steering"]
+    assert steering["split"][code_group]["code"] >= code_n and steering["split"][chat_group]["chat"] >= chat_n
+    err = steering["error"]
+    assert err["n"] > 0 and 0.0 <= err["breach_rate"] <= 1.0, err
+
+
+def test_moving_a_group_under_load_shows_in_status_and_metrics(fleet):
+    chats, code = _prompts()
+    failures: list[str] = []
+    done = threading.Event()
+
+    def load() -> None:
+        while not done.is_set():
+            try:
+                _send(fleet, "code", code[0])
+            except Exception as e:  # noqa: BLE001
+                failures.append(repr(e))
+
+    t = threading.Thread(target=load)
+    t.start()
+    try:
+        r = httpx.post(f"{fleet['base']}/v1/helios/placements", headers=fleet["headers"], timeout=60,
+                       json={"group": "gemma", "model": "gemma3-270m", "depth": 14})
+        assert r.status_code == 200, r.text
+        assert r.json()["placement"]["depth"] == 14
+
+        def moved() -> bool:
+            st = httpx.get(f"{fleet['base']}/v1/helios/status", headers=fleet["headers"], timeout=30).json()
+            g = next(g for g in st["groups"] if g["name"] == "gemma")
+            reps = [x for x in st["replicas"] if x["group"] == "gemma"]
+            return g["placement"]["depth"] == 14 and g["pinned"] and reps and all(x["depth"] == 14 for x in reps)
+
+        wait_until(moved, 120, "group gemma at depth 14 in the status")
+
+        def metric() -> bool:
+            text = httpx.get(fleet["metrics"], timeout=10).text
+            return bool(re.search(r'helios_group_placement_depth\{[^}]*group="gemma"[^}]*model="gemma3-270m"[^}]*\} '
+                                  r'14(\.0)?\b', text))
+
+        wait_until(metric, 60, "helios_group_placement_depth for group gemma at 14")
+        bad = httpx.post(f"{fleet['base']}/v1/helios/placements", headers=fleet["headers"], timeout=60,
+                         json={"group": "gemma", "model": "smollm2-135m"})
+        assert bad.status_code == 404 and "not a candidate of group 'gemma'" in bad.json()["error"]["message"]
+    finally:
+        done.set()
+        t.join()
+    assert not failures, failures
