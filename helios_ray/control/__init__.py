@@ -13,6 +13,9 @@
 * :mod:`.storm` -- extend-vs-switch on a breach storm, priced by a CostModel
 * :mod:`.controller` -- the stateful loop the router and the simulator drive
 * :mod:`.simulate` -- trace replay and the ``helios-ray simulate`` subcommand
+* :mod:`.steering` -- per-request steering across replica groups (online ridge predictor)
+* :mod:`.fleet_sim` -- steering over groups replayed on a recorded trace (``simulate --fleet``)
+* :mod:`.fleet` -- replicas per group (``size_groups``) and one group switching at a time (``SwitchGate``)
 
 See ``docs/control-plane.md``.
 """
@@ -27,6 +30,9 @@ from .pht_entry import PHTEntry
 from .policy import choose, shortlist
 from .simulate import SimulationResult, simulate
 from .storm import CostModel, on_storm
+from .steering import GroupView, Outcome, Prediction, RequestFeatures, Route, Steering, SteeringConfig, request_features
+from .fleet import SwitchGate, SwitchInProgress, size_groups
+from .fleet_sim import FleetSimResult, simulate_steering
 from .trace import TraceError, TraceRequest, TraceToken, read_trace, write_trace
 
 __all__ = [
@@ -57,4 +63,17 @@ __all__ = [
     "TraceError",
     "read_trace",
     "write_trace",
+    "Steering",
+    "SteeringConfig",
+    "RequestFeatures",
+    "request_features",
+    "GroupView",
+    "Outcome",
+    "Prediction",
+    "Route",
+    "size_groups",
+    "SwitchGate",
+    "SwitchInProgress",
+    "FleetSimResult",
+    "simulate_steering",
 ]

@@ -286,7 +286,8 @@ def simulate(
 # --------------------------------------------------------------------------- CLI
 def configure_parser(parser: argparse.ArgumentParser) -> None:
     """Arguments of ``helios-ray simulate``."""
-    parser.add_argument("--trace", required=True, help="JSONL trace (token/request records)")
+    parser.add_argument("--trace", help="JSONL trace (token/request records); or give it as TRACE")
+    parser.add_argument("trace_file", nargs="?", metavar="TRACE", help="the trace, when --trace is not given")
     parser.add_argument(
         "--slo",
         default=SLO.THROUGHPUT.value,
@@ -306,6 +307,9 @@ def configure_parser(parser: argparse.ArgumentParser) -> None:
         help=f"replica memory budget (default {DEFAULT_MEMORY_BUDGET_BYTES})",
     )
     parser.add_argument("--json", action="store_true", help="print the full result as JSON")
+    from .fleet_sim import add_arguments  # here, not at import: fleet_sim imports this module
+
+    add_arguments(parser)
 
 
 def _validation_message(exc: ValidationError) -> str:
@@ -380,6 +384,14 @@ def _print_human(result: SimulationResult) -> None:
 
 def run(args: argparse.Namespace) -> int:
     """Run ``helios-ray simulate``; bad input gives one line on stderr and exit code 2."""
+    trace = args.trace or args.trace_file
+    if not trace or (args.trace and args.trace_file and args.trace != args.trace_file):
+        _error("give one trace: --trace FILE or TRACE")
+        return 2
+    if args.fleet:
+        from .fleet_sim import run_fleet
+
+        return run_fleet(args, trace)
     try:
         try:
             slo = SLO(args.slo)
@@ -401,7 +413,7 @@ def run(args: argparse.Namespace) -> int:
                 )
             except ValidationError as exc:
                 raise SimulationError(f"--memory-budget-bytes: {_validation_message(exc)}") from None
-        records = read_trace(args.trace)
+        records = read_trace(trace)
         result = simulate(records, slo, config, candidates, hardware=hardware, cost_model=costs)
     except FileNotFoundError as exc:
         _error(f"file not found: {exc.filename}")

@@ -161,8 +161,9 @@ class Brain:
                 return False
             self.changes.append(change_entry(g.version, g.changed_at, old, g.placement, action, trigger, reason,
                                              group=g.name))
-            if old["model"] != model:  # a model swap drains the group: the others wait for it (SwitchGate)
-                self.gate.begin(g.name, g.version, time.time())
+            now = time.time()
+            if old["model"] != model and self.gate.may_switch(g.name, now):
+                self.gate.begin(g.name, g.version, now)  # a model swap drains the group: the others wait for it
             self._cond.notify_all()
         self._save()
         log.info("helios brain: group %s %s -> %s (%s: %s)", g.name, old, g.placement, action, reason)
@@ -197,6 +198,7 @@ class Brain:
             if not g.pinned:
                 await self._move(g, want["model"], int(want["depth"]), want.get("action", "switch"),
                                  want.get("trigger", "deferred"), f"deferred: {want.get('reason', '')}")
+            self.gate.discard(name)  # applied (begin() dropped it already for a swap), or pinned meanwhile
 
     async def set_placement(self, model: str, depth: int | None, pin: bool = False,
                             group: str = DEFAULT_GROUP) -> dict[str, Any]:
@@ -206,7 +208,7 @@ class Brain:
         g = self._group(group)
         depth = g.check(model, depth)
         g.operator_pin = pin
-        self.gate.drop(g.name)  # the operator's word replaces a queued policy change
+        self.gate.discard(g.name)  # the operator's word replaces a queued policy change
         if not await self._move(g, model, depth, "manual", "operator",
                                 "set_placement (pinned)" if pin else "set_placement"):
             self._save()
@@ -307,7 +309,7 @@ class Brain:
                    "controller": g.controller.status()} for n, g in self.groups.items()]
         return {
             "placement": d.snapshot(), "changed_at": d.changed_at, "changes": self.changes[-20:],
-            "groups": groups, "switching": self.gate.snapshot(now),
+            "groups": groups, "switching": self.gate.snapshot(),
             "replicas": live,
             "requests": self.requests, "tokens_observed": self.tokens_observed,
             "profile_records": self.profile_records, "slo": self.cfg.slo.value, "candidates": self.cfg.candidates,
