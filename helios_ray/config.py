@@ -222,7 +222,8 @@ class ServeConfig(StrictModel):
     def _check_groups(self) -> "ServeConfig":
         if self.groups is None:
             return self
-        both = sorted({"replicas", "initial"} & self.model_fields_set)
+        # (checked by value, not by fields set: a dumped-and-revalidated config carries every field)
+        both = [f for f, given in (("initial", self.initial is not None), ("replicas", self.replicas != 1)) if given]
         if both:
             raise ValueError(f"with `groups`, set {' and '.join(both)} per group (groups[].{both[0]}), not at the top")
         names = [g.name for g in self.groups]

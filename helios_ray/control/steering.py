@@ -257,6 +257,7 @@ class _Placement:
         self.weight = 0.0
         self.sums = [0.0, 0.0, 0.0]
         self.n: dict[str, int] = {}
+        self.by_kind: dict[str, list[float]] = {}  # kind -> decayed [weight, breach rate, tokens/s, value] sums
         self.errors: deque[tuple[float, float, float]] = deque(maxlen=ERROR_WINDOW)
         self._inv: list[list[float]] | None = None
         self._w: list[list[float]] | None = None
@@ -272,6 +273,10 @@ class _Placement:
             self.sums[t] = d * self.sums[t] + y
         self.weight = d * self.weight + 1.0
         self.n[kind] = self.n.get(kind, 0) + 1
+        tps = math.exp(targets[2])
+        obs = self.by_kind.setdefault(kind, [0.0, 0.0, 0.0, 0.0])
+        for i, y in enumerate((1.0, targets[0], tps, tps * (1.0 - targets[0]))):
+            obs[i] = d * obs[i] + y
         self._inv = self._w = None
 
     def _solve(self) -> tuple[list[list[float]], list[list[float]]]:
@@ -418,6 +423,15 @@ class Steering:
                 "exit_fraction": sum(e[1] for e in state.errors) / k,
                 "tokens_per_s": sum(e[2] for e in state.errors) / k, "samples": float(k)}
 
+    def observed(self, key: str) -> dict[str, dict[str, float]]:
+        """What a placement actually delivered per request kind (decayed means of the outcomes): the ground the
+        predictions stand on, shown next to them so an operator can check the steering's choices."""
+        state = self._placements.get(key)
+        if state is None:
+            return {}
+        return {kind: {"breach_rate": round(o[1] / o[0], 4), "tokens_per_s": round(o[2] / o[0], 3),
+                       "value": round(o[3] / o[0], 3)} for kind, o in state.by_kind.items() if o[0] > 0}
+
     def split(self) -> dict[str, dict[str, int]]:
         """Finished requests per group and kind."""
         return {g: dict(kinds) for g, kinds in self._split.items()}
@@ -430,7 +444,7 @@ class Steering:
             "config": self.config.model_dump(),
             "routes": dict(self._reasons),
             "split": self.split(),
-            "placements": {key: {"n": dict(state.n), "mae": self.mae(key)}
+            "placements": {key: {"n": dict(state.n), "mae": self.mae(key), "observed": self.observed(key)}
                            for key, state in self._placements.items()},
             "recent": [dict(e) for e in self._recent],
         }

@@ -107,17 +107,29 @@ def render(doc: dict[str, Any], url: str = "", now: float | None = None, decisio
     reps = doc.get("replicas") or []
     out = ["helios-ray" + (f" {url}" if url else "") + f"  mode {doc.get('mode', '-')}  SLO {doc.get('slo', '-')}  "
            f"requests {doc.get('requests', 0):,}  tokens observed {doc.get('tokens_observed', 0):,}", ""]
-    on = [r for r in reps if r.get("model") == p.get("model") and r.get("depth") == p.get("depth")]
-    total = next((r.get("total_layers") for r in reps if r.get("model") == p.get("model")), None)
+    groups = doc.get("groups") or [{"name": "default", "placement": p, "pinned": doc.get("pinned")}]
+    split = ((doc.get("routing") or {}).get("steering") or {}).get("split") or {}
+    steered = sum(sum(k.values()) for k in split.values())
     out.append("PLACEMENT")
-    out += _table(["model", "depth", "of", "version", "replicas", "changed"],
-                  [[p.get("model"), p.get("depth"), total, p.get("version"), f"{len(on)}/{len(reps)}",
-                    _ago(doc.get("changed_at"), now)]])
+    rows = []
+    for g in groups:
+        gp = g.get("placement") or {}
+        mine = [r for r in reps if r.get("group", "default") == g["name"]] if doc.get("groups") else reps
+        on = [r for r in mine if r.get("model") == gp.get("model") and r.get("depth") == gp.get("depth")]
+        total = next((r.get("total_layers") for r in mine if r.get("model") == gp.get("model")), None)
+        kinds = split.get(g["name"]) or {}
+        share = (f"{100 * sum(kinds.values()) / steered:.0f}% " + " ".join(f"{k}:{v}" for k, v in sorted(kinds.items()))
+                 if steered else "-")
+        changed = _ago(doc.get("changed_at"), now) if len(groups) == 1 else ("pinned" if g.get("pinned") else "policy")
+        rows.append([g["name"], gp.get("model"), gp.get("depth"), total, gp.get("version"), f"{len(on)}/{len(mine)}",
+                     changed, share])
+    out += _table(["group", "model", "depth", "of", "version", "replicas", "changed" if len(groups) == 1 else "pin",
+                   "steered"], rows)
     out += ["", "REPLICAS"]
     if reps:
-        out += _table(["replica", "pid", "model@depth", "version", "running", "waiting", "KV blocks", "KV %",
+        out += _table(["replica", "group", "pid", "model@depth", "version", "running", "waiting", "KV blocks", "KV %",
                        "tokens out", "breaches"],
-                      [[str(r.get("replica", ""))[-14:], r.get("pid"), f"{r.get('model')}@{r.get('depth')}",
+                      [[str(r.get("replica", ""))[-14:], r.get("group", "default"), r.get("pid"), f"{r.get('model')}@{r.get('depth')}",
                         r.get("placement_version"), r.get("running"), r.get("waiting"),
                         f"{r.get('kv_blocks_used', 0)}/{r.get('kv_blocks_total', 0)}",
                         f"{100 * r.get('kv_blocks_used', 0) / max(1, r.get('kv_blocks_total') or 0):.0f}%",

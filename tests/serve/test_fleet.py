@@ -9,6 +9,7 @@ admin endpoint under load shows its new placement in the status and in the metri
 
 from __future__ import annotations
 
+import json
 import re
 import threading
 import time
@@ -38,7 +39,7 @@ def fleet(cluster):
         "engine": {"memory_budget": "1GiB", "max_num_seqs": 8, "torch_threads": 1},
         # The test's budget: trust a (placement, kind) after 3 requests instead of 8.
         "steering": {"min_observations": 3, "max_uncertainty": 0.9},
-        "policy": {"reassess_every": 1000, "breach_limit": 100},
+        "policy": {"reassess_every": 1000},  # one candidate per group at full depth: nothing for it to move
     }
     serve.run(build_app(args), name=APP, route_prefix=PREFIX, blocking=False)
     base = f"{cluster['base']}{PREFIX}"
@@ -110,29 +111,35 @@ def _mix(chats, code, n_chat: int, n_code: int) -> list[tuple[str, object]]:
     return [(kind, payload) for _, kind, payload in sorted(plan, key=lambda p: (p[0], p[1]))]
 
 
-def test_steering_learns_which_group_serves_which_kind(fleet):
+def test_steering_learns_what_each_group_delivers_and_follows_it(fleet):
     chats, code = _prompts()
     _run(fleet, _mix(chats, code, 8, 8))  # learning: every (group, kind) explored
-    chat_heavy = _run(fleet, _mix(chats, code, 9, 3))
-    code_heavy = _run(fleet, _mix(chats, code, 3, 9))
-    served = chat_heavy + code_heavy
-    by_kind = {k: Counter(g for kk, g in served if kk == k) for k in ("chat", "code")}
-    chat_group, chat_n = by_kind["chat"].most_common(1)[0]
-    code_group, code_n = by_kind["code"].most_common(1)[0]
-    assert chat_group != code_group, by_kind
-    assert chat_n >= 0.7 * sum(by_kind["chat"].values()) and code_n >= 0.7 * sum(by_kind["code"].values()), by_kind
-
-    def share(rows, group):
-        return sum(g == group for _, g in rows) / len(rows)
-
-    assert share(code_heavy, code_group) >= share(chat_heavy, code_group) + 0.25, (chat_heavy, code_heavy)
-
+    steady = _run(fleet, _mix(chats, code, 8, 8))
     st = httpx.get(f"{fleet['base']}/v1/helios/status", headers=fleet["headers"], timeout=30).json()
     assert {g["name"] for g in st["groups"]} == {"smol", "gemma"}
     steering = st["routing"]["steering"]
-    assert steering["split"][code_group]["code"] >= code_n and steering["split"][chat_group]["chat"] >= chat_n
-    err = steering["error"]
-    assert err["n"] > 0 and 0.0 <= err["breach_rate"] <= 1.0, err
+    diag = json.dumps(steering)[:4000]
+    assert steering["routes"]["predicted"] >= 8, diag  # the predictor became trusted and decides
+    keys = {g["name"]: f"{g['placement']['model']}@{g['placement']['depth']}" for g in st["groups"]}
+    placements = steering["placements"]
+    checked = 0
+    for kind in ("chat", "code"):
+        # what each group actually delivered on this kind (confident tokens/s), as the router measured it
+        value = {g: (placements.get(k, {}).get("observed", {}).get(kind) or {}).get("value") for g, k in keys.items()}
+        if None in value.values():
+            continue
+        best, other = sorted(value, key=lambda g: value[g], reverse=True)
+        if value[best] < 1.5 * value[other]:
+            continue  # too close to call on a loaded 2-core machine
+        served = [g for k, g in steady if k == kind]
+        assert sum(g == best for g in served) >= 0.7 * len(served), (kind, value, served, diag)
+        checked += 1
+    assert checked, f"no kind where one group delivers 1.5x the other: {diag}"
+    errors = [p["mae"] for p in placements.values() if p["mae"]]
+    assert errors and all(0.0 <= e["breach_rate"] <= 1.0 and e["samples"] > 0 for e in errors), diag
+    split = steering["split"]
+    for kind in ("chat", "code"):
+        assert sum((split.get(g) or {}).get(kind, 0) for g in keys) >= 16, diag  # every request counted
 
 
 def test_moving_a_group_under_load_shows_in_status_and_metrics(fleet):

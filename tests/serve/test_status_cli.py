@@ -56,10 +56,10 @@ def test_render_shows_placement_replicas_breaches_and_decisions():
     lines = text.splitlines()
     assert lines[0].startswith("helios-ray http://127.0.0.1:8000  mode helios  SLO throughput  requests 512")
     i = lines.index("PLACEMENT")
-    assert lines[i + 1].split() == ["model", "depth", "of", "version", "replicas", "changed"]
-    assert lines[i + 2].split() == ["smollm2-135m", "20", "30", "3", "1/1", "30", "s", "ago"]
+    assert lines[i + 1].split() == ["group", "model", "depth", "of", "version", "replicas", "changed", "steered"]
+    assert lines[i + 2].split() == ["default", "smollm2-135m", "20", "30", "3", "1/1", "30", "s", "ago", "-"]
     row = lines[lines.index("REPLICAS") + 2].split()
-    assert row[:8] == ["x1k9f2ab", "4242", "smollm2-135m@20", "3", "2", "1", "12/1377", "1%"]
+    assert row[:9] == ["x1k9f2ab", "default", "4242", "smollm2-135m@20", "3", "2", "1", "12/1377", "1%"]
     assert "BREACHES  7 / 50 in the last 64 of 100 tokens (confidence < 0.9); all-time 911 / 16,384" in text
     assert "STORM" not in text
     assert "EXITS  smollm2-135m: 100 tokens; layer 20 90%, layer 12 10%" in text
@@ -163,3 +163,19 @@ def test_prints_the_document_or_the_tables(capsys, as_json):
         assert srv.auth == ["Bearer k"]
     finally:
         srv.close()
+
+
+def test_render_shows_each_group_of_a_fleet_with_its_steered_share():
+    doc = _doc()
+    rep = doc["replicas"][0]
+    doc["replicas"] = [{**rep, "group": "chat"}, {**rep, "replica": "SERVE_REPLICA::code#q7", "group": "code",
+                                                   "model": "qwen2.5-coder-0.5b", "depth": 24, "total_layers": 24}]
+    doc["groups"] = [
+        {"name": "chat", "placement": {"model": "smollm2-135m", "depth": 20, "version": 3}, "pinned": False},
+        {"name": "code", "placement": {"model": "qwen2.5-coder-0.5b", "depth": 24, "version": 1}, "pinned": True}]
+    doc["routing"] = {"steering": {"split": {"chat": {"chat": 30, "code": 2}, "code": {"code": 8}}}}
+    lines = render(doc, now=NOW).splitlines()
+    i = lines.index("PLACEMENT")
+    assert lines[i + 1].split() == ["group", "model", "depth", "of", "version", "replicas", "pin", "steered"]
+    assert lines[i + 2].split() == ["chat", "smollm2-135m", "20", "30", "3", "1/1", "policy", "80%", "chat:30", "code:2"]
+    assert lines[i + 3].split() == ["code", "qwen2.5-coder-0.5b", "24", "24", "1", "1/1", "pinned", "20%", "code:8"]
