@@ -126,12 +126,36 @@ class GroupSpec(StrictModel):
 
     name: str = Field(pattern=r"^[a-z0-9]([a-z0-9-]{0,30}[a-z0-9])?$",
                       description="The group's name (admin API, metrics, deployment name); DNS-label style.")
-    replicas: int = Field(default=1, ge=1)
+    replicas: int = Field(default=1, ge=1, description="Replicas it starts with (and keeps, without max_replicas).")
+    max_replicas: int | None = Field(
+        default=None, ge=1, description="Let the fleet plan resize this group between 1 and this many replicas, by "
+                                        "its share of the demand (within the app's fleet_slots).")
     candidates: list[str] | None = Field(default=None, min_length=1,
                                          description="Models this group may serve (default: the app's candidates).")
     initial: PlacementSpec | None = Field(default=None, description="Where it starts (default: the policy's choice).")
     replica_num_cpus: float | None = Field(default=None, ge=0, description="Default: the app's replica_num_cpus.")
     replica_num_gpus: float | None = Field(default=None, ge=0, description="Default: the app's replica_num_gpus.")
+
+    @model_validator(mode="after")
+    def _check_max(self) -> "GroupSpec":
+        if self.max_replicas is not None and self.max_replicas < self.replicas:
+            raise ValueError(f"group {self.name!r}: max_replicas {self.max_replicas} < replicas {self.replicas}")
+        return self
+
+    @property
+    def elastic(self) -> bool:
+        """Whether the fleet plan sizes this group (it has room between 1 and max_replicas)."""
+        return self.max_replicas is not None and self.max_replicas > 1
+
+
+def group_of_deployment(deployment: str) -> str:
+    """The group a replica deployment serves (inverse of :func:`replica_deployment_name`)."""
+    for base in ("EarlyExitReplica", "PlainReplica"):
+        if deployment == base:
+            return DEFAULT_GROUP
+        if deployment.startswith(base + "-"):
+            return deployment[len(base) + 1:]
+    return deployment
 
 
 def replica_deployment_name(group: str, mode: str = "helios") -> str:
@@ -215,6 +239,9 @@ class ServeConfig(StrictModel):
         default=None, min_length=1,
         description="The fleet: replica groups served at once, each at its own (model, depth).  Unset = one group "
                     "named `default` with `replicas` and `initial`.")
+    fleet_slots: int | None = Field(
+        default=None, ge=1, description="Replica slots (one per GPU / CPU slot) the fleet may fill in all when it "
+                                        "resizes groups with max_replicas; default: the sum of the groups' replicas.")
     steering: SteeringConfig = Field(default_factory=SteeringConfig,
                                      description="How the router learns which group serves a request best.")
 
@@ -259,7 +286,10 @@ class ServeConfig(StrictModel):
 
     @property
     def total_replicas(self) -> int:
-        return sum(g.replicas for g in self.fleet())
+        """Replicas the fleet may run at most (admission bounds are sized from it)."""
+        fleet = self.fleet()
+        most = sum((g.max_replicas or g.replicas) for g in fleet)
+        return min(most, self.fleet_slots) if self.fleet_slots else most
 
     @property
     def threshold(self) -> float:

@@ -33,6 +33,7 @@ from ray.serve import Application
 from helios_ray.config import ServeConfig, replica_deployment_name
 from helios_ray.errors import HeliosError
 from helios_ray.serve.brain import Brain
+from helios_ray.serve.fleet_scaling import autoscaling_config
 from helios_ray.serve.plain_replica import PlainReplica
 from helios_ray.serve.profiler import Profiler
 from helios_ray.serve.replica import EarlyExitReplica
@@ -98,7 +99,10 @@ def build_app(args: dict[str, Any] | None = None) -> Application:
     cls = PlainReplica if cfg.mode == "plain" else EarlyExitReplica
     groups = {
         g.name: serve.deployment(
-            cls, name=replica_deployment_name(g.name, cfg.mode), num_replicas=g.replicas,
+            cls, name=replica_deployment_name(g.name, cfg.mode),
+            # an elastic group is sized by the brain's fleet plan, through Serve's autoscaler (fleet_scaling.py)
+            **({"num_replicas": "auto", "autoscaling_config": autoscaling_config(g.replicas, g.max_replicas or 1)}
+               if g.elastic else {"num_replicas": g.replicas}),
             # Bounded admission (AdmissionConfig): running + queued per replica, then a bounded router-side queue;
             # past both, Serve raises BackPressureError and the relay answers 503 + Retry-After.
             max_ongoing_requests=cfg.engine.max_num_seqs + cfg.admission.max_waiting_per_replica,

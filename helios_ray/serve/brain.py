@@ -78,6 +78,9 @@ class Brain:
         from helios_ray.control.fleet import SwitchGate
 
         self.gate = SwitchGate()
+        self.sizes = {n: g.spec.replicas for n, g in self.groups.items()}  # the fleet plan's replicas per group
+        self.demand = {n: 0.0 for n in self.groups}  # tokens served per group, decayed at every sizing tick
+        self._sized_at = time.time()
         saved = brain_store.load(self._app, self._fingerprint) if self._app else None
         if saved is not None and set(saved.groups) == set(self.groups):
             self._restore(saved)
@@ -114,13 +117,14 @@ class Brain:
     def _state(self) -> brain_store.BrainState:
         return brain_store.BrainState(
             fingerprint=self._fingerprint, groups={n: g.save() for n, g in self.groups.items()},
-            changes=self.changes[-200:], requests=self.requests, tokens_observed=self.tokens_observed,
+            changes=self.changes[-200:], sizes=self.sizes, requests=self.requests, tokens_observed=self.tokens_observed,
             profile_records=self.profile_records, restarts=self.restarts)
 
     def _restore(self, st: brain_store.BrainState) -> None:
         for n, g in self.groups.items():
             g.restore(st.groups[n])
         self.changes = list(st.changes)
+        self.sizes.update({n: k for n, k in st.sizes.items() if n in self.sizes})
         self.requests, self.tokens_observed, self.profile_records = st.requests, st.tokens_observed, st.profile_records
         self.restarts = st.restarts + 1
 
@@ -135,8 +139,42 @@ class Brain:
         while True:
             await asyncio.sleep(every_s)
             await self._apply_deferred()
+            self._size_groups(time.time())
             if self._dirty:
                 self._save()
+
+    def _size_groups(self, now: float, every_s: float = 10.0, keep: float = 0.7) -> None:
+        """The fleet plan's group sizes: elastic groups (``max_replicas``) share the slots the fixed ones leave, in
+        proportion to the tokens each served recently (``size_groups``: floor of one, hysteresis), and Serve's
+        autoscaler applies the numbers (:mod:`.fleet_scaling`)."""
+        if now - self._sized_at < every_s:
+            return
+        self._sized_at = now
+        elastic = {n: g for n, g in self.groups.items() if g.spec.elastic}
+        demand = {n: self.demand[n] for n in elastic}
+        for n in self.demand:
+            self.demand[n] *= keep
+        fixed = sum(g.spec.replicas for n, g in self.groups.items() if n not in elastic)
+        slots = (self.cfg.fleet_slots or sum(g.spec.replicas for g in self.groups.values())) - fixed
+        if not elastic or slots < len(elastic) or sum(demand.values()) <= 0:
+            return
+        from helios_ray.control.fleet import size_groups
+
+        current = {n: self.sizes[n] for n in elastic}
+        want = size_groups(demand, slots, current)
+        want = {n: max(1, min(k, elastic[n].spec.max_replicas or k)) for n, k in want.items()}
+        if want == current:
+            return
+        self.sizes.update(want)
+        share = {n: round(v / sum(demand.values()), 3) for n, v in demand.items()}
+        self.timeline.decision(now, {"action": "resize", "trigger": "fleet_plan", "group": ",".join(sorted(want)),
+                                     "reason": f"replicas {current} -> {want} for demand shares {share}"})
+        log.info("helios brain: group sizes %s -> %s (demand shares %s)", current, want, share)
+        if self._app:
+            from helios_ray.serve import fleet_scaling
+
+            fleet_scaling.publish(self._app, want)
+        self._dirty = True
 
     # ----------------------------------------------------------------------------------- placement
     async def get_placement(self, group: str = DEFAULT_GROUP) -> dict[str, Any]:
@@ -276,6 +314,7 @@ class Brain:
         self.timeline.request(time.time(), model, depth, output_tokens, seconds, ttft_s)
         g = self.groups.get(group)
         if g is not None:
+            self.demand[group] += output_tokens
             d = g.controller.observe_request(model, depth, output_tokens=output_tokens, seconds=seconds,
                                              ttft_s=ttft_s, prompt_tokens=prompt_tokens)
             await self._maybe_apply(g, d)
@@ -305,7 +344,8 @@ class Brain:
                        if now - (r.reported_at or 0) < 10.0), key=lambda r: r["replica"])
         d = self.default
         groups = [{"name": n, "placement": g.snapshot(), "pinned": g.pinned, "candidates": [c.name for c in g.candidates],
-                   "replicas_configured": g.spec.replicas, "replicas": [r["replica"] for r in live if r["group"] == n],
+                   "replicas_configured": g.spec.replicas, "max_replicas": g.spec.max_replicas,
+                   "replicas_planned": self.sizes[n], "replicas": [r["replica"] for r in live if r["group"] == n],
                    "controller": g.controller.status()} for n, g in self.groups.items()]
         return {
             "placement": d.snapshot(), "changed_at": d.changed_at, "changes": self.changes[-20:],

@@ -25,6 +25,7 @@ class BrainState(BaseModel):
 
     fingerprint: str
     groups: dict[str, GroupCheckpoint]
+    sizes: dict[str, int] = Field(default_factory=dict, description="The fleet plan's replicas per group.")
     changes: list[dict[str, Any]] = Field(default_factory=list)
     requests: int = 0
     tokens_observed: int = 0

@@ -78,7 +78,8 @@ class Timeline:
         d = decision
         prev = ({"model": d.get("previous_model"), "depth": d.get("previous_depth")}
                 if d.get("previous_model") is not None else None)
-        self.events.append({"at": at, "source": "policy", "action": d.get("action"), "trigger": d.get("trigger"),
+        self.events.append({"at": at, "source": "policy", "group": d.get("group"), "action": d.get("action"),
+                            "trigger": d.get("trigger"),
                             "from": prev, "to": {"model": d.get("model"), "depth": d.get("depth")},
                             "reason": d.get("reason")})
 

@@ -34,8 +34,11 @@ def fleet(cluster):
     args = {
         "candidates": ["smollm2-135m", "gemma3-270m"], "api_key_env": "HELIOS_TEST_API_KEY",
         "profiler": False, "mirror_fraction": 0.0,
-        "groups": [{"name": "smol", "candidates": ["smollm2-135m"], "initial": {"model": "smollm2-135m"}},
-                   {"name": "gemma", "candidates": ["gemma3-270m"], "initial": {"model": "gemma3-270m"}}],
+        "groups": [{"name": "smol", "candidates": ["smollm2-135m"], "initial": {"model": "smollm2-135m"},
+                    "max_replicas": 2},
+                   {"name": "gemma", "candidates": ["gemma3-270m"], "initial": {"model": "gemma3-270m"},
+                    "max_replicas": 2}],
+        "fleet_slots": 3,  # one slot for the group that serves more
         "engine": {"memory_budget": "1GiB", "max_num_seqs": 8, "torch_threads": 1},
         # The test's budget: trust a (placement, kind) after 3 requests instead of 8.
         "steering": {"min_observations": 3, "max_uncertainty": 0.9},
@@ -140,6 +143,17 @@ def test_steering_learns_what_each_group_delivers_and_follows_it(fleet):
     split = steering["split"]
     for kind in ("chat", "code"):
         assert sum((split.get(g) or {}).get(kind, 0) for g in keys) >= 16, diag  # every request counted
+
+    # The fleet plan gives the third slot to the group that served more tokens, and Serve starts its replica.
+    served_tokens = Counter(g for _, g in steady)
+    busier = served_tokens.most_common(1)[0][0]
+
+    def resized() -> bool:
+        doc = httpx.get(f"{fleet['base']}/v1/helios/status", headers=fleet["headers"], timeout=30).json()
+        sizes = {g["name"]: (g["replicas_planned"], len(g["replicas"])) for g in doc["groups"]}
+        return sizes[busier] == (2, 2) and all(v == (1, 1) for g, v in sizes.items() if g != busier)
+
+    wait_until(resized, 120, f"group {busier} resized to 2 replicas ({served_tokens})")
 
 
 def test_moving_a_group_under_load_shows_in_status_and_metrics(fleet):
