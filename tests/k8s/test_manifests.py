@@ -430,7 +430,7 @@ def test_the_fleet_manifest_serves_two_groups_on_two_cpu_slots(render):
     rs = _rayservice(K8S / "rayservice-fleet.yaml")
     fleet = render.serve_fleet(_serve_config(rs))
     assert [(g.name, g.deployment, g.replicas, g.num_cpus, g.num_gpus) for g in fleet] == [
-        ("chat", "EarlyExitReplica-chat", 1, 1.0, 0.0), ("code", "EarlyExitReplica-code", 1, 1.0, 0.0)]
+        ("small", "EarlyExitReplica-small", 1, 1.0, 0.0), ("coder", "EarlyExitReplica-coder", 1, 1.0, 0.0)]
     (worker,) = [p for p in render.cluster_pods(rs) if p.name != "head"]
     assert worker.pods * worker.num_cpus == 2
 
@@ -465,9 +465,9 @@ def test_a_fleet_larger_than_the_workers_is_reported(render):
 
     rs, cfg = _fleet_sized(more_code)
     (msg,) = render.fleet_problems(rs, cfg, "rayservice-fleet.yaml")
-    assert "cannot hold the fleet" in msg and "chat 1 x (1 CPU), code 3 x (1 CPU) = 4 CPU, 0 GPU" in msg
+    assert "cannot hold the fleet" in msg and "small 1 x (1 CPU), coder 3 x (1 CPU) = 4 CPU, 0 GPU" in msg
     assert "worker group cpu: 1 pod(s) x (2 CPU, from limits.cpu)" in msg
-    assert "No room for 2 replica(s) of group code (1 CPU)" in msg
+    assert "No room for 2 replica(s) of group coder (1 CPU)" in msg
     assert "Give worker group cpu replicas: 2," in msg
 
     # Enough CPUs in all, but a replica larger than any one pod: the sum alone would miss it.
@@ -476,22 +476,22 @@ def test_a_fleet_larger_than_the_workers_is_reported(render):
 
     rs, cfg = _fleet_sized(big, lambda w: w.update(replicas=2))
     (msg,) = render.fleet_problems(rs, cfg)
-    assert "No room for 1 replica(s) of group chat (3 CPU)" in msg and "give its pods more" in msg
+    assert "No room for 1 replica(s) of group small (3 CPU)" in msg and "give its pods more" in msg
 
     # GPUs: two one-GPU groups on one one-GPU pod; the fix needs more pods than maxReplicas allows.
     rs, cfg = _fleet_sized(lambda a: a["groups"][1].update(replicas=4), lambda w: w.update(replicas=1),
                            path="rayservice.yaml")
     (msg,) = render.fleet_problems(rs, cfg)
-    assert "= 5 CPU, 5 GPU" in msg and "No room for 4 replica(s) of group code (1 CPU, 1 GPU)" in msg
+    assert "= 5 CPU, 5 GPU" in msg and "No room for 4 replica(s) of group coder (1 CPU, 1 GPU)" in msg
     assert "replicas: 5 and maxReplicas: 5 (now 4)" in msg
 
     # Serve's own per-deployment override in the config counts too.
     rs, cfg = _fleet_sized()
-    cfg["applications"][0]["deployments"] = [{"name": "EarlyExitReplica-chat", "num_replicas": 2}]
+    cfg["applications"][0]["deployments"] = [{"name": "EarlyExitReplica-small", "num_replicas": 2}]
     assert render.fleet_problems(rs, cfg)
-    cfg["applications"][0]["deployments"] = [{"name": "EarlyExitReplica-chat",
+    cfg["applications"][0]["deployments"] = [{"name": "EarlyExitReplica-small",
                                               "ray_actor_options": {"num_cpus": 0.5}},
-                                             {"name": "EarlyExitReplica-code",
+                                             {"name": "EarlyExitReplica-coder",
                                               "autoscaling_config": {"min_replicas": 1, "max_replicas": 8}}]
     assert render.fleet_problems(rs, cfg) == []
     # A worker whose CPUs Ray would count from the node: reported, not guessed.
