@@ -21,7 +21,8 @@ DOCUMENTED = {  # docs/serving.md, "Metrics", as Prometheus names
     "ray_helios_confidence_breaches_total", "ray_helios_request_errors_total", "ray_helios_exit_depth",
     "ray_helios_num_requests_running", "ray_helios_num_requests_waiting", "ray_helios_kv_cache_usage_ratio",
     "ray_helios_loaded_layers", "ray_helios_placement_changes_total", "ray_helios_requests_shed_total",
-    "ray_helios_admission_limit", "ray_helios_requests_resumed_total",
+    "ray_helios_admission_limit", "ray_helios_requests_resumed_total", "ray_helios_routed_requests_total",
+    "ray_helios_route_prediction_error", "ray_helios_group_placement_depth",
 }
 
 

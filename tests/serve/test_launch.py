@@ -24,7 +24,26 @@ def _cli(*args: str, env: dict | None = None, timeout: float = 120) -> subproces
                           timeout=timeout, env=env)
 
 
+@pytest.mark.parametrize("name", ["helios.yaml", "helios-fleet.yaml", "helios-gpu.yaml"])
+def test_every_shipped_deployment_file_is_a_valid_config(name):
+    """What `serve run deployments/<name>` would deploy: Serve's schema, the helios args, every candidate prepared
+    and every group's models among its candidates (no cluster needed)."""
+    from helios_ray.config import ServeConfig
+    from helios_ray.serve.launch import load_deploy_config
+
+    config = load_deploy_config(ROOT / "deployments" / name)
+    (app,) = config.applications
+    groups = ServeConfig.model_validate(app.args).fleet()
+    assert len(groups) == (1 if name == "helios.yaml" else 2)
+
+
 @pytest.mark.parametrize("content, needle", [
+    ("applications:\n  - name: h\n    import_path: helios_ray.serve.app:build_app\n    args:\n      groups: "
+     "[{name: a}, {name: a}]\n", "duplicate group names: a"),
+    ("applications:\n  - name: h\n    import_path: helios_ray.serve.app:build_app\n    args:\n      replicas: 2\n"
+     "      groups: [{name: a}]\n", "set replicas per group"),
+    ("applications:\n  - name: h\n    import_path: helios_ray.serve.app:build_app\n    args:\n      groups: "
+     "[{name: a, candidates: [nope]}]\n", "nope not among the candidates"),
     (None, "does not exist"),
     ("applications: 3\n", "is not a Serve config: applications"),
     ("applications:\n  - name: h\n    import_path: helios_ray.serve.app:build_app\n    args: {slo: fast}\n",
