@@ -92,4 +92,4 @@ def smollm2_dir() -> Path:
 def smollm2_full(smollm2_dir):
     from helios_ray.models.early_exit import load_model
 
-    return load_model("smollm2-135m", exits="shared")
+    return load_model("smollm2-135m", exits="shared", dtype="float32")  # the reference: fp32 on every host

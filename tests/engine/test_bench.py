@@ -15,9 +15,14 @@ def test_bench_memory_reports_admission_from_byte_arithmetic(capsys):
     d30, d20 = res["depths"]["30"], res["depths"]["20"]
     from helios_ray.models.repository import ModelRepository
 
+    import torch
+
+    from helios_ray.dtypes import serving_dtype
+
     kinds = ModelRepository().info("smollm2-135m").exits.kinds  # a trained block head at D attends: +1 KV layer
+    esize = torch.finfo(getattr(torch, serving_dtype("auto", False))).bits // 8  # bf16 on bf16-capable CPUs
     for d, v in ((30, d30), (20, d20)):
-        assert v["kv_bytes_per_token"] == (d + (kinds.get(d) == "block")) * 2 * 3 * 64 * 4
+        assert v["kv_bytes_per_token"] == (d + (kinds.get(d) == "block")) * 2 * 3 * 64 * esize
         blocks = ((1024 << 20) - v["weight_bytes"]) // (16 * v["kv_bytes_per_token"])
         assert v["kv_blocks"] == blocks and v["max_concurrent_sequences"] == blocks // (512 // 16)
     assert res["ratio_max_concurrency"] == round(d20["max_concurrent_sequences"] / d30["max_concurrent_sequences"], 3)

@@ -26,7 +26,7 @@ def _run(eng: LLMEngine, ids: list[int], params: SamplingParams, resume: list[in
 
 @pytest.mark.parametrize("name", ["smollm2-135m", "gemma3-270m"])
 def test_resumed_stream_continues_the_uninterrupted_one(name):
-    m = load_model(name, exits="shared")
+    m = load_model(name, exits="shared", dtype="float32")
     eng = LLMEngine(m, EngineConfig(memory_budget="3GiB"))
     ids = m.encode("The history of the city of Rome, in brief:")
     params = SamplingParams(max_tokens=N, temperature=0, ignore_eos=True)
@@ -43,7 +43,7 @@ def test_resumed_stream_continues_the_uninterrupted_one(name):
 
 
 def test_nothing_left_to_resume_is_refused():
-    m = load_model("smollm2-135m", exits="shared")
+    m = load_model("smollm2-135m", exits="shared", dtype="float32")
     eng = LLMEngine(m, EngineConfig(memory_budget="1GiB"))
     with pytest.raises(InvalidRequestError, match="nothing to resume"):
         eng.add_request(m.encode("Hi"), SamplingParams(max_tokens=2), [1, 2])

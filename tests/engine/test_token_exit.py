@@ -26,7 +26,7 @@ N = 20
 
 @pytest.fixture(scope="module")
 def ee() -> EarlyExitLM:
-    return load_model("smollm2-135m", token_exits=EXITS)
+    return load_model("smollm2-135m", token_exits=EXITS, dtype="float32")
 
 
 @pytest.fixture(scope="module")
@@ -65,11 +65,11 @@ def test_token_exit_kv_layout_counts_the_block_heads(ee):
     eng = LLMEngine(ee, EngineConfig(memory_budget=1 << 30))
     assert ee.depth == 30 and ee.token_exits == EXITS
     assert eng.layout.num_kv_layers == 32  # 30 layers + 2 block heads that attend
-    assert ee.param_bytes > load_model("smollm2-135m", exits="shared").param_bytes
+    assert ee.param_bytes > load_model("smollm2-135m", exits="shared", dtype="float32").param_bytes
 
 
 def test_nothing_confident_equals_the_full_model(ee, prompts):
-    full = load_model("smollm2-135m", exits="shared")
+    full = load_model("smollm2-135m", exits="shared", dtype="float32")
     got = _run(ee, prompts, threshold=1.0 + 1e-6)  # above any probability: every token reaches layer 30
     ref = _run(full, prompts, threshold=0.9)
     assert [o for o, _ in got] == [o for o, _ in ref]
@@ -77,7 +77,7 @@ def test_nothing_confident_equals_the_full_model(ee, prompts):
 
 
 def test_everything_confident_equals_the_model_truncated_at_the_first_exit(ee, prompts):
-    at20 = load_model("smollm2-135m", 20)
+    at20 = load_model("smollm2-135m", 20, dtype="float32")
     assert at20.exit_head.kind == "block"
     got = _run(ee, prompts, threshold=1e-9)
     ref = _run(at20, prompts, threshold=0.9)

@@ -27,7 +27,7 @@ def test_qwen_is_listed_ready_generates_and_matches_transformers(capsys):
 
     from helios_ray.models.early_exit import load_model
 
-    m = load_model(NAME, exits="shared")
+    m = load_model(NAME, exits="shared", dtype="float32")
     ids = m.encode(prompt="def reverse_string(s: str) -> str:\n")
     ours = [t.token for t in m.generate_stream(ids, 4)]
     assert m.decode(ours).strip(), "four greedy tokens decode to text"

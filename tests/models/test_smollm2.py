@@ -29,7 +29,7 @@ def test_full_depth_logits_and_depth_20_hidden_state_match_transformers(smollm2_
         ref = hf_smollm2(x, output_hidden_states=True)
     ours = smollm2_full.forward_exit(x, pos, smollm2_full.new_cache(), last_only=False)
     torch.testing.assert_close(ours, ref.logits, atol=1e-4, rtol=1e-4)
-    m20 = load_model("smollm2-135m", depth=20, exits="shared")
+    m20 = load_model("smollm2-135m", depth=20, exits="shared", dtype="float32")
     with torch.no_grad():
         h20 = m20.lm(x, pos, m20.new_cache())
     torch.testing.assert_close(h20, ref.hidden_states[20], atol=1e-4, rtol=1e-4)
@@ -74,7 +74,7 @@ def test_cli_generate_answers_paris():
 def test_cli_inspect_depth_20_is_smaller_than_30():
     runs = {}
     for d in (20, 30):  # truncation alone (the shared head); a trained exit head adds its own bytes, below
-        r = _cli("inspect", "smollm2-135m", "--depth", str(d), "--exits", "shared", "--json")
+        r = _cli("inspect", "smollm2-135m", "--depth", str(d), "--exits", "shared", "--dtype", "float32", "--json")
         assert r.returncode == 0, r.stderr
         runs[d] = json.loads(r.stdout)
     for d in (20, 30):
@@ -85,7 +85,7 @@ def test_cli_inspect_depth_20_is_smaller_than_30():
     assert runs[20]["kv_bytes_per_token"] * 30 == runs[30]["kv_bytes_per_token"] * 20
     # 10 fewer layers of 14.2 MB are not resident; allow noise but demand most of it shows
     assert runs[30]["rss_bytes"] - runs[20]["rss_bytes"] > 0.7 * (runs[30]["param_bytes"] - runs[20]["param_bytes"])
-    r = _cli("inspect", "smollm2-135m", "--depth", "20", "--json")  # default: the shipped exit head at 20, if any
+    r = _cli("inspect", "smollm2-135m", "--depth", "20", "--dtype", "float32", "--json")  # the shipped head at 20
     assert r.returncode == 0, r.stderr
     trained = json.loads(r.stdout)
     if trained["exit_head"] != "shared":

@@ -121,8 +121,8 @@ def test_runtime_loads_the_tuned_head_and_reproduces_the_card(card, tiny):
     assert repo.exits_path("tiny-llama") == tiny["out"] / "exits.safetensors"
     assert heads_metadata(tiny["out"] / "exits.safetensors") == {2: {"kind": "linear", "rank": None},
                                                                   3: {"kind": "block"}}
-    m3 = load_model("tiny-llama", depth=3, repo=repo)
-    full = load_model("tiny-llama", repo=repo, exits="shared")
+    m3 = load_model("tiny-llama", depth=3, repo=repo, dtype="float32")
+    full = load_model("tiny-llama", repo=repo, exits="shared", dtype="float32")
     assert m3.exit_head.kind == "block" and m3.depth == 3
     ids = np.load(tiny["work"] / "eval_ids.npy")
     valid = np.load(tiny["work"] / "eval_valid.npy")

@@ -50,6 +50,9 @@ def cluster():
     # starting at a shallow SmolLM2 depth where the logit lens is unconfident (a real, not simulated, storm).
     args.update({
         "api_key_env": "HELIOS_TEST_API_KEY", "mirror_fraction": 0.0,
+        # float32 on every host: the tests compare streams token for token (a resumed stream, two replicas on two
+        # nodes), and bf16 greedy decoding - what `auto` picks on a CPU with AVX512-BF16 - depends on the batch.
+        "dtype": "float32",
         "engine": {**args.get("engine", {}), "memory_budget": "1GiB"},
         "initial": {"model": "smollm2-135m", "depth": 30},
         "policy": {**args.get("policy", {}), "breach_window": 20, "breach_limit": 10, "profile_prompts": 2,

@@ -33,7 +33,7 @@ def fleet(cluster):
 
     args = {
         "candidates": ["smollm2-135m", "gemma3-270m"], "api_key_env": "HELIOS_TEST_API_KEY",
-        "profiler": False, "mirror_fraction": 0.0,
+        "profiler": False, "mirror_fraction": 0.0, "dtype": "float32",
         "groups": [{"name": "smol", "candidates": ["smollm2-135m"], "initial": {"model": "smollm2-135m"},
                     "max_replicas": 2},
                    {"name": "gemma", "candidates": ["gemma3-270m"], "initial": {"model": "gemma3-270m"},
@@ -154,6 +154,12 @@ def test_steering_learns_what_each_group_delivers_and_follows_it(fleet):
         return sizes[busier] == (2, 2) and all(v == (1, 1) for g, v in sizes.items() if g != busier)
 
     wait_until(resized, 120, f"group {busier} resized to 2 replicas ({served_tokens})")
+
+    def exported() -> bool:  # trusted predictions were scored against what happened (Grafana's fleet row)
+        text = httpx.get(fleet["metrics"], timeout=10).text
+        return "ray_helios_route_prediction_error_count" in text and "ray_helios_routed_requests_total" in text
+
+    wait_until(exported, 60, "the steering metrics exported")
 
 
 def test_moving_a_group_under_load_shows_in_status_and_metrics(fleet):
