@@ -17,6 +17,7 @@ from helios_ray.config import GroupSpec, ServeConfig
 from helios_ray.control import checkpoint
 from helios_ray.control.config import CandidateInfo, Hardware
 from helios_ray.control.controller import Controller, Placement
+from helios_ray.control.decision import NoFeasiblePlacement
 from helios_ray.errors import InvalidRequestError, UnknownModelError
 
 
@@ -49,7 +50,14 @@ class Group:
 
     def start(self) -> None:
         """The first placement: a baseline's fixed model, the configured ``initial``, or the policy's choice."""
-        first = None if self.baseline else self.controller.start()
+        first = None
+        if not self.baseline:
+            try:
+                first = self.controller.start()
+            except NoFeasiblePlacement:
+                if self.spec.initial is None:
+                    raise  # nothing to start with: the brain's start fails with the policy's reason
+                # the operator's `initial` stands; the policy plans once profiling gives it evidence
         self.first_decision = first
         if self.baseline:
             c = self.candidates[0]

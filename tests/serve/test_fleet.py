@@ -39,7 +39,7 @@ def fleet(cluster):
                    {"name": "gemma", "candidates": ["gemma3-270m"], "initial": {"model": "gemma3-270m"},
                     "max_replicas": 2}],
         "fleet_slots": 3,  # one slot for the group that serves more
-        "engine": {"memory_budget": "1GiB", "max_num_seqs": 8, "torch_threads": 1},
+        "engine": {"memory_budget": "2GiB", "max_num_seqs": 8, "torch_threads": 1},  # Gemma's fp32 weights: 1.1 GB
         # The test's budget: trust a (placement, kind) after 3 requests instead of 8.
         "steering": {"min_observations": 3, "max_uncertainty": 0.9},
         "policy": {"reassess_every": 1000},  # one candidate per group at full depth: nothing for it to move
