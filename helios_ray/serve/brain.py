@@ -81,6 +81,7 @@ class Brain:
         self.sizes = {n: g.spec.replicas for n, g in self.groups.items()}  # the fleet plan's replicas per group
         self.demand = {n: 0.0 for n in self.groups}  # tokens served per group, decayed at every sizing tick
         self._sized_at = time.time()
+        self.last_resize: dict[str, Any] | None = None
         saved = brain_store.load(self._app, self._fingerprint) if self._app else None
         if saved is not None and set(saved.groups) == set(self.groups):
             self._restore(saved)
@@ -167,6 +168,7 @@ class Brain:
             return
         self.sizes.update(want)
         share = {n: round(v / sum(demand.values()), 3) for n, v in demand.items()}
+        self.last_resize = {"at": now, "from": current, "to": want, "demand_share": share}
         self.timeline.decision(now, {"action": "resize", "trigger": "fleet_plan", "group": ",".join(sorted(want)),
                                      "reason": f"replicas {current} -> {want} for demand shares {share}"})
         log.info("helios brain: group sizes %s -> %s (demand shares %s)", current, want, share)
@@ -350,6 +352,8 @@ class Brain:
         return {
             "placement": d.snapshot(), "changed_at": d.changed_at, "changes": self.changes[-20:],
             "groups": groups, "switching": self.gate.snapshot(),
+            "fleet_plan": {"sizes": dict(self.sizes), "fleet_slots": self.cfg.fleet_slots,
+                           "last_resize": self.last_resize},
             "replicas": live,
             "requests": self.requests, "tokens_observed": self.tokens_observed,
             "profile_records": self.profile_records, "slo": self.cfg.slo.value, "candidates": self.cfg.candidates,

@@ -13,7 +13,6 @@ import json
 import re
 import threading
 import time
-from collections import Counter
 
 import httpx
 import pytest
@@ -145,15 +144,19 @@ def test_steering_learns_what_each_group_delivers_and_follows_it(fleet):
         assert sum((split.get(g) or {}).get(kind, 0) for g in keys) >= 16, diag  # every request counted
 
     # The fleet plan gives the third slot to the group that served more tokens, and Serve starts its replica.
-    served_tokens = Counter(g for _, g in steady)
-    busier = served_tokens.most_common(1)[0][0]
+    sizes: dict[str, tuple[int, int]] = {}
 
     def resized() -> bool:
         doc = httpx.get(f"{fleet['base']}/v1/helios/status", headers=fleet["headers"], timeout=30).json()
-        sizes = {g["name"]: (g["replicas_planned"], len(g["replicas"])) for g in doc["groups"]}
-        return sizes[busier] == (2, 2) and all(v == (1, 1) for g, v in sizes.items() if g != busier)
+        sizes.update({g["name"]: (g["replicas_planned"], len(g["replicas"])) for g in doc["groups"]})
+        sizes["plan"] = doc["fleet_plan"]
+        return sorted(v for k, v in sizes.items() if k != "plan") == [(1, 1), (2, 2)]
 
-    wait_until(resized, 120, f"group {busier} resized to 2 replicas ({served_tokens})")
+    wait_until(resized, 120, f"one group resized to 2 replicas: {sizes}")
+    last = sizes["plan"]["last_resize"]
+    grown = next(g for g in keys if last["to"][g] == 2)
+    assert last["from"] == {"smol": 1, "gemma": 1}
+    assert last["demand_share"][grown] == max(last["demand_share"].values()), last
 
     def exported() -> bool:  # trusted predictions were scored against what happened (Grafana's fleet row)
         text = httpx.get(fleet["metrics"], timeout=10).text
