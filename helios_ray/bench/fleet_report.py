@@ -36,7 +36,8 @@ def system_table(res: dict[str, Any]) -> list[str]:
                                                                           if r.get("token_exits") else "")
                                           for r in s["replicas"])),
         ("output tok/s", lambda s: _f(s["output_throughput"])),
-        ("  chat / code tok/s", lambda s: f"{cls(s, 'chat', 'output_throughput')} / {cls(s, 'code', 'output_throughput')}"),
+        ("  chat / code tok/s",
+         lambda s: f"{cls(s, 'chat', 'output_throughput')} / {cls(s, 'code', 'output_throughput')}"),
         ("TTFT p50 / p99 ms", lambda s: f"{_f(s['ttft_ms']['p50'])} / {_f(s['ttft_ms']['p99'])}"),
         ("TPOT p50 / p99 ms", lambda s: f"{_f(s['tpot_ms']['p50'])} / {_f(s['tpot_ms']['p99'])}"),
         ("  chat / code TPOT p50", lambda s: f"{cls(s, 'chat', 'tpot_ms_p50')} / {cls(s, 'code', 'tpot_ms_p50')}"),
@@ -47,7 +48,8 @@ def system_table(res: dict[str, Any]) -> list[str]:
         ("chat perplexity", lambda s: cls(s, "chat", "perplexity", "{:.3f}")),
         ("served by", lambda s: "; ".join(f"{m}: {c}" for m, c in (s.get("served_by_model") or {}).items())),
         ("exit depth shares", exits),
-        ("energy J/token", lambda s: "n/a" if s.get("energy_j_per_token") is None else f"{s['energy_j_per_token']:.4f}"),
+        ("energy J/token",
+         lambda s: "n/a" if s.get("energy_j_per_token") is None else f"{s['energy_j_per_token']:.4f}"),
         ("completed", lambda s: f"{s['completed']}/{s['requests']}"),
     ]
     w0 = max(len(k) for k, _ in rows)
@@ -115,26 +117,28 @@ def plot_combined(res: dict[str, Any], path: Path) -> Path:
     ax1.legend(fontsize=8)
     ax1.grid(alpha=0.3)
     tl = res.get("routing_timeline")
-    if tl and tl["rows"]:
+    if tl and tl["rows"]:  # one mark per request: its serving model's lane, shape by class, colour by phase
         rows = tl["rows"]
         models = sorted({r[2] for r in rows if r[2]})
-        win = max(2, len(rows) // 6)
-        xs, shares = [], {m: [] for m in models}
-        for i in range(len(rows)):
-            w = rows[max(0, i - win + 1): i + 1]
-            xs.append(rows[i][0])
-            for m in models:
-                shares[m].append(sum(1 for r in w if r[2] == m) / len(w))
-        ax2.stackplot(xs, *[shares[m] for m in models], labels=models, alpha=0.7, step="post")
-        code = [r[0] for r in rows if r[1] == "code"]
-        ax2.scatter(code, [1.02] * len(code), marker="|", color="k", label="code request")
+        lane = {m: k for k, m in enumerate(models)}
+        for kind, marker in (("chat", "o"), ("code", "s")):
+            for phase, colour in ((0, "tab:blue"), (1, "tab:orange")):
+                pts = [(r[0], lane[r[2]]) for r in rows if r[1] == kind and r[3] == phase and r[2] in lane]
+                if pts:
+                    ax2.scatter([x for x, _ in pts], [y for _, y in pts], marker=marker, color=colour, alpha=0.7,
+                                label=f"{kind}, {'chat-heavy' if phase == 0 else 'code-heavy'} half")
         shift = [r[0] for r in rows if r[3] == 1]
         if shift:
-            ax2.axvline(min(shift), color="r", linestyle="--", label="mix shifts (code-heavy)")
-        ax2.set_ylim(0, 1.06)
-        ax2.legend(fontsize=8, loc="lower left")
-    ax2.set_xlabel("request start (s) in the fleet's saturation run")
-    ax2.set_ylabel(f"share served (rolling {max(2, len(tl['rows']) // 6) if tl and tl['rows'] else 0} requests)")
+            ax2.axvline(min(shift), color="r", linestyle="--", label="first request after the shift")
+        for p, ks in tl["split_by_phase"].items():
+            txt = "; ".join(f"{kind}: " + ", ".join(f"{m.split('-')[0]} {c}" for m, c in d.items())
+                            for kind, d in ks.items())
+            ax2.annotate(f"phase {p}: {txt}", (0.01, 0.97 - 0.05 * int(p)), xycoords="axes fraction", fontsize=7,
+                         va="top")
+        ax2.set_yticks(range(len(models)), models)
+        ax2.set_ylim(-0.5, len(models) - 0.5 + 0.6)
+        ax2.legend(fontsize=7, loc="lower right")
+    ax2.set_xlabel("request start (s) in the fleet's closed-loop run")
     ax2.set_title("fleet routing split across the shift")
     fig.tight_layout()
     path = Path(path)

@@ -127,7 +127,10 @@ def bench_fleet(cfg: FleetBenchConfig, progress: bool = True, log: Any = None, c
     for (budget, key), r in raw.items():
         mode = "helios" if key == "helios" else "plain" if key == "plain" else "early_exit"
         default = key.split(":", 1)[1] if key.startswith("single:") else best.get(budget, cfg.candidates[0])
+        t0 = time.perf_counter()
         q = score_records(scorers, workload, r["head"].records, default)
+        r.setdefault("phases_s", {})["scoring"] = round(time.perf_counter() - t0, 1)
+        log(f"{t()} scored {budget} {key} in {r['phases_s']['scoring']} s")
         res[(budget, key)] = summarize(cfg, mode, r, q, plan, plan[f"{budget}_mb"])
 
     def systems(budget: str) -> dict[str, Any]:

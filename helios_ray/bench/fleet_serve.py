@@ -119,8 +119,9 @@ def concurrency(replicas: list[dict[str, Any]], budget_bytes: int, seq: int, blo
     for r in replicas:
         n = sb.max_concurrency(r, budget_bytes, seq, block)
         total += n
+        blocks = f", whole {block}-token blocks" if block else ""
         parts.append(f"{r.get('model')}@{r.get('depth')}: ({budget_bytes} - {r['weight_bytes']}) B / "
-                     f"({r['kv_bytes_per_token']} B x {seq} tok{', whole ' + str(block) + '-token blocks' if block else ''}) = {n}")
+                     f"({r['kv_bytes_per_token']} B x {seq} tok{blocks}) = {n}")
     return {"total": total, "arithmetic": parts}
 
 
@@ -187,26 +188,35 @@ def run_app(cfg: FleetBenchConfig, cluster: Any, name: str, args: dict[str, Any]
     def client() -> Any:
         return HttpClient(base, model="helios", temperature=0.0, ignore_eos=True, seed=None)
 
+    phases: dict[str, float] = {}
+
+    def lap(name: str) -> None:
+        phases[name] = round(time.perf_counter() - t0 - sum(phases.values()), 1)
+
     try:
         _ready(base, n_replicas)
-        deploy_s = time.perf_counter() - t0
+        lap("deploy")
         if warm:
             short = [dataclasses.replace(w, max_tokens=4) for w in warm]
             asyncio.run(run_load(client(), short, Arrival(max_concurrency=len(short)), progress=False,
                                  status_client=None))
         if args["mode"] == "helios":
             _settle(base)
+        lap("warmup")
         head = asyncio.run(run_load(client(), workload, Arrival(max_concurrency=cfg.concurrency),
                                     num_requests=len(workload), progress=progress, status_interval=2.0))
+        lap("closed_loop")
         sw = None
         if cfg.rates and sweep_wl:
             sw = asyncio.run(sweep(client(), sweep_wl, cfg.rates, seed=cfg.seed, num_requests=len(sweep_wl),
                                    progress=progress, status_interval=0))
+        lap("sweep")
         st = sb._status(base)
     finally:
         serve.delete(app)
+    lap("teardown")
     return {"status": st, "replicas": st.get("replicas") or [], "head": head, "curve": sw.curve if sw else [],
-            "sweep_runs": sw.runs if sw else [], "ready_s": round(deploy_s, 1)}
+            "sweep_runs": sw.runs if sw else [], "ready_s": phases["deploy"], "phases_s": phases}
 
 
 # ------------------------------------------------------------------------------------------------ summary
@@ -250,7 +260,8 @@ def summarize(cfg: FleetBenchConfig, mode: str, r: dict[str, Any], q: dict[str, 
         "token_exits": reps[0].get("token_exits") if reps else None,
         "placement_changes": [{k: c.get(k) for k in ("group", "from", "to", "action", "trigger", "reason")}
                               for c in (r["status"].get("changes") or [])],
-        "deploy_s": r["ready_s"], "requests": s["num_requests"], "completed": s["completed"], "failed": s["failed"],
+        "deploy_s": r["ready_s"], "phases_s": r.get("phases_s"),
+        "requests": s["num_requests"], "completed": s["completed"], "failed": s["failed"],
         "output_tokens": s["total_output_tokens"], "duration_s": round(s["duration_s"], 2),
         "output_throughput": round(s["output_throughput"], 2), "request_throughput": round(s["request_throughput"], 3),
         "ttft_ms": {"p50": sb._p(s, "ttft_ms", "median"), "p99": sb._p(s, "ttft_ms", "p99")},
@@ -265,7 +276,8 @@ def summarize(cfg: FleetBenchConfig, mode: str, r: dict[str, Any], q: dict[str, 
         "energy_j_per_token": reps[0].get("energy_j_per_token") if reps else None,
         "agreement": ov["agreement"], "perplexity": ov["perplexity"], "tokens_scored": ov["tokens_scored"],
         "pass_at_1": (q["per_class"].get("code") or {}).get("pass_at_1"),
-        "per_class": per_class, "served_by_model": q["served_by_model"], "exit_share_by_model": q["exit_share_by_model"],
+        "per_class": per_class, "served_by_model": q["served_by_model"],
+        "exit_share_by_model": q["exit_share_by_model"],
         "routing": (r["status"].get("routing") or {}).get("steering", {}).get("split") if mode == "helios" else None,
         "curve": r["curve"],
     }
