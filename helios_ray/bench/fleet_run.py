@@ -127,10 +127,12 @@ def bench_fleet(cfg: FleetBenchConfig, progress: bool = True, log: Any = None, c
     for (budget, key), r in raw.items():
         mode = "helios" if key == "helios" else "plain" if key == "plain" else "early_exit"
         default = key.split(":", 1)[1] if key.startswith("single:") else best.get(budget, cfg.candidates[0])
-        t0 = time.perf_counter()
+        t0, sb0 = time.perf_counter(), scorers.sandbox_s
         q = score_records(scorers, workload, r["head"].records, default)
-        r.setdefault("phases_s", {})["scoring"] = round(time.perf_counter() - t0, 1)
-        log(f"{t()} scored {budget} {key} in {r['phases_s']['scoring']} s")
+        ph = r.setdefault("phases_s", {})
+        ph["scoring"], ph["scoring_sandbox"] = round(time.perf_counter() - t0, 1), round(scorers.sandbox_s - sb0, 1)
+        log(f"{t()} scored {budget} {key} in {ph['scoring']} s ({ph['scoring_sandbox']} s running tests, "
+            f"{scorers.timeouts} timeouts so far)")
         res[(budget, key)] = summarize(cfg, mode, r, q, plan, plan[f"{budget}_mb"])
 
     def systems(budget: str) -> dict[str, Any]:

@@ -29,6 +29,8 @@ class Scorers:
         self.by_model: dict[str, Scorer] = {}
         self.timeout = timeout
         self._passed: dict[tuple[str, str], bool] = {}
+        self.sandbox_s = 0.0  # time in the HumanEval sandbox (the rest of scoring: loading and teacher forcing)
+        self.timeouts = 0
 
     def get(self, model: str) -> Scorer:
         if model not in self.by_model:
@@ -41,7 +43,10 @@ class Scorers:
         key = (str(req.meta.get("task_id")), completion)
         if key not in self._passed:
             prog = humaneval_program(req.prompt, completion, req.meta["test"], req.meta["entry_point"])
-            self._passed[key] = check_program(prog, timeout=self.timeout).passed
+            res = check_program(prog, timeout=self.timeout)
+            self._passed[key] = res.passed
+            self.sandbox_s += res.seconds
+            self.timeouts += res.status == "timeout"
         return self._passed[key]
 
 
