@@ -29,6 +29,7 @@ class Scorers:
         self.by_model: dict[str, Scorer] = {}
         self.timeout = timeout
         self._passed: dict[tuple[str, str], bool] = {}
+        self._scored: dict[tuple[str, int, tuple[int, ...]], tuple[int, int, float]] = {}
         self.sandbox_s = 0.0  # time in the HumanEval sandbox (the rest of scoring: loading and teacher forcing)
         self.timeouts = 0
 
@@ -36,6 +37,15 @@ class Scorers:
         if model not in self.by_model:
             self.by_model[model] = Scorer(model)
         return self.by_model[model]
+
+    def score(self, model: str, index: int, req: Any, token_ids: list[int]) -> tuple[int, int, float]:
+        """Teacher-forced (tokens, agreeing, sum log p) of one answer; the same answer of the same model to the
+        same request (e.g. two systems at full depth, greedy) is scored once."""
+        key = (model, index, tuple(token_ids))
+        if key not in self._scored:
+            sc = self.get(model)
+            self._scored[key] = sc.score(sc.prompt_ids(req), list(token_ids))
+        return self._scored[key]
 
     def passes(self, req: Any, completion: str) -> bool:
         from helios_ray.models.code_eval import check_program, humaneval_program
@@ -76,7 +86,7 @@ def score_records(scorers: Scorers, workload: list[Any], records: list[Any], def
             a["unscored"] += 1
             continue
         sc = scorers.get(model)
-        n, agree, lp = sc.score(sc.prompt_ids(req), r.token_ids)
+        n, agree, lp = scorers.score(model, r.index % len(workload), req, r.token_ids)
         a["n"], a["agree"], a["lp"] = a["n"] + n, a["agree"] + agree, a["lp"] + lp
         if req.kind == "code" and req.meta.get("test"):
             a["code"] += 1

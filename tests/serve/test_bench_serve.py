@@ -135,3 +135,42 @@ def test_routing_timeline_table_and_plot(tmp_path):
     assert "throughput_helios_vs_best_single: 1.125" in text and "single m1 *" in text and "pass@1" in text
     png = plot_combined(res, tmp_path / "b.png")
     assert png.stat().st_size > 1000
+
+
+def test_quality_scores_each_answer_under_its_serving_model_and_runs_the_tests():
+    """Fake scorers (no weights): per class, per serving model, HumanEval pass@1 through the real sandbox, the
+    stop sequences applied, identical answers scored once."""
+    from types import SimpleNamespace as NS
+
+    from helios_ray.bench.quality import Scorers, score_records
+    from loadgen.data import load_humaneval
+    from loadgen.metrics import RequestRecord
+    from loadgen.workloads import Request
+
+    prob = load_humaneval(limit=1)[0]
+    solution = prob.meta["canonical_solution"]
+    wl = [Request(id="0", kind="chat", prompt="hi", max_tokens=2, messages=[{"role": "user", "content": "hi"}]),
+          Request(id="1", kind="code", prompt=prob.text, max_tokens=2,
+                  meta={"task_id": prob.id, "test": prob.meta["test"], "entry_point": prob.meta["entry_point"]})]
+    calls = []
+
+    def fake(model, agree_all):
+        def score(prompt, out):
+            calls.append(model)
+            return len(out), len(out) if agree_all else 0, -0.1 * len(out)
+        texts = {(1, 2): solution + "\ndef unrelated():\n    return 1/0\n", (3, 4): "    return True\n"}
+        return NS(prompt_ids=lambda req: [0], score=score,
+                  m=NS(tokenizer=NS(decode=lambda ids, skip_special_tokens=True: texts[tuple(ids)])))
+
+    sc = Scorers(timeout=20)
+    sc.by_model = {"a": fake("a", True), "b": fake("b", False)}
+    rec = lambda i, model, ids: RequestRecord(index=i, id=str(i), kind=wl[i].kind, success=True, model=model,  # noqa
+                                              output_tokens=2, token_ids=ids, exit_layers=[30, 20])
+    q = score_records(sc, wl, [rec(0, "a", [1, 2]), rec(1, "a", [1, 2]), rec(1, "b", [3, 4]), rec(1, "a", [1, 2])],
+                      "a")
+    assert q["per_class"]["code"]["problems"] == 3 and q["per_class"]["code"]["passed"] == 2  # the stop cut the 1/0
+    assert q["per_class"]["code"]["pass_at_1"] == round(2 / 3, 4)
+    assert q["per_class"]["chat"]["agreement"] == 1.0 and q["per_class"]["code"]["agreement"] == round(4 / 6, 4)
+    assert q["served_by_model"] == {"a": {"chat": 1, "code": 2}, "b": {"code": 1}}
+    assert q["exit_share_by_model"]["a"] == {"20": 0.5, "30": 0.5}
+    assert sorted(calls) == ["a", "a", "b"]  # the repeated answer of model a to request 1 was scored once
