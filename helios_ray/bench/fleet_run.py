@@ -18,7 +18,7 @@ import time
 from typing import Any
 
 from helios_ray.bench import serve_bench as sb
-from helios_ray.bench.fleet_serve import FleetBenchConfig, budget_plan, run_app, app_args, summarize
+from helios_ray.bench.fleet_serve import FleetBenchConfig, app_args, budget_plan, run_app, summarize
 from helios_ray.bench.fleet_workload import describe, mixed_requests
 
 NEW_RATIOS = ("throughput_helios_vs_best_single", "tpot_p50_best_single_over_helios",

@@ -174,3 +174,11 @@ def test_quality_scores_each_answer_under_its_serving_model_and_runs_the_tests()
     assert q["served_by_model"] == {"a": {"chat": 1, "code": 2}, "b": {"code": 1}}
     assert q["exit_share_by_model"]["a"] == {"20": 0.5, "30": 0.5}
     assert sorted(calls) == ["a", "a", "b"]  # the repeated answer of model a to request 1 was scored once
+
+
+def test_cli_rejects_bad_options_before_any_cluster_starts():
+    from helios_ray.cli import main
+
+    assert main(["bench", "serve", "--rates", "1,x"]) == 2
+    assert main(["bench", "serve", "--budgets", "tight,huge"]) == 2
+    assert main(["bench", "serve", "--edition", "1", "--rates", "x"]) == 2
