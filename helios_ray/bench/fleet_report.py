@@ -103,7 +103,7 @@ def plot_combined(res: dict[str, Any], path: Path) -> Path:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5))
+    fig, (ax1, ax2) = plt.subplots(1, 2, figsize=(13, 5.6))
     for name, s in _columns(res):
         pts = [(p.get("output_throughput"), p.get("tpot_median")) for p in s.get("curve") or []
                if p.get("output_throughput") is not None and p.get("tpot_median") is not None]
@@ -123,7 +123,8 @@ def plot_combined(res: dict[str, Any], path: Path) -> Path:
         lane = {m: k for k, m in enumerate(models)}
         for kind, marker in (("chat", "o"), ("code", "s")):
             for phase, colour in ((0, "tab:blue"), (1, "tab:orange")):
-                pts = [(r[0], lane[r[2]]) for r in rows if r[1] == kind and r[3] == phase and r[2] in lane]
+                dy = -0.12 if kind == "chat" else 0.12  # chat just below its lane, code just above
+                pts = [(r[0], lane[r[2]] + dy) for r in rows if r[1] == kind and r[3] == phase and r[2] in lane]
                 if pts:
                     ax2.scatter([x for x, _ in pts], [y for _, y in pts], marker=marker, color=colour, alpha=0.7,
                                 label=f"{kind}, {'chat-heavy' if phase == 0 else 'code-heavy'} half")
@@ -137,7 +138,7 @@ def plot_combined(res: dict[str, Any], path: Path) -> Path:
                          va="top")
         ax2.set_yticks(range(len(models)), models)
         ax2.set_ylim(-0.5, len(models) - 0.5 + 0.6)
-        ax2.legend(fontsize=7, loc="lower right")
+        ax2.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.13), ncol=3)  # below the axes
     ax2.set_xlabel("request start (s) in the fleet's closed-loop run")
     ax2.set_title("fleet routing split across the shift")
     fig.tight_layout()
