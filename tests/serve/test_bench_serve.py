@@ -182,3 +182,28 @@ def test_cli_rejects_bad_options_before_any_cluster_starts():
     assert main(["bench", "serve", "--rates", "1,x"]) == 2
     assert main(["bench", "serve", "--budgets", "tight,huge"]) == 2
     assert main(["bench", "serve", "--edition", "1", "--rates", "x"]) == 2
+
+
+@pytest.mark.slow
+def test_bench_serve_second_edition_tiny_run(cluster):
+    """A one-group fleet alone (one deployment, to keep the suite fast), 2 requests of 4 tokens, tight budget, no
+    sweep: deploys, scores per class and assembles the JSON on the session's cluster."""
+    from helios_ray.bench.fleet_report import format_table as table2
+    from helios_ray.bench.fleet_run import bench_fleet
+    from helios_ray.bench.fleet_serve import FleetBenchConfig
+
+    cfg = FleetBenchConfig(candidates=["smollm2-135m"], systems=["helios"], requests=2, concurrency=2,
+                           chat_share_first=1.0, chat_share_second=0.0, max_prompt_tokens=128, chat_output_cap=4,
+                           code_max_tokens=4, rates=[], warmup_requests=0, budgets=["tight"])
+    res = bench_fleet(cfg, progress=False, log=lambda _: None, cluster=SimpleNamespace(base=cluster["base"]))
+    json.dumps(res)
+    assert res["budgets"]["tight_mb"] < 400 and "baseline" not in res
+    r = res["helios"]
+    assert r["completed"] == r["requests"] == 2 and set(r["per_class"]) == {"chat", "code"}
+    assert r["per_class"]["code"]["problems"] == 1 and r["per_class"]["chat"]["tokens_scored"] > 0
+    assert r["per_class"]["chat"]["agreement"] >= 0.5 and r["max_concurrency"] > 0 and r["energy_j_per_token"] is None
+    assert r["served_by_model"] == {"smollm2-135m": {"chat": 1, "code": 1}}
+    assert r["replicas"][0]["model"] == "smollm2-135m" and r["replicas"][0]["weight_bytes"] > 0
+    assert res["ratios"]["throughput_helios_vs_best_single"] is None  # no single model ran
+    assert sorted(row[3] for row in res["routing_timeline"]["rows"]) == [0, 1]  # one request before the shift, one after
+    assert "helios (fleet)" in table2(res)
