@@ -273,8 +273,8 @@ def _cfg_bench(p: argparse.ArgumentParser) -> None:
     s.add_argument("--max-output-tokens", type=int, default=None,
                    help="cap per request (2: chat reply cap and code max_tokens, default 64; 1: default 128)")
     s.add_argument("--rates", default=None, help="sweep request rates (req/s); 'none' = no sweep "
-                                                 "(2: 0.25,0.5,1; 1: 0.5,1,2)")
-    s.add_argument("--sweep-requests", type=int, default=12)
+                                                 "(2: 0.5,1; 1: 0.5,1,2)")
+    s.add_argument("--sweep-requests", type=int, default=None, help="requests per sweep rate (2: 8; 1: 12)")
     s.add_argument("--budgets", default="tight,roomy", help="edition 2: budgets with measured runs")
     s.add_argument("--tight-headroom-mb", type=int, default=64,
                    help="edition 2: tight budget = the largest candidate's weights + this")
@@ -340,8 +340,8 @@ def _run_bench_serve(a: argparse.Namespace) -> int:
             systems=[s for s in (a.systems or "helios,baseline,plain").split(",") if s], threshold=a.threshold,
             min_agreement=a.min_agreement, exit_share=a.exit_share, memory_budget_mb=a.budget_mb,
             concurrency=a.concurrency, requests=a.requests or 32, max_prompt_tokens=a.max_prompt_tokens,
-            max_output_tokens=a.max_output_tokens or 128, rates=rates, sweep_requests=a.sweep_requests, seed=a.seed,
-            out_dir=a.out)
+            max_output_tokens=a.max_output_tokens or 128, rates=rates, sweep_requests=a.sweep_requests or 12,
+            seed=a.seed, out_dir=a.out)
     except ValidationError as e:
         raise HeliosError("invalid bench serve options: " + "; ".join(
             f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())) from None
@@ -373,10 +373,12 @@ def _run_bench_serve2(a: argparse.Namespace) -> int:
         kw["chat_output_cap"] = kw["code_max_tokens"] = a.max_output_tokens
     if a.rates is not None:
         kw["rates"] = _rates(a.rates)
+    if a.sweep_requests:
+        kw["sweep_requests"] = a.sweep_requests
     try:
         cfg = fleet_serve.FleetBenchConfig(
             threshold=a.threshold, min_agreement=a.min_agreement, exit_share=a.exit_share, concurrency=a.concurrency,
-            max_prompt_tokens=a.max_prompt_tokens, sweep_requests=a.sweep_requests, seed=a.seed,
+            max_prompt_tokens=a.max_prompt_tokens, seed=a.seed,
             budgets=[b for b in a.budgets.split(",") if b], tight_headroom_mb=a.tight_headroom_mb,
             roomy_budget_mb=a.roomy_budget_mb, best_by=a.best_by, out_dir=a.out, **kw)
     except ValidationError as e:

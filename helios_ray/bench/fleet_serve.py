@@ -57,8 +57,8 @@ class FleetBenchConfig(BaseModel):
     max_prompt_tokens: int = Field(default=512, ge=16)
     chat_output_cap: int = Field(default=64, ge=2)
     code_max_tokens: int = Field(default=64, ge=2)
-    rates: list[float] = Field(default_factory=lambda: [0.25, 0.5, 1.0], description="Poisson sweep, requests/s")
-    sweep_requests: int = Field(default=12, ge=1)
+    rates: list[float] = Field(default_factory=lambda: [0.5, 1.0], description="Poisson sweep, requests/s")
+    sweep_requests: int = Field(default=8, ge=1)
     warmup_requests: int = Field(default=4, ge=0, description="also helios' profiling window")
     seed: int = 0
     tight_headroom_mb: int = Field(default=64, ge=1)
