@@ -287,7 +287,8 @@ def _cfg_bench(p: argparse.ArgumentParser) -> None:
     s.add_argument("--exit-share", type=float, default=0.5, help="helios: share of tokens that must exit by D")
     s.add_argument("--budget-mb", type=int, default=1024, help="edition 1: memory budget per replica (weights + KV)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", default=None, help="folder for the combined PNG (edition 2) or each system's loadgen JSON and plots (1)")
+    s.add_argument("--out", default=None,
+                   help="folder for the combined PNG (edition 2) or each system's loadgen JSON and plots (1)")
     s.add_argument("--json", action="store_true")
     x = sub.add_parser("mixed", help="chunked prefill vs prefill-first: prefill layouts and inter-token latency "
                                      "under Poisson arrivals, side by side")
