@@ -253,24 +253,42 @@ def _cfg_bench(p: argparse.ArgumentParser) -> None:
                    help="the engine's dtype (transformers stays float32, the reference); auto: see generate")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", action="store_true")
-    s = sub.add_parser("serve", help="helios vs full-depth early-exit baseline vs plain transformers, served "
-                                     "side by side on a local Ray cluster (throughput, latency, agreement)")
-    s.add_argument("--model", default="smollm2-135m")
-    s.add_argument("--candidates", default=None, help="helios candidates, comma-separated (default: --model)")
-    s.add_argument("--systems", default="helios,baseline,plain")
-    s.add_argument("--quick", action="store_true", help="8 short requests, no sweep (< 3 min)")
-    s.add_argument("--requests", type=int, default=32, help="requests in the headline closed-loop run")
+    s = sub.add_parser("serve", help="the helios fleet vs the best single model (full depth, token exits) vs "
+                                     "plain transformers on a mixed chat/code workload, on a local Ray cluster "
+                                     "(speed, memory and task quality); --edition 1: the one-model ShareGPT run")
+    s.add_argument("--edition", type=int, default=2, choices=[1, 2],
+                   help="2 (default): fleet, mixed workload, budgets; 1: helios vs baseline vs plain, one model")
+    s.add_argument("--model", default="smollm2-135m", help="edition 1: the model")
+    s.add_argument("--candidates", default=None,
+                   help="edition 2: the fleet's candidates, one group each (default smollm2-135m,qwen2.5-coder-0.5b;"
+                        " --quick: smollm2-135m,gemma3-270m); edition 1: helios candidates (default: --model)")
+    s.add_argument("--systems", default=None,
+                   help="edition 2: of single,plain,helios (default all); edition 1: of helios,baseline,plain")
+    s.add_argument("--quick", action="store_true",
+                   help="edition 2: 8 short requests, one sweep rate, tight budget only (< 4 min); "
+                        "edition 1: 8 short requests, no sweep (< 3 min)")
+    s.add_argument("--requests", type=int, default=None, help="requests in the closed-loop run (2: 24, 1: 32)")
     s.add_argument("--concurrency", type=int, default=16, help="closed-loop clients for the headline run")
     s.add_argument("--max-prompt-tokens", type=int, default=512)
-    s.add_argument("--max-output-tokens", type=int, default=128)
-    s.add_argument("--rates", default="0.5,1,2", help="sweep request rates (req/s); 'none' = no sweep")
-    s.add_argument("--sweep-requests", type=int, default=12)
+    s.add_argument("--max-output-tokens", type=int, default=None,
+                   help="cap per request (2: chat reply cap and code max_tokens, default 64; 1: default 128)")
+    s.add_argument("--rates", default=None, help="sweep request rates (req/s); 'none' = no sweep "
+                                                 "(2: 0.5,1; 1: 0.5,1,2)")
+    s.add_argument("--sweep-requests", type=int, default=None, help="requests per sweep rate (2: 8; 1: 12)")
+    s.add_argument("--budgets", default="tight,roomy", help="edition 2: budgets with measured runs")
+    s.add_argument("--tight-headroom-mb", type=int, default=64,
+                   help="edition 2: tight budget = the largest candidate's weights + this")
+    s.add_argument("--roomy-budget-mb", type=int, default=None,
+                   help="edition 2: roomy budget (default: the largest candidate's weights + 1 GiB)")
+    s.add_argument("--best-by", default="throughput", choices=["throughput", "tpot"],
+                   help="edition 2: the SLO that picks the best single model")
     s.add_argument("--threshold", type=float, default=0.9, help="exit confidence threshold (all systems)")
     s.add_argument("--min-agreement", type=float, default=0.9, help="accuracy guard (helios depth, baseline exits)")
     s.add_argument("--exit-share", type=float, default=0.5, help="helios: share of tokens that must exit by D")
-    s.add_argument("--budget-mb", type=int, default=1024, help="memory budget per replica (weights + KV)")
+    s.add_argument("--budget-mb", type=int, default=1024, help="edition 1: memory budget per replica (weights + KV)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", default=None, help="folder for each system's loadgen JSON and plots")
+    s.add_argument("--out", default=None,
+                   help="folder for the combined PNG (edition 2) or each system's loadgen JSON and plots (1)")
     s.add_argument("--json", action="store_true")
     x = sub.add_parser("mixed", help="chunked prefill vs prefill-first: prefill layouts and inter-token latency "
                                      "under Poisson arrivals, side by side")
@@ -300,24 +318,31 @@ def _ints(text: str, what: str) -> list[int]:
     return vals
 
 
+def _rates(text: str) -> list[float]:
+    if text.strip().lower() in ("none", ""):
+        return []
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise HeliosError(f"--rates must be comma-separated numbers or 'none' (got {text!r})") from None
+
+
 def _run_bench_serve(a: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from helios_ray.bench import serve_bench
 
-    rates = [] if a.rates.strip().lower() in ("none", "") else None
-    if rates is None:
-        try:
-            rates = [float(x) for x in a.rates.split(",") if x.strip()]
-        except ValueError:
-            raise HeliosError(f"--rates must be comma-separated numbers or 'none' (got {a.rates!r})") from None
+    if a.edition == 2:
+        return _run_bench_serve2(a)
+    rates = _rates(a.rates or "0.5,1,2")
     try:
         cfg = serve_bench.ServeBenchConfig(
             model=a.model, candidates=[c for c in a.candidates.split(",") if c] if a.candidates else None,
-            systems=[s for s in a.systems.split(",") if s], threshold=a.threshold, min_agreement=a.min_agreement,
-            exit_share=a.exit_share, memory_budget_mb=a.budget_mb, concurrency=a.concurrency,
-            requests=a.requests, max_prompt_tokens=a.max_prompt_tokens, max_output_tokens=a.max_output_tokens,
-            rates=rates, sweep_requests=a.sweep_requests, seed=a.seed, out_dir=a.out)
+            systems=[s for s in (a.systems or "helios,baseline,plain").split(",") if s], threshold=a.threshold,
+            min_agreement=a.min_agreement, exit_share=a.exit_share, memory_budget_mb=a.budget_mb,
+            concurrency=a.concurrency, requests=a.requests or 32, max_prompt_tokens=a.max_prompt_tokens,
+            max_output_tokens=a.max_output_tokens or 128, rates=rates, sweep_requests=a.sweep_requests or 12,
+            seed=a.seed, out_dir=a.out)
     except ValidationError as e:
         raise HeliosError("invalid bench serve options: " + "; ".join(
             f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())) from None
@@ -328,6 +353,43 @@ def _run_bench_serve(a: argparse.Namespace) -> int:
     with contextlib.redirect_stdout(sys.stderr):  # Ray's own messages must not mix into the JSON on stdout
         res = serve_bench.bench_serve(cfg, progress=not a.json)
     _emit(res, a.json, serve_bench.format_table)
+    return 0
+
+
+def _run_bench_serve2(a: argparse.Namespace) -> int:
+    import contextlib
+
+    from pydantic import ValidationError
+
+    from helios_ray.bench import fleet_report, fleet_run, fleet_serve
+
+    kw: dict[str, Any] = {}
+    if a.candidates:
+        kw["candidates"] = [c for c in a.candidates.split(",") if c]
+    if a.systems:
+        kw["systems"] = [s for s in a.systems.split(",") if s]
+    if a.requests:
+        kw["requests"] = a.requests
+    if a.max_output_tokens:
+        kw["chat_output_cap"] = kw["code_max_tokens"] = a.max_output_tokens
+    if a.rates is not None:
+        kw["rates"] = _rates(a.rates)
+    if a.sweep_requests:
+        kw["sweep_requests"] = a.sweep_requests
+    try:
+        cfg = fleet_serve.FleetBenchConfig(
+            threshold=a.threshold, min_agreement=a.min_agreement, exit_share=a.exit_share, concurrency=a.concurrency,
+            max_prompt_tokens=a.max_prompt_tokens, seed=a.seed,
+            budgets=[b for b in a.budgets.split(",") if b], tight_headroom_mb=a.tight_headroom_mb,
+            roomy_budget_mb=a.roomy_budget_mb, best_by=a.best_by, out_dir=a.out, **kw)
+    except ValidationError as e:
+        raise HeliosError("invalid bench serve options: " + "; ".join(
+            f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())) from None
+    if a.quick:
+        cfg = fleet_serve.quick(cfg)
+    with contextlib.redirect_stdout(sys.stderr):  # Ray's own messages must not mix into the JSON on stdout
+        res = fleet_run.bench_fleet(cfg, progress=not a.json)
+    _emit(res, a.json, fleet_report.format_table)
     return 0
 
 
