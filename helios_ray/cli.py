@@ -258,7 +258,8 @@ def _cfg_bench(p: argparse.ArgumentParser) -> None:
                                      "(speed, memory and task quality); --edition 1: the one-model ShareGPT run")
     s.add_argument("--edition", type=int, default=2, choices=[1, 2],
                    help="2 (default): fleet, mixed workload, budgets; 1: helios vs baseline vs plain, one model")
-    s.add_argument("--model", default="smollm2-135m", help="edition 1: the model")
+    s.add_argument("--model", default=None, help="edition 1: the model (default smollm2-135m); edition 2 takes "
+                                               "--candidates")
     s.add_argument("--candidates", default=None,
                    help="edition 2: the fleet's candidates, one group each (default smollm2-135m,qwen2.5-coder-0.5b;"
                         " --quick: smollm2-135m,gemma3-270m); edition 1: helios candidates (default: --model)")
@@ -337,7 +338,7 @@ def _run_bench_serve(a: argparse.Namespace) -> int:
     rates = _rates(a.rates or "0.5,1,2")
     try:
         cfg = serve_bench.ServeBenchConfig(
-            model=a.model, candidates=[c for c in a.candidates.split(",") if c] if a.candidates else None,
+            model=a.model or "smollm2-135m", candidates=[c for c in a.candidates.split(",") if c] if a.candidates else None,
             systems=[s for s in (a.systems or "helios,baseline,plain").split(",") if s], threshold=a.threshold,
             min_agreement=a.min_agreement, exit_share=a.exit_share, memory_budget_mb=a.budget_mb,
             concurrency=a.concurrency, requests=a.requests or 32, max_prompt_tokens=a.max_prompt_tokens,
@@ -364,6 +365,9 @@ def _run_bench_serve2(a: argparse.Namespace) -> int:
     from helios_ray.bench import fleet_report, fleet_run, fleet_serve
 
     kw: dict[str, Any] = {}
+    if a.model is not None:
+        raise HeliosError("--model is the first edition's option (one model); the second edition compares "
+                          "candidates: --candidates A,B (or --edition 1 --model M)")
     if a.candidates:
         kw["candidates"] = [c for c in a.candidates.split(",") if c]
     if a.systems:

@@ -57,7 +57,9 @@ def test_ratios_are_helios_over_the_others():
 @pytest.mark.parametrize("args, needle", [
     (["--systems", "helios,nope"], "systems"),
     (["--rates", "fast"], "--rates must be"),
-    (["--model", "nope"], "unknown model 'nope'"),
+    (["--edition", "1", "--model", "nope"], "unknown model 'nope'"),
+    (["--candidates", "smollm2-135m,nope"], "unknown model 'nope'"),
+    (["--model", "smollm2-135m"], "--model is the first edition's option"),
 ])
 def test_cli_rejects_bad_options_without_a_traceback(args, needle):
     r = subprocess.run([sys.executable, "-m", "helios_ray.cli", "bench", "serve", *args], capture_output=True,

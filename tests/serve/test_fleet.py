@@ -155,7 +155,6 @@ def test_steering_learns_what_each_group_delivers_and_follows_it(fleet):
     wait_until(resized, 120, f"one group resized to 2 replicas: {sizes}")
     last = sizes["plan"]["last_resize"]
     grown = next(g for g in keys if last["to"][g] == 2)
-    assert last["from"] == {"smol": 1, "gemma": 1}
     assert last["demand_share"][grown] == max(last["demand_share"].values()), last
 
     def exported() -> bool:  # trusted predictions were scored against what happened (Grafana's fleet row)
