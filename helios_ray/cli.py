@@ -345,8 +345,7 @@ def _run_bench_serve(a: argparse.Namespace) -> int:
             max_output_tokens=a.max_output_tokens or 128, rates=rates, sweep_requests=a.sweep_requests or 12,
             seed=a.seed, out_dir=a.out)
     except ValidationError as e:
-        raise HeliosError("invalid bench serve options: " + "; ".join(
-            f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())) from None
+        raise _invalid_options(e) from None
     if a.quick:
         cfg = serve_bench.quick(cfg)
     import contextlib
@@ -355,6 +354,12 @@ def _run_bench_serve(a: argparse.Namespace) -> int:
         res = serve_bench.bench_serve(cfg, progress=not a.json)
     _emit(res, a.json, serve_bench.format_table)
     return 0
+
+
+def _invalid_options(e: Any) -> HeliosError:
+    """A pydantic ValidationError of a bench config as one CLI line."""
+    return HeliosError("invalid bench serve options: " + "; ".join(
+        f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()))
 
 
 def _run_bench_serve2(a: argparse.Namespace) -> int:
@@ -387,8 +392,7 @@ def _run_bench_serve2(a: argparse.Namespace) -> int:
             budgets=[b for b in a.budgets.split(",") if b], tight_headroom_mb=a.tight_headroom_mb,
             roomy_budget_mb=a.roomy_budget_mb, best_by=a.best_by, out_dir=a.out, **kw)
     except ValidationError as e:
-        raise HeliosError("invalid bench serve options: " + "; ".join(
-            f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors())) from None
+        raise _invalid_options(e) from None
     if a.quick:
         cfg = fleet_serve.quick(cfg)
     with contextlib.redirect_stdout(sys.stderr):  # Ray's own messages must not mix into the JSON on stdout

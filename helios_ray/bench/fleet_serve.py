@@ -145,19 +145,9 @@ def app_args(cfg: FleetBenchConfig, system: str, budget_mb: int, model: str | No
 
 
 def _ready(base: str, n_replicas: int, timeout: float = 600) -> dict[str, Any]:
-    import httpx
-
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        try:
-            if httpx.get(f"{base}/health", timeout=5, trust_env=False).status_code == 200:
-                st = sb._status(base)
-                if len(st.get("replicas") or []) >= n_replicas:
-                    return st
-        except httpx.HTTPError:
-            pass
-        time.sleep(1)
-    raise TimeoutError(f"{base}: {n_replicas} replica(s) did not report in {timeout:.0f}s")
+    """Health, then ``n_replicas`` replicas reporting (every group of a fleet up)."""
+    return sb._wait_ready(base, timeout, ready=lambda st: len(st.get("replicas") or []) >= n_replicas,
+                          what=f"have {n_replicas} replica(s) reporting")
 
 
 def _settle(base: str, timeout: float = 120) -> dict[str, Any]:

@@ -131,8 +131,15 @@ def _status(base: str) -> dict[str, Any]:
     return r.json()
 
 
-def _wait_ready(base: str, timeout: float = 600) -> dict[str, Any]:
-    """Health, then a replica that reports the current placement version."""
+def _on_current_placement(st: dict[str, Any]) -> bool:
+    v = st["placement"]["version"]
+    return any(r.get("placement_version") in (None, v) for r in st.get("replicas", []))
+
+
+def _wait_ready(base: str, timeout: float = 600, ready: Any = _on_current_placement, what: str = "become ready"
+                ) -> dict[str, Any]:
+    """Health, then a status for which ``ready(status)`` holds (default: a replica reports the current placement
+    version)."""
     import httpx
 
     deadline = time.time() + timeout
@@ -140,13 +147,12 @@ def _wait_ready(base: str, timeout: float = 600) -> dict[str, Any]:
         try:
             if httpx.get(f"{base}/health", timeout=5, trust_env=False).status_code == 200:
                 st = _status(base)
-                v = st["placement"]["version"]
-                if any(r.get("placement_version") in (None, v) for r in st.get("replicas", [])):
+                if ready(st):
                     return st
         except httpx.HTTPError:
             pass
         time.sleep(1)
-    raise TimeoutError(f"{base} did not become ready in {timeout:.0f}s")
+    raise TimeoutError(f"{base} did not {what} in {timeout:.0f}s")
 
 
 def _settle(base: str, timeout: float = 180) -> dict[str, Any]:

@@ -228,7 +228,7 @@ class Brain:
         """Apply a queued group change once no other group is mid-switch (the gate sees replicas report)."""
         now = time.time()
         for name, g in self.groups.items():
-            live = [r for r in self.replicas.values() if r.group == name and now - (r.reported_at or 0) < 10.0]
+            live = self._live(now, name)
             if live and all((r.placement_version or 0) >= g.version for r in live):
                 self.gate.done(name, g.version)
         ready = self.gate.next_ready(now)
@@ -277,11 +277,11 @@ class Brain:
         now = time.time()
         out = []
         for name, g in self.groups.items():
-            live = [r for r in self.replicas.values() if r.group == name and now - (r.reported_at or 0) < 10.0]
+            live = self._live(now, name)
             total = g.by_name[g.placement["model"]].num_layers
             out.append({"group": name, **g.snapshot(), "total_layers": total, "live_replicas": len(live),
-                        "slots": sum(self.cfg.engine.max_num_seqs for _ in live) or
-                        self.cfg.engine.max_num_seqs * g.spec.replicas,
+                        # none reported yet (starting): the configured replicas' slots
+                        "slots": self.cfg.engine.max_num_seqs * (len(live) or g.spec.replicas),
                         "busy": sum(r.running + r.waiting for r in live)})
         return out
 
@@ -336,14 +336,18 @@ class Brain:
             else:
                 g.controller.observe_profile_token(rec)
 
+    def _live(self, now: float, group: str | None = None) -> list[ReplicaStats]:
+        """Replicas (of ``group``, or all) that reported in the last 10 s: the ones the status and plans count."""
+        return [r for r in self.replicas.values()
+                if now - (r.reported_at or 0) < 10.0 and (group is None or r.group == group)]
+
     async def report_replica(self, stats: ReplicaStats) -> None:  # noqa: D102 - shown in the status
         self.replicas[stats.replica] = stats.model_copy(update={"reported_at": time.time()})
 
     # -------------------------------------------------------------------------------------- status
     async def status(self) -> dict[str, Any]:
         now = time.time()
-        live = sorted((r.model_dump(mode="json") for r in self.replicas.values()
-                       if now - (r.reported_at or 0) < 10.0), key=lambda r: r["replica"])
+        live = sorted((r.model_dump(mode="json") for r in self._live(now)), key=lambda r: r["replica"])
         d = self.default
         groups = [{"name": n, "placement": g.snapshot(), "pinned": g.pinned, "candidates": [c.name for c in g.candidates],
                    "replicas_configured": g.spec.replicas, "max_replicas": g.spec.max_replicas,
