@@ -178,7 +178,8 @@ def _run_generate(a: argparse.Namespace) -> int:
 
 # ---------------------------------------------------------------------------------------------- profile
 def _cfg_profile(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--candidates", default="smollm2-135m,gemma3-270m", help="comma-separated registered models")
+    p.add_argument("--candidates", default=None,
+                   help="comma-separated registered models (default: every registered model)")
     p.add_argument("--prompts", type=int, default=5, help="prompts per candidate (HELIOS default 5)")
     p.add_argument("--data", default="sharegpt", help="sharegpt, humaneval, or a JSONL file of prompts")
     p.add_argument("--split", default="heldout", choices=["train", "heldout", "all"])
@@ -206,7 +207,7 @@ def _run_profile(a: argparse.Namespace) -> int:
     except ValueError:
         raise HeliosError(f"unknown SLO {a.slo!r} (known: {', '.join(s.value for s in SLO)})") from None
     repo = ModelRepository(models_file=a.models_file)
-    names = [n.strip() for n in a.candidates.split(",") if n.strip()]
+    names = list(repo.names) if a.candidates is None else [n.strip() for n in a.candidates.split(",") if n.strip()]
     if not names:
         raise HeliosError("--candidates is empty")
     infos = [candidate_info(repo, n) for n in names]

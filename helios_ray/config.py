@@ -208,6 +208,12 @@ class ServeConfig(StrictModel):
                     "exit card says tokens confident at policy.confidence_threshold agree with the full model at "
                     "least policy.min_agreement of the time.",
     )
+    inner_exits: Literal["auto", "off"] = Field(
+        default="auto",
+        description="helios mode: a replica loaded to depth D also lets tokens leave at trained exits below D "
+                    "(token-level exit, as the paper's HELIOS does) where the exit card trusts them and the cost "
+                    "model says a check saves more than it costs (auto); off = greedy exit at D only.",
+    )
     candidates: list[str] = Field(default_factory=lambda: ["smollm2-135m", "gemma3-270m"], min_length=1)
     models: list[ModelSpec] = Field(default_factory=list, description="Extra model registrations.")
     models_file: Path | None = None

@@ -29,6 +29,7 @@ __all__ = [
     "max_batch",
     "effective_batch",
     "measured_per_token",
+    "inner_exit_gain",
 ]
 
 CostUnit = Literal["flops", "bytes", "layers"]
@@ -118,3 +119,25 @@ def measured_per_token(
         if energy is None and entry.energy_per_token is not None:
             energy = entry.energy_per_token * scale
     return MeasuredCost(spt, energy)
+
+
+def inner_exit_gain(candidate: CandidateInfo, depth: int, exit_depth: int, coverage: float,
+                    exit_head_flops: float, propagate_flops_per_layer: float) -> float:
+    """FLOPs per token that checking a token-level exit at ``exit_depth`` saves a replica loaded to ``depth``
+    (negative: the check costs more than it saves).  ``None`` FLOPs on the candidate -> 0 (unknown: no gain).
+
+    Every token reaching the exit pays the check (the exit head, ``exit_head_flops``, plus the LM head); a share
+    ``coverage`` of them is confident there and skips layers [exit, D) except one K/V projection per skipped layer
+    (state propagation) and the LM head at D::
+
+        gain = coverage * (D - exit) * (layer - propagate) - exit_head - (1 - coverage) * lm_head
+
+    Why it matters: on small models the LM head is as much work as many layers (SmolLM2: ~8, Qwen2.5-0.5B: ~9),
+    so a check pays only when nearly every token exits there, far below D.  The paper's HELIOS checks exits inside
+    a truncated replica; a replica here does so only where this is positive.
+    """
+    layer, head = candidate.flops_per_token_per_layer, candidate.head_flops_per_token
+    if layer is None or head is None or not 0 < exit_depth < depth:
+        return 0.0
+    return coverage * (depth - exit_depth) * (layer - propagate_flops_per_layer) - exit_head_flops \
+        - (1.0 - coverage) * head

@@ -31,7 +31,8 @@ from helios_ray import memory
 from helios_ray.errors import HeliosError, InvalidRequestError
 from helios_ray.memory import Footprint, ModelParts
 from helios_ray.models.decoder import DecoderLM, DenseKVCache, KVCache
-from helios_ray.models.exit_heads import ExitHead, SharedHead, load_heads
+from helios_ray.models.exit_heads import BlockHead, ExitHead, SharedHead, load_heads
+from helios_ray.models.healed import HealedHead
 from helios_ray.models.prompts import EncodedPrompt, encode_request, has_chat_template
 from helios_ray.models.loading import (
     check_depth, load_decoder, param_bytes, pick_device, pick_dtype, read_spec,
@@ -91,6 +92,10 @@ class EarlyExitLM:
         missing = [d for d in (token_exits or []) if d not in heads or d >= lm.depth]
         if missing:
             raise HeliosError(f"token-level exits {missing} of {name!r} have no loaded exit head below depth {lm.depth}")
+        healed = [d for d in (token_exits or []) if heads[d].kind == "healed"]
+        if healed:
+            raise HeliosError(f"exits {healed} of {name!r} are healed layers: they serve as the greedy exit of a "
+                              "replica loaded to that depth, not as token-level exits")
         self.token_exits = sorted(token_exits or [])
         self.ckpt_dir, self.heads_path = ckpt_dir, heads_path
         self.heads = heads
@@ -145,7 +150,7 @@ class EarlyExitLM:
             kv_bytes_per_token_per_layer=memory.kv_bytes_per_token(1, s.num_kv_heads, s.head_dim,
                                                                    lm.embed.weight.element_size()),
             exit_head_bytes=max((param_bytes(h) for h in heads), default=0),
-            exit_head_attends=any(h.kind == "block" for h in heads),
+            exit_head_attends=any(h.extra_kv_layers for h in heads),
         )
 
     @property
@@ -153,7 +158,7 @@ class EarlyExitLM:
         """Weights + exit heads and KV bytes per token as loaded, by the one memory model."""
         heads = self.serving_heads
         return memory.footprint(self.parts, self.depth, exit_heads=len(heads),
-                                attending_exit_heads=sum(1 for h in heads if h.kind == "block"))
+                                attending_exit_heads=sum(1 for h in heads if h.extra_kv_layers))
 
     @property
     def param_bytes(self) -> int:
@@ -161,8 +166,9 @@ class EarlyExitLM:
 
     @property
     def kv_layers(self) -> int:
-        """Layers that keep KV: the loaded ones plus every block exit head a token can pass (they attend)."""
-        return self.depth + sum(1 for h in self.serving_heads if h.kind == "block")
+        """Layers that keep KV: the loaded ones plus every block exit head a token can pass (they attend; a merged
+        healed exit is the loaded layers themselves)."""
+        return self.depth + sum(h.extra_kv_layers for h in self.serving_heads)
 
     @property
     def kv_bytes_per_token(self) -> int:
@@ -181,11 +187,21 @@ class EarlyExitLM:
         if self.ckpt_dir is None:
             raise HeliosError(f"model {self.name!r} was not loaded from a checkpoint; cannot change depth")
         t0 = time.perf_counter()
+        current = self.heads.get(self.depth)
+        if isinstance(current, HealedHead) and current.merged:
+            # the healed layers hold merged deltas: drop them so that growing reads the originals again
+            _set_depth(self.lm, self.ckpt_dir, current.input_depth)
+            del self.heads[current.depth]
         _set_depth(self.lm, self.ckpt_dir, depth)
         if self.heads_path is not None and depth not in self.heads and depth < self.total_layers:
             self.heads.update(load_heads(self.heads_path, self.spec, [depth], dtype=self.lm.dtype, device=self.device))
         self.token_exits = [d for d in self.token_exits if d < depth]
         self.heads = {d: h for d, h in self.heads.items() if d == depth or d in self.token_exits}
+        new = self.heads.get(depth)
+        if isinstance(new, HealedHead) and not new.merged:
+            new.merge_into(self.lm)
+            # exits inside the healed layers would read hidden states they were not trained on
+            self.token_exits = [d for d in self.token_exits if d < new.input_depth]
         return time.perf_counter() - t0
 
     # ------------------------------------------------------------------------------- tokenizing
@@ -291,7 +307,7 @@ class EarlyExitLM:
             self.lm.layers[i].propagate_kv(h, ctx, i)
         for d in self.token_exits:
             head = self.heads[d]
-            if d > exit_depth and head.kind == "block":
+            if d > exit_depth and isinstance(head, BlockHead):
                 head.block.propagate_kv(h, ctx, head.cache_key)  # type: ignore[attr-defined]
 
     @torch.inference_mode()
@@ -304,12 +320,12 @@ class EarlyExitLM:
         ctx = self.lm.context(q_pos, cache)
         h = self.lm.embed_tokens(ids, ctx)
         out: dict[int, tuple[Tensor, Tensor]] = {}
-        wanted = sorted(set(e for e in exits if e < self.depth))
+        heads = {d: self.heads.get(d) or SharedHead(d) for d in set(exits) if d < self.depth}
         done = 0
-        for d in wanted:
-            h = self.lm.run_layers(h, ctx, done, d)
-            done = d
-            head = self.heads.get(d) or SharedHead(d)
+        for d in sorted(heads, key=lambda d: (heads[d].input_depth, d)):  # a healed head starts below its exit
+            head = heads[d]
+            h = self.lm.run_layers(h, ctx, done, head.input_depth)
+            done = head.input_depth
             z = head.transform(h, ctx)
             out[d] = confidence(self.lm.logits(z[:, -1]), self.confidence_kind)
         h = self.lm.run_layers(h, ctx, done, self.depth)
@@ -404,11 +420,13 @@ class EarlyExitLM:
 
 def load_model(name: str, depth: int | None = None, *, repo: Any = None, device: str = "auto", dtype: str = "auto",
                exits: Literal["auto", "shared", "all"] | Path = "auto", confidence_kind: ConfidenceKind = "max_prob",
-               threshold: float = 0.9, token_exits: list[int] | None = None) -> EarlyExitLM:
+               threshold: float = 0.9, token_exits: list[int] | None = None,
+               heads_file: Path | None = None) -> EarlyExitLM:
     """Load registered model ``name`` truncated to ``depth`` layers with its exit head.
 
     ``exits``: ``auto`` loads the trained head at D when one exists (shared head otherwise); ``shared`` forces
-    the logit lens; ``all`` loads every trained head (profile mode); a path loads heads from that file.
+    the logit lens; ``all`` loads every trained head (profile mode); a path is ``auto`` from that file.
+    ``heads_file``: read the heads from this file instead of the model's registered/shipped one.
     ``token_exits``: serve with token-level exit at these trained exits (each below ``depth``).
     """
     from transformers import AutoTokenizer
@@ -425,12 +443,20 @@ def load_model(name: str, depth: int | None = None, *, repo: Any = None, device:
     t0 = time.perf_counter()
     lm, _ = load_decoder(ckpt_dir, depth, dev, dt, name)
     heads: dict[int, ExitHead] = {}
-    heads_path = Path(exits) if isinstance(exits, Path) else (repo.exits_path(name) if exits != "shared" else None)
+    if isinstance(exits, Path):
+        exits, heads_file = "auto", exits
+    heads_path = None if exits == "shared" else (Path(heads_file) if heads_file else repo.exits_path(name))
     if heads_path is not None:
         if not heads_path.exists():
             raise HeliosError(f"exit heads file {heads_path} does not exist")
         wanted = None if exits == "all" else sorted({depth, *(token_exits or [])})
         heads = load_heads(heads_path, spec, wanted, dtype=dt, device=dev)
+        for d, head in heads.items():
+            if isinstance(head, HealedHead):
+                if d == depth:
+                    head.merge_into(lm)  # serving at D: the healed layers replace the plain ones
+                else:
+                    head.attach(lm)  # profiling the full model: a side branch from layer D-k
     bad = [d for d in (token_exits or []) if d not in heads or d >= depth]
     if bad:
         have = sorted(d for d in heads if d < depth)

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import torch
 from tqdm import tqdm
 
 from helios_ray.data import Conversation, encode, load_dataset
@@ -46,40 +47,39 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def humaneval_completion(m: Any, prompt: str, max_tokens: int) -> tuple[str | None, int]:
-    """Greedy raw completion of ``prompt`` at the model's loaded depth, cut at HumanEval's stop sequences.
-    Returns (completion, generated tokens); (None, 0) when the prompt leaves no room in the model's context."""
-    from helios_ray.models.code_eval import truncate_at_stop
-
-    ids = m.encode(prompt=prompt)
-    max_tokens = min(max_tokens, m.spec.max_positions - len(ids))
-    if max_tokens < 1:
-        return None, 0
-    text, n = "", 0
-    for t in m.generate_stream(ids, max_tokens):
-        n += 1
-        if t.token in m.eos_ids:
-            break
-        text += t.text
-        if truncate_at_stop(text) != text:
-            break
-    return truncate_at_stop(text), n
-
-
 def _pass_at_1(m: Any, problems: list[Conversation], max_tokens: int, timeout: float, progress: bool,
-               desc: str) -> dict[str, Any]:
-    from helios_ray.models.code_eval import check_program, humaneval_program
+               desc: str, batch: int = 16) -> dict[str, Any]:
+    """Greedy completions of every problem at the model's loaded depth, generated as a batch by the serving
+    engine (continuous batching; 16 at once is ~5x faster than one by one on a CPU with bf16 units), each then
+    tested in the sandbox."""
+    from helios_ray.engine.engine import EngineConfig, LLMEngine
+    from helios_ray.engine.sequence import SamplingParams
+    from helios_ray.models.code_eval import STOP_SEQUENCES, check_program, humaneval_program, truncate_at_stop
 
     t0 = time.perf_counter()
     per: dict[str, str] = {}
-    tokens = 0
-    for conv in tqdm(problems, desc=desc, disable=not progress, file=sys.stderr):
+    ctx = m.spec.max_positions
+    prompts = {c.id: m.encode(prompt=c.text) for c in problems}
+    fits = {k: ids for k, ids in prompts.items() if len(ids) < ctx}
+    longest = max((len(ids) + min(max_tokens, ctx - len(ids)) for ids in fits.values()), default=1)
+    fp = m.footprint  # the one memory model: room for `batch` of the longest problems next to the weights
+    budget = fp.weight_bytes + (batch + 1) * (longest + 32) * fp.kv_bytes_per_token
+    eng = LLMEngine(m, EngineConfig(memory_budget=budget, max_num_seqs=batch, max_model_len=ctx,
+                                    torch_threads=torch.get_num_threads()))
+    seqs = {k: eng.add_request(ids, SamplingParams(max_tokens=min(max_tokens, ctx - len(ids)), temperature=0.0,
+                                                   stop=list(STOP_SEQUENCES)))
+            for k, ids in fits.items()}
+    bar = tqdm(total=len(seqs), desc=desc, disable=not progress, file=sys.stderr)
+    while eng.scheduler.has_work:
+        bar.update(sum(1 for ev in eng.step() if ev.finished))
+    bar.close()
+    tokens = sum(len(s.output_ids) for s in seqs.values())
+    for conv in problems:
         assert conv.text is not None
-        completion, n = humaneval_completion(m, conv.text, max_tokens)
-        tokens += n
-        if completion is None:
+        if conv.id not in seqs:
             per[conv.id] = "failed: the prompt does not fit the model's context"
             continue
+        completion = truncate_at_stop(seqs[conv.id].text)
         r = check_program(humaneval_program(conv.text, completion, conv.meta["test"], conv.meta["entry_point"]),
                           timeout=timeout)
         per[conv.id] = r.status if r.passed or r.status == "timeout" else f"failed: {r.detail}"[:200]
@@ -119,7 +119,8 @@ def evaluate_exits(model: str, prompts: str, max_tokens: int = 16, limit: int | 
         raise HeliosError(f"{prompts}: no prompts")
     if heads_path is not None and not Path(heads_path).exists():
         raise HeliosError(f"exit heads file {heads_path} does not exist")
-    full = load_model(model, repo=repo, device="cpu", exits=Path(heads_path) if heads_path else "all")
+    heads_file = Path(heads_path) if heads_path else None
+    full = load_model(model, repo=repo, device="cpu", exits="all", heads_file=heads_file)
     L = full.total_layers
     trained = sorted(full.heads)
     depths = sorted(set(exits)) if exits else trained
@@ -170,7 +171,7 @@ def evaluate_exits(model: str, prompts: str, max_tokens: int = 16, limit: int | 
     for d in depths:
         agree, conf = np.asarray(per[d]["agree"], bool), np.asarray(per[d]["conf"], float)
         kinds = np.asarray(per[d]["kind"])
-        m = load_model(model, depth=d, repo=repo, device="cpu", exits=Path(heads_path) if heads_path else "auto")
+        m = load_model(model, depth=d, repo=repo, device="cpu", heads_file=heads_file)
         exact, prefix, pos_agree = [], [], []
         for conv, ids, ref in tqdm(refs, desc=f"depth {d}", disable=not progress, file=sys.stderr):
             got = [t.token for t in m.generate_stream(ids, max_tokens)]
@@ -202,7 +203,7 @@ def evaluate_exits(model: str, prompts: str, max_tokens: int = 16, limit: int | 
         del m
     for d in he_depths:  # depths asked for pass@1 only
         if str(d) not in pass_at_1:
-            m = load_model(model, depth=d, repo=repo, device="cpu", exits=Path(heads_path) if heads_path else "auto")
+            m = load_model(model, depth=d, repo=repo, device="cpu", heads_file=heads_file)
             pass_at_1[str(d)] = {"head": m.exit_head.kind, **_pass_at_1(m, problems, humaneval_max_tokens,
                                                                        humaneval_timeout, progress, f"humaneval depth {d}")}
             del m

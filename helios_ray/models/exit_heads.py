@@ -9,6 +9,11 @@ head of SmolLM2 is a third of its FLOPs and must not be duplicated per exit:
   output projection starts at zero, so an untrained head *is* the logit lens and training only improves it.
 * ``block`` - one transformer block of the model's own family (with its own KV entry), output projections
   zero-initialised for the same reason; the strongest head measured on SmolLM2 (see DESIGN.md).
+* ``healed`` - *healed truncation*: the model's own last ``layers`` loaded layers [D-k, D), each projection
+  plus a low-rank delta (LoRA, rank r) trained so that the truncated model matches the full one.  A replica at
+  depth D merges the deltas into those layers once at load time, so it costs exactly the memory, KV and FLOPs of
+  plain truncation; only the file holds the deltas (a few MB where a block head is a whole layer).  Profiling
+  on the full model runs the k healed layers as a side branch from layer D-k (see :class:`HealedHead`).
 
 On disk: ``exits.safetensors`` with tensors named ``exit.<D>.<param>`` and a ``__metadata__`` entry
 ``"heads"`` holding ``{D: {"kind": ..., "rank": ...}}``; the exit card (accuracy, calibration) is the
@@ -47,6 +52,16 @@ class ExitHead(nn.Module):
 
     def config(self) -> dict[str, Any]:
         return {"kind": self.kind}
+
+    @property
+    def input_depth(self) -> int:
+        """How many layers of the model run before this head takes over (a healed head starts below D)."""
+        return self.depth
+
+    @property
+    def extra_kv_layers(self) -> int:
+        """Layers of KV this head keeps beyond the model's loaded layers (it attends)."""
+        return 0
 
 
 class SharedHead(ExitHead):
@@ -97,6 +112,10 @@ class BlockHead(ExitHead):
     def cache_key(self) -> Hashable:
         return ("exit", self.depth)
 
+    @property
+    def extra_kv_layers(self) -> int:
+        return 1
+
     def transform(self, h: Tensor, ctx: StepContext | None) -> Tensor:
         if ctx is None:
             raise ValueError("a block exit head needs the step context (it has attention)")
@@ -115,14 +134,18 @@ class BlockHead(ExitHead):
         return {"kind": self.kind}
 
 
-def make_head(kind: str, depth: int, spec: ArchSpec, rank: int | None = None) -> ExitHead:
+def make_head(kind: str, depth: int, spec: ArchSpec, rank: int | None = None, layers: int | None = None) -> ExitHead:
     if kind == "shared":
         return SharedHead(depth)
     if kind == "linear":
         return LinearHead(depth, spec, rank)
     if kind == "block":
         return BlockHead(depth, spec)
-    raise HeliosError(f"unknown exit head kind {kind!r} (known: shared, linear, block)")
+    if kind == "healed":
+        from helios_ray.models.healed import HealedHead
+
+        return HealedHead(depth, spec, layers or 1, rank or 16)
+    raise HeliosError(f"unknown exit head kind {kind!r} (known: shared, linear, block, healed)")
 
 
 def save_heads(path: Path, heads: dict[int, ExitHead], extra_metadata: dict[str, str] | None = None,
@@ -162,7 +185,7 @@ def load_heads(
             cfg = meta[d]
             if not 1 <= d < spec.num_layers:
                 raise HeliosError(f"{path}: exit at depth {d} does not fit a {spec.num_layers}-layer model")
-            head = make_head(cfg["kind"], d, spec, cfg.get("rank"))
+            head = make_head(cfg["kind"], d, spec, cfg.get("rank"), cfg.get("layers"))
             prefix = f"exit.{d}."
             sd = {n[len(prefix):]: f.get_tensor(n) for n in names if n.startswith(prefix)}
             head.load_state_dict(sd, strict=True)

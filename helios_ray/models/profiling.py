@@ -81,6 +81,7 @@ def candidate_info(repo: Any, name: str, dtype: str = "float32") -> CandidateInf
         raise ModelUnavailableError(info.problem or f"model {name!r} is not prepared")
     assert info.num_layers and info.layer_bytes is not None and info.hidden_size and info.vocab_size
     exits = sorted(set((info.exits.trained if info.exits else []) + [info.num_layers]))
+    kinds = info.exits.kinds if info.exits else {}
     prior: dict[int, ExitPrior] = {}
     exit_head_bytes = 0
     card_path = Path(info.exits.card_path) if info.exits and info.exits.card_path else None
@@ -94,8 +95,8 @@ def candidate_info(repo: Any, name: str, dtype: str = "float32") -> CandidateInf
                    for c in e.get("calibration", []) if c.get("agreement") is not None]
             if e.get("agreement") is not None:
                 prior[d] = ExitPrior(agreement=e["agreement"], calibration=cal)
-            exit_head_bytes = max(exit_head_bytes, memory.param_bytes(int(e.get("parameters", 0)), dtype))
-    kinds = info.exits.kinds if info.exits else {}
+            if kinds.get(d) != "healed":  # a healed exit is merged into the loaded layers: no extra weights
+                exit_head_bytes = max(exit_head_bytes, memory.param_bytes(int(e.get("parameters", 0)), dtype))
     attends = any(kind == "block" for d, kind in kinds.items() if int(d) < info.num_layers)
     kv_layer = info.kv_bytes_per_token_per_layer or 0
     return CandidateInfo(
@@ -129,3 +130,39 @@ def token_exits_from_card(repo: Any, name: str, threshold: float, min_agreement:
         if rows and max(rows, key=lambda c: c.threshold).agreement >= min_agreement:
             out.append(d)
     return out
+
+
+def inner_exits(repo: Any, name: str, depth: int, threshold: float, min_agreement: float,
+                dtype: str = "float32") -> dict[str, Any]:
+    """The trained exits below ``depth`` that a helios replica loaded to ``depth`` checks token by token.
+
+    An exit qualifies when its card trusts it at ``threshold`` (:func:`token_exits_from_card`) *and* the cost
+    model says the check pays (:func:`helios_ray.control.costs.inner_exit_gain` > 0, coverage from the card's
+    calibration at the smallest threshold >= ``threshold``, so coverage is never overstated).  Exits at or above the
+    first layer a healed exit at ``depth`` heals are skipped: their input would be healed hidden states they were
+    not trained on.  Returns ``{"exits": [...], "considered": {d: {coverage, gain_flops, pays}}}`` so the choice
+    can be shown, not only made.
+    """
+    from helios_ray import memory
+    from helios_ray.control.costs import inner_exit_gain
+    from helios_ray.models.exit_heads import heads_metadata
+
+    info = candidate_info(repo, name, dtype)
+    static = repo.info(name, dtype=dtype)
+    meta = heads_metadata(Path(static.exits.heads_path)) if static.exits and static.exits.heads_path else {}
+    limit = depth - int(meta[depth].get("layers", 0)) if meta.get(depth, {}).get("kind") == "healed" else depth
+    trusted = set(token_exits_from_card(repo, name, threshold, min_agreement, limit))
+    kv_elems = info.kv_bytes_per_token_per_layer // memory.dtype_bytes(dtype)
+    propagate = 2 * (static.hidden_size or 0) * kv_elems
+    card = json.loads(Path(static.exits.card_path).read_text()) if static.exits and static.exits.card_path and \
+        Path(static.exits.card_path).exists() else {"exits": {}}
+    considered: dict[int, dict[str, Any]] = {}
+    for d in sorted(trusted):
+        e = card["exits"].get(str(d), {})
+        rows = sorted((c for c in e.get("calibration", []) if c["threshold"] >= threshold - 1e-12),
+                      key=lambda c: c["threshold"])
+        coverage = float(rows[0]["coverage"]) if rows else 0.0
+        head_flops = 2 * int(e.get("parameters", 0))
+        gain = inner_exit_gain(info, depth, d, coverage, head_flops, propagate)
+        considered[d] = {"coverage": round(coverage, 4), "gain_flops": round(gain), "pays": gain > 0}
+    return {"exits": [d for d, c in considered.items() if c["pays"]], "considered": considered}

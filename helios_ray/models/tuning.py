@@ -42,9 +42,11 @@ from helios_ray.models.tuning_config import (
     TuneConfig,
     check_exits,
     log,
+    resolved_compute_dtype,
     validate,
 )
-from helios_ray.models.tuning_train import build_head, train_head
+from helios_ray.models.healed import HealedHead
+from helios_ray.models.tuning_train import autocast, build_head, train_head
 
 __all__ = ["CARD_FORMAT", "TuningRun", "tune_exits", "card_table", "environment_threads"]
 
@@ -95,8 +97,11 @@ class TuningRun:
         work.mkdir(parents=True, exist_ok=True)
         self.state_path = work / "state.json"
         self.state: dict[str, Any] = {}
-        depths = sorted({e.depth for e in cfg.exits})
-        eval_depths = sorted(set(depths) | {d + 1 for d in depths if d + 1 < spec.num_layers})
+        # what the heads start from (a healed exit: the hidden state below the layers it heals); held out, also
+        # the lens at D and one layer deeper (next to a block head, which costs a layer)
+        depths = sorted({e.input_depth for e in cfg.exits})
+        eval_depths = sorted(set(depths) | {e.depth for e in cfg.exits}
+                             | {e.depth + 1 for e in cfg.exits if e.depth + 1 < spec.num_layers})
         # The cache is a pure function of cache_key() (+ the depths it holds): reuse it whenever it matches,
         # finished or not.  Heads are reused only with --resume.
         if self.state_path.exists():
@@ -115,6 +120,11 @@ class TuningRun:
         depths, eval_depths = self.state["depths"], self.state["eval_depths"]
 
         self.lm, _ = load_decoder(ckpt_dir, None, "cpu", torch.float32, cfg.model)
+        self.compute_dtype = resolved_compute_dtype(cfg.compute_dtype)
+        # the teacher pass at the compute dtype (bf16 is ~3x faster where the CPU has bf16 units); training and
+        # evaluation keep fp32 weights and autocast
+        teacher = self.lm if self.compute_dtype == "float32" else load_decoder(
+            ckpt_dir, None, "cpu", getattr(torch, self.compute_dtype), cfg.model)[0]
         self.train_cache, self.eval_cache = Cache(work, "train"), Cache(work, "eval")
         self.batch_rows = max(1, cfg.batch_tokens // cfg.seq_len)
         st = self.state
@@ -127,7 +137,7 @@ class TuningRun:
             if "hidden_dtype" not in st:
                 st["hidden_dtype"] = (probe_hidden_dtype(self.lm, rows, eval_depths) if cfg.cache_dtype == "auto"
                                       else cfg.cache_dtype)
-            fill_cache(self.train_cache, self.lm, rows, depths, cfg.topk, st, self.save_state,
+            fill_cache(self.train_cache, teacher, rows, depths, cfg.topk, st, self.save_state,
                        max(1, 1024 // cfg.seq_len), cfg.progress, st["hidden_dtype"])
             st["train_cache_seconds"] = round(st.get("train_cache_seconds", 0) + time.perf_counter() - t0, 1)
             self.save_state()
@@ -137,7 +147,7 @@ class TuningRun:
                               windows=False)
             st["eval_rows"], st["eval_tokens"] = int(rows.ids.shape[0]), rows.tokens
             st["eval_conversation_ids"] = rows.conv_ids
-            fill_cache(self.eval_cache, self.lm, rows, eval_depths, 1, st, self.save_state,
+            fill_cache(self.eval_cache, teacher, rows, eval_depths, 1, st, self.save_state,
                        max(1, 1024 // cfg.eval_seq_len), cfg.progress, st.get("hidden_dtype", "float16"))
             st["eval_cache_seconds"] = round(st.get("eval_cache_seconds", 0) + time.perf_counter() - t0, 1)
             self.save_state()
@@ -166,10 +176,10 @@ class TuningRun:
         if cfg.resume and done_file.exists() and res_file.exists():
             head.load_state_dict(load_file(str(done_file)))
             log(f"exit {e.depth}: already trained ({done_file.name}), reusing it")
-            return head.eval(), json.loads(res_file.read_text())
+            return self._for_inference(head), json.loads(res_file.read_text())
         if not cfg.resume:
             ckpt.unlink(missing_ok=True)
-        epochs = cfg.epochs if e.kind == "block" else cfg.linear_epochs
+        epochs = cfg.linear_epochs if e.kind == "linear" else cfg.epochs
         steps = cfg.steps or max(1, math.ceil(epochs * self.train_tokens / (self.batch_rows * cfg.seq_len)))
         lr = cfg.lr
         res = train_head(head, self.lm, self.train_cache, steps, self.batch_rows, lr, cfg, ckpt, cfg.progress)
@@ -183,7 +193,13 @@ class TuningRun:
         save_file({k: v.contiguous() for k, v in head.state_dict().items()}, str(done_file))
         res_file.write_text(json.dumps(res))
         ckpt.unlink(missing_ok=True)
-        return head, res
+        return self._for_inference(head), res
+
+    def _for_inference(self, head: ExitHead) -> ExitHead:
+        """A trained healed head runs from here on as a merged side branch (no hooks), like profiling runs it."""
+        if isinstance(head, HealedHead):
+            head.attach(self.lm)
+        return head.eval()
 
     def lens(self, d: int) -> float | None:
         """Held-out agreement of the logit lens after ``d`` layers (1.0 at the full depth)."""
@@ -199,12 +215,16 @@ class TuningRun:
 
     def evaluate(self, e: ExitSpec, head: ExitHead, res: dict[str, Any]) -> dict[str, Any]:
         """The exit card entry for one trained head."""
-        s = summarize(score_exit(head.eval(), self.lm, self.eval_cache, e.depth, self.cfg.eval_stride))
+        with autocast(self.cfg):
+            s = summarize(score_exit(head.eval(), self.lm, self.eval_cache, e.input_depth, self.cfg.eval_stride))
         n_params = sum(p.numel() for p in head.parameters())
         return {
-            "kind": e.kind, **({"rank": e.rank} if e.kind == "linear" else {}),
+            "kind": e.kind, **({"rank": e.rank} if e.kind in ("linear", "healed") else {}),
+            **({"layers": e.layers} if e.kind == "healed" else {}),
             **({"init": self.cfg.block_init} if e.kind == "block" else {}),
             "parameters": n_params, "bytes": n_params * torch.finfo(SAVE_DTYPES[self.cfg.save_dtype]).bits // 8,
+            # a healed exit is merged into the layers a replica loads anyway: no weights or KV beyond truncation
+            "serving_extra_bytes": 0 if e.kind == "healed" else None,
             "extra_kv_layers": 1 if e.kind == "block" else 0,
             "train_tokens": self.train_tokens, "train_tokens_seen": res["train_tokens_seen"], "steps": res["steps"],
             "lr": res["lr"], "train_seconds": res["seconds"], "kl_first": res["kl_first"], "kl_last": res["kl_last"],
@@ -235,12 +255,13 @@ class TuningRun:
                 "heldout_scored_every": cfg.eval_stride,
                 "split": "held out iff sha256(conversation group id) falls in the first 5%",
             },
-            "teacher": {"layer": spec.num_layers, "topk": cfg.topk},
+            "teacher": {"layer": spec.num_layers, "topk": cfg.topk, "dtype": self.compute_dtype},
             "training": {
                 "vocab": cfg.vocab, "negatives": cfg.negatives if cfg.vocab == "sampled" else None,
                 "ce_weight": cfg.ce_weight, "batch_tokens": self.batch_rows * cfg.seq_len, "epochs": cfg.epochs,
                 "linear_epochs": cfg.linear_epochs, "lr": cfg.lr,
                 "seed": cfg.seed, "block_init": cfg.block_init, "optimizer": "AdamW(0.9, 0.95), cosine to 10%",
+                "compute_dtype": self.compute_dtype,
                 "cache_seconds": round(st.get("train_cache_seconds", 0) + st.get("eval_cache_seconds", 0), 1),
                 "threads": torch.get_num_threads(),
                 "wall_seconds": round(time.perf_counter() - self.t_start, 1),
@@ -280,12 +301,18 @@ def card_table(card: dict[str, Any]) -> str:
         chk = e.get("threshold_check") or {}
         pct = lambda v: "-" if v is None else f"{100 * v:.1f}%"  # noqa: E731
         lines.append(
-            f"| L{d} | {e['kind']} | {e['parameters'] / 1e6:.2f}M | {pct(e['lens_agreement'])} | "
+            f"| L{d} | {_kind(e)} | {e['parameters'] / 1e6:.2f}M | {pct(e['lens_agreement'])} | "
             f"{pct(e['lens_agreement_next_layer'])} | **{pct(e['agreement'])}** | {pct(e['agreement_response'])} | "
             f"{thr if thr is not None else '-'} | {pct(row['coverage']) if row else '-'} | "
             f"{pct(row['agreement']) if row else '-'} ({pct(chk.get('agreement'))} @ {chk.get('threshold', '-')}) | "
             f"{e['train_tokens']} | {e['train_seconds']} |")
     return "\n".join(lines)
+
+
+def _kind(e: dict[str, Any]) -> str:
+    if e["kind"] == "healed":
+        return f"healed {e.get('layers')} layers, rank {e.get('rank')}"
+    return e["kind"] + (f" r{e['rank']}" if e.get("rank") else "")
 
 
 def environment_threads(n: int | None) -> None:

@@ -15,11 +15,17 @@ import sys
 def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="registered model name (see `helios-ray models`)")
     p.add_argument("--exits", required=True,
-                   help="exit layers, e.g. 12,16,20,24; D:KIND sets one exit's head kind (e.g. 16:linear,20,24)")
+                   help="exit layers, e.g. 12,16,20,24; D:KIND sets one exit's head kind (e.g. 16:linear,20,24); "
+                        "D:healed (or D:healedK) heals the last K layers of a model truncated at D")
     p.add_argument("--data", default="sharegpt",
                    help="sharegpt, humaneval or a JSONL file of {text}/{messages}/{prompt,kind} records")
     p.add_argument("--tokens", type=int, default=140_000, help="training tokens to cache (default 140000)")
-    p.add_argument("--head", default="block", choices=["linear", "block"], help="head kind (default block)")
+    p.add_argument("--head", default="block", choices=["linear", "block", "healed"], help="head kind (default block)")
+    p.add_argument("--heal-layers", type=int, default=2,
+                   help="layers a healed exit fine-tunes below D (default 2; D:healedK overrides per exit)")
+    p.add_argument("--heal-rank", type=int, default=32, help="rank of a healed layer's low-rank deltas (default 32)")
+    p.add_argument("--compute-dtype", default="auto", choices=["auto", "float32", "bfloat16"],
+                   help="teacher pass and training compute (auto: bfloat16 on CPUs with bf16 units, ~3x faster)")
     p.add_argument("--rank", type=int, default=None, help="low-rank size of linear heads (default: square)")
     p.add_argument("--out", default=None,
                    help="output folder for exits.safetensors + exits.json (default: the cache, "
@@ -63,7 +69,8 @@ def run(args: argparse.Namespace) -> int:
 
     tuning.environment_threads(args.threads)
     cfg = TuneConfig(
-        model=args.model, exits=parse_exits(args.exits, args.head, args.rank), data=args.data,
+        model=args.model, exits=parse_exits(args.exits, args.head, args.rank, args.heal_layers, args.heal_rank),
+        data=args.data, compute_dtype=args.compute_dtype,
         tokens=args.tokens, seq_len=args.seq_len, topk=args.topk, steps=args.steps, epochs=args.epochs,
         linear_epochs=args.linear_epochs,
         batch_tokens=args.batch_tokens, lr=args.lr, ce_weight=args.ce_weight, vocab=args.vocab,

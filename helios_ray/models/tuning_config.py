@@ -30,7 +30,7 @@ __all__ = [
     "log",
 ]
 
-HEAD_KINDS = ("linear", "block")
+HEAD_KINDS = ("linear", "block", "healed")
 BLOCK_INITS = ("next", "next-zero", "last-zero")
 #: ``--save-dtype`` choices: the dtype the heads are stored (and evaluated) in.
 SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -38,12 +38,19 @@ SAVE_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": 
 
 @dataclass(frozen=True)
 class ExitSpec:
-    """One exit to train: after ``depth`` layers, a head of ``kind`` (``rank``: low-rank linear heads).
+    """One exit to train: after ``depth`` layers, a head of ``kind`` (``rank``: low-rank linear heads and the
+    deltas of healed layers; ``layers``: how many of the last loaded layers a healed exit heals).
     Frozen because it is hashed into the trained head's key."""
 
     depth: int
     kind: str = "block"
     rank: int | None = None
+    layers: int | None = None
+
+    @property
+    def input_depth(self) -> int:
+        """The layer count whose hidden state the head starts from (a healed head starts ``layers`` below)."""
+        return self.depth - (self.layers or 0) if self.kind == "healed" else self.depth
 
 
 @dataclass
@@ -79,6 +86,9 @@ class TuneConfig:
     eval_stride: int = 2
     #: Storage of the cached hidden states: ``auto`` = float16 unless the model's activations need float32.
     cache_dtype: str = "auto"
+    #: Compute dtype of the backbone pass (the teacher) and of training (autocast): ``auto`` = bfloat16 on CPUs
+    #: with bf16 units (3x faster here; the teacher is then the bf16 model that ``dtype: auto`` serves).
+    compute_dtype: str = "float32"
     out: Path | None = None
     work_dir: Path | None = None
     resume: bool = False
@@ -92,6 +102,8 @@ class TuneConfig:
         """Identity of the cache: everything that changes what phase 1 writes."""
         keep: dict[str, Any] = {k: getattr(self, k) for k in ("model", "data", "tokens", "seq_len", "topk", "seed",
                                                               "eval_conversations", "eval_seq_len", "cache_dtype")}
+        if self.compute_dtype != "float32":  # keeps the keys of fp32 caches made before the option existed
+            keep["compute_dtype"] = resolved_compute_dtype(self.compute_dtype)
         if Path(self.data).is_file():  # a user file: its content, not just its name
             keep["data_sha256"] = hashlib.sha256(Path(self.data).read_bytes()).hexdigest()
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
@@ -100,11 +112,15 @@ class TuneConfig:
         keep = {k: getattr(self, k) for k in ("steps", "epochs", "linear_epochs", "batch_tokens", "lr", "ce_weight",
                                               "vocab", "negatives", "block_init", "seed")}
         keep.update(asdict(e), cache=self.cache_key())
+        if e.layers is None:
+            keep.pop("layers")  # keeps the keys of heads trained before healed exits existed
         return hashlib.sha256(json.dumps(keep, sort_keys=True).encode()).hexdigest()[:16]
 
 
-def parse_exits(text: str, default_kind: str, rank: int | None = None) -> list[ExitSpec]:
-    """``"12,16:linear,20,24"`` -> exit specs (a ``:KIND`` suffix overrides ``default_kind`` for that exit)."""
+def parse_exits(text: str, default_kind: str, rank: int | None = None, heal_layers: int = 2,
+                heal_rank: int = 32) -> list[ExitSpec]:
+    """``"12,16:linear,20,24,22:healed3"`` -> exit specs (a ``:KIND`` suffix overrides ``default_kind`` for that
+    exit; ``healedK`` heals the last K loaded layers, plain ``healed`` ``heal_layers`` of them)."""
     out: list[ExitSpec] = []
     for part in str(text).split(","):
         part = part.strip()
@@ -116,9 +132,16 @@ def parse_exits(text: str, default_kind: str, rank: int | None = None) -> list[E
         except ValueError:
             raise HeliosError(f"--exits: {part!r} is not a layer number (expected e.g. 12,16,20,24)") from None
         kind = kind or default_kind
+        layers = None
+        if kind.startswith("healed"):
+            k = kind[len("healed"):] or str(heal_layers)
+            if not k.isdigit() or not 1 <= int(k) <= depth:
+                raise HeliosError(f"exit {depth}: {kind!r} must be healed or healedK with 1 <= K <= {depth}")
+            kind, layers = "healed", int(k)
         if kind not in HEAD_KINDS:
             raise HeliosError(f"unknown exit head kind {kind!r} for exit {depth} (trainable kinds: {', '.join(HEAD_KINDS)})")
-        out.append(ExitSpec(depth, kind, rank if kind == "linear" else None))
+        r = rank if kind == "linear" else heal_rank if kind == "healed" else None
+        out.append(ExitSpec(depth, kind, r, layers))
     if not out:
         raise HeliosError("--exits: give at least one exit layer, e.g. --exits 20,24")
     depths = [e.depth for e in out]
@@ -144,6 +167,8 @@ def validate(cfg: TuneConfig) -> None:
         raise HeliosError(f"--block-init must be one of {', '.join(BLOCK_INITS)} (got {cfg.block_init!r})")
     if cfg.cache_dtype not in ("auto", "float16", "float32"):
         raise HeliosError(f"--cache-dtype must be auto, float16 or float32 (got {cfg.cache_dtype!r})")
+    if cfg.compute_dtype not in ("auto", "float32", "bfloat16"):
+        raise HeliosError(f"--compute-dtype must be auto, float32 or bfloat16 (got {cfg.compute_dtype!r})")
     if cfg.save_dtype not in SAVE_DTYPES:
         raise HeliosError(f"--save-dtype must be one of {', '.join(SAVE_DTYPES)}")
     for name, v in (("--tokens", cfg.tokens), ("--seq-len", cfg.seq_len), ("--topk", cfg.topk),
@@ -151,8 +176,18 @@ def validate(cfg: TuneConfig) -> None:
                     ("--eval-seq-len", cfg.eval_seq_len), ("--eval-stride", cfg.eval_stride)):
         if v < 1:
             raise HeliosError(f"{name} must be >= 1 (got {v})")
+    for e in cfg.exits:
+        if e.kind == "healed" and (e.rank or 0) < 1:
+            raise HeliosError(f"exit {e.depth}: --heal-rank must be >= 1 (got {e.rank})")
     if cfg.steps is not None and cfg.steps < 1:
         raise HeliosError(f"--steps must be >= 1 (got {cfg.steps})")
+
+
+def resolved_compute_dtype(name: str) -> str:
+    """``auto`` -> bfloat16 where the CPU has bf16 units (see :mod:`helios_ray.dtypes`), else float32."""
+    from helios_ray.dtypes import serving_dtype
+
+    return serving_dtype(name, cuda=False) if name == "auto" else name
 
 
 def log(msg: str) -> None:

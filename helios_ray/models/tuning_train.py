@@ -24,22 +24,33 @@ from tqdm import tqdm
 
 from helios_ray.models.decoder import DecoderLM, DenseKVCache
 from helios_ray.models.exit_heads import BlockHead, ExitHead, make_head
+from helios_ray.models.healed import HealedHead
 from helios_ray.models.tuning_cache import Cache
 from helios_ray.models.tuning_config import ExitSpec, TuneConfig, log
 
-__all__ = ["build_head", "head_logits", "distill_loss", "apply_head", "train_head"]
+__all__ = ["build_head", "head_logits", "distill_loss", "apply_head", "train_head", "autocast"]
 
 
 def build_head(e: ExitSpec, lm: DecoderLM, block_init: str, seed: int) -> ExitHead:
     """A fresh head for exit ``e``, seeded by (seed, depth) so reruns start from the same weights."""
     torch.manual_seed(seed * 1000 + e.depth)
-    head = make_head(e.kind, e.depth, lm.spec, e.rank)
+    head = make_head(e.kind, e.depth, lm.spec, e.rank, e.layers)
     if isinstance(head, BlockHead):
         if block_init == "last-zero":
             head.init_from(lm.layers[lm.spec.num_layers - 1], zero_outputs=True)
         else:
             head.init_from(lm.layers[e.depth], zero_outputs=(block_init == "next-zero"))
-    return head.float().train()
+    head = head.float().train()
+    if isinstance(head, HealedHead):
+        head.attach(lm, trainable=True)  # frozen copies of layers [D-k, D) + the deltas as hooks
+    return head
+
+
+def autocast(cfg: TuneConfig) -> Any:
+    """bf16 autocast for training and evaluation when the run's compute dtype is bfloat16."""
+    from helios_ray.models.tuning_config import resolved_compute_dtype
+
+    return torch.autocast("cpu", dtype=torch.bfloat16, enabled=resolved_compute_dtype(cfg.compute_dtype) == "bfloat16")
 
 
 def head_logits(lm: DecoderLM, z: Tensor, cand: Tensor | None) -> Tensor:
@@ -85,8 +96,8 @@ def _lr_at(step: int, steps: int, lr: float) -> float:
 
 
 def apply_head(head: ExitHead, lm: DecoderLM, h: Tensor, pos: Tensor) -> Tensor:
-    """The head's transform of cached hidden states ``h``; a block head attends over ``pos``."""
-    ctx = lm.context(pos, DenseKVCache()) if isinstance(head, BlockHead) else None
+    """The head's transform of cached hidden states ``h``; a block head (or a healed branch) attends over ``pos``."""
+    ctx = lm.context(pos, DenseKVCache()) if head.extra_kv_layers else None
     return head.transform(h, ctx)
 
 
@@ -128,12 +139,13 @@ def train_head(head: ExitHead, lm: DecoderLM, cache: Cache, steps: int, batch_ro
     for step in range(start, steps):
         t0 = time.perf_counter()
         gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + d * 10_007 + step)
-        h, pos, topi, topv = _batch(cache, d, order[step * batch_rows:(step + 1) * batch_rows])
+        h, pos, topi, topv = _batch(cache, head.input_depth, order[step * batch_rows:(step + 1) * batch_rows])
         mask = pos >= 0
         for g in opt.param_groups:
             g["lr"] = _lr_at(step, steps, lr)
-        z = apply_head(head, lm, h, pos)
-        loss, kl = distill_loss(lm, z, topi, topv, mask, cfg.vocab, cfg.negatives, cfg.ce_weight, gen)
+        with autocast(cfg):
+            z = apply_head(head, lm, h, pos)
+            loss, kl = distill_loss(lm, z, topi, topv, mask, cfg.vocab, cfg.negatives, cfg.ce_weight, gen)
         opt.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)

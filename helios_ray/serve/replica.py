@@ -73,6 +73,8 @@ class EarlyExitReplica:
         token_exits = None
         if self.cfg.mode == "early_exit":
             token_exits = resolve_token_exits(self.cfg, self.repo, model, depth)
+        elif self.cfg.mode == "helios" and self.cfg.inner_exits == "auto":
+            token_exits = helios_inner_exits(self.cfg, self.repo, model, depth) or None
         return load_model(model, depth, repo=self.repo, device=self.cfg.device, threshold=self.cfg.threshold,
                           token_exits=token_exits, dtype=self.cfg.dtype)
 
@@ -241,6 +243,18 @@ def prepare(tokenizer: Any, call: GenerateCall) -> tuple[list[int], SamplingPara
     if extra:
         params = params.model_copy(update={"stop": [*params.stop, *extra]})
     return enc.ids, params
+
+
+def helios_inner_exits(cfg: ServeConfig, repo: Any, model: str, depth: int) -> list[int]:
+    """helios mode: the trained exits below D that pay for their checks on this model (usually none on small
+    models: see :func:`helios_ray.models.profiling.inner_exits`); the decision and its numbers are logged."""
+    from helios_ray.models.profiling import inner_exits
+
+    choice = inner_exits(repo, model, depth, cfg.threshold, cfg.policy.min_agreement)
+    if choice["considered"]:
+        log.info("helios replica: inner exits of %s@%d: %s (coverage, FLOPs saved per token: %s)", model, depth,
+                 choice["exits"] or "none pay", choice["considered"])
+    return list(choice["exits"])
 
 
 def resolve_token_exits(cfg: ServeConfig, repo: Any, model: str, depth: int) -> list[int]:

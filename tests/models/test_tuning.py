@@ -56,7 +56,9 @@ def tiny(tiny_dir, tmp_path_factory):
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # tiny matrices: a second thread only adds synchronisation on a shared 2-core box
     out = cache / "exits" / "tiny-llama"  # where the runtime looks for a model's trained heads
-    args = ["tune-exits", "tiny-llama", "--exits", "2:linear,3", "--data", str(data), "--tokens", "5000",
+    # fp32 compute: the runtime test below compares the card with fp32 serving to 2e-3
+    args = ["tune-exits", "tiny-llama", "--exits", "2:linear,3,4:healed2", "--heal-rank", "8",
+            "--compute-dtype", "float32", "--data", str(data), "--tokens", "5000",
             "--seq-len", "48", "--batch-tokens", "192", "--steps", "60", "--lr", "3e-3", "--eval-conversations", "24",
             "--eval-seq-len", "48", "--eval-stride", "1", "--work-dir", str(root / "work"), "--out", str(out),
             "--models-file", str(models_file), "--no-progress", "--json"]
@@ -78,12 +80,13 @@ def card(tiny):
 
 
 def test_training_lowers_the_loss_and_beats_the_logit_lens(card):
-    for d in ("2", "3"):
+    for d in ("2", "3", "4"):
         e = card["exits"][d]
         assert e["kl_last"] < 0.9 * e["kl_first"], e
         # a real improvement on held-out text, not noise: the untrained head *is* (or is near) the lens
         assert e["agreement"] >= e["lens_agreement"] + 0.05, e
     assert card["exits"]["2"]["kind"] == "linear" and card["exits"]["3"]["kind"] == "block"
+    assert card["exits"]["4"]["kind"] == "healed" and card["exits"]["4"]["layers"] == 2
 
 
 def test_card_fields_and_calibration_table_are_sane(card, tiny):
@@ -104,6 +107,8 @@ def test_card_fields_and_calibration_table_are_sane(card, tiny):
             row = next(r for r in cal if r["threshold"] == thr)
             assert row["agreement"] >= TARGET_AGREEMENT
     assert card["exits"]["3"]["extra_kv_layers"] == 1 and card["exits"]["2"]["extra_kv_layers"] == 0
+    # healed: only the deltas are stored (2 layers x 7 projections x rank 8), nothing extra when served
+    assert card["exits"]["4"]["extra_kv_layers"] == 0 and card["exits"]["4"]["serving_extra_bytes"] == 0
     from helios_ray.control import ExitPrior
 
     for e in card["exits"].values():  # the control plane reads the card as its prior (rows with tokens)
@@ -119,22 +124,23 @@ def test_runtime_loads_the_tuned_head_and_reproduces_the_card(card, tiny):
 
     repo = ModelRepository(models_file=tiny["models_file"])
     assert repo.exits_path("tiny-llama") == tiny["out"] / "exits.safetensors"
-    assert heads_metadata(tiny["out"] / "exits.safetensors") == {2: {"kind": "linear", "rank": None},
-                                                                  3: {"kind": "block"}}
-    m3 = load_model("tiny-llama", depth=3, repo=repo, dtype="float32")
+    assert heads_metadata(tiny["out"] / "exits.safetensors") == {
+        2: {"kind": "linear", "rank": None}, 3: {"kind": "block"}, 4: {"kind": "healed", "layers": 2, "rank": 8}}
     full = load_model("tiny-llama", repo=repo, exits="shared", dtype="float32")
-    assert m3.exit_head.kind == "block" and m3.depth == 3
     ids = np.load(tiny["work"] / "eval_ids.npy")
     valid = np.load(tiny["work"] / "eval_valid.npy")
-    hits = total = 0
-    for row, ok in zip(ids, valid):
-        x = torch.tensor(row[ok], dtype=torch.long)[None]
-        pos = torch.arange(x.shape[1])[None]
-        a = m3.forward_exit(x, pos, m3.new_cache(), last_only=False).argmax(-1)
-        b = full.forward_exit(x, pos, full.new_cache(), last_only=False).argmax(-1)
-        hits += int((a == b).sum())
-        total += x.shape[1]
-    assert hits / total == pytest.approx(card["exits"]["3"]["agreement"], abs=2e-3)
+    for depth, kind in ((3, "block"), (4, "healed")):  # a healed exit: merged into layers 2-3 of the replica
+        m = load_model("tiny-llama", depth=depth, repo=repo, dtype="float32")
+        assert m.exit_head.kind == kind and m.depth == depth
+        hits = total = 0
+        for row, ok in zip(ids, valid):
+            x = torch.tensor(row[ok], dtype=torch.long)[None]
+            pos = torch.arange(x.shape[1])[None]
+            a = m.forward_exit(x, pos, m.new_cache(), last_only=False).argmax(-1)
+            b = full.forward_exit(x, pos, full.new_cache(), last_only=False).argmax(-1)
+            hits += int((a == b).sum())
+            total += x.shape[1]
+        assert hits / total == pytest.approx(card["exits"][str(depth)]["agreement"], abs=2e-3)
 
 
 def test_resume_reuses_finished_heads(card, tiny, capsys):
@@ -180,11 +186,11 @@ def test_eval_exits_on_a_prompt_file(card, tiny, capsys):
     out, err = capsys.readouterr()
     assert rc == 0, err
     rep = json.loads(out)
-    assert rep["num_prompts"] == 3 and 3 <= rep["generated_tokens"] <= 12 and sorted(rep["exits"]) == ["2", "3"]
+    assert rep["num_prompts"] == 3 and 3 <= rep["generated_tokens"] <= 12 and sorted(rep["exits"]) == ["2", "3", "4"]
     for e in rep["exits"].values():
         assert 0.0 <= e["agreement"] <= 1.0 and set(e["by_kind"]) == {"story", "text"}
         assert 0.0 <= e["free_run"]["exact_match"] <= e["free_run"]["common_prefix"] <= 1.0
-    assert rep["exits"]["3"]["head"] == "block"
+    assert rep["exits"]["3"]["head"] == "block" and rep["exits"]["4"]["head"] == "healed"
     # task quality: pass@1 at the asked depth and at full depth (a tiny random model passes nothing)
     he = rep["humaneval"]
     assert he["problems"] == 2 and sorted(he["depths"], key=int) == ["3", "5"]
@@ -200,6 +206,8 @@ def test_eval_exits_on_a_prompt_file(card, tiny, capsys):
     (["--exits", "0"], "exit layer 0 is out of range"),
     (["--exits", "2:wide"], "unknown exit head kind 'wide'"),
     (["--exits", "x"], "is not a layer number"),
+    (["--exits", "3:healed4"], "must be healed or healedK with 1 <= K <= 3"),
+    (["--exits", "3:healed", "--heal-rank", "0"], "--heal-rank must be >= 1"),
     (["--exits", "2", "--data", "EMPTY"], "has no records"),
     (["--exits", "2", "--data", "MISSING"], "does not exist"),
     (["--exits", "2", "--data", "BAD"], "not valid JSON"),
@@ -244,3 +252,6 @@ def test_parse_exits():
     assert parse_exits("24,16:linear, 20", "block") == [ExitSpec(16, "linear"), ExitSpec(20, "block"),
                                                         ExitSpec(24, "block")]
     assert parse_exits("8", "linear", rank=64) == [ExitSpec(8, "linear", 64)]
+    assert parse_exits("22:healed,20:healed4", "block", heal_layers=2, heal_rank=16) == [
+        ExitSpec(20, "healed", 16, 4), ExitSpec(22, "healed", 16, 2)]
+    assert ExitSpec(20, "healed", 16, 4).input_depth == 16 and ExitSpec(20, "block").input_depth == 20
