@@ -84,6 +84,16 @@ class PolicyConfig(_Strict):
         le=1.0,
         description="Accuracy guard: minimum token agreement with the full-depth model at a depth.",
     )
+    guard_metric: Literal["agreement", "pass_at_1"] = Field(
+        "agreement",
+        description="What the accuracy guard checks besides perplexity: token agreement with the full model "
+        "(min_agreement), or task quality - the drop in HumanEval pass@1 from the exit card "
+        "(max_pass_at_1_drop; a depth without a measured pass@1 fails the guard).",
+    )
+    max_pass_at_1_drop: float = Field(
+        0.02, ge=0.0, le=1.0,
+        description="Accuracy guard with guard_metric pass_at_1: largest allowed pass@1 drop (0.02 = 2 points).",
+    )
     max_ppl_increase: float = Field(
         0.1,
         ge=0.0,
@@ -164,6 +174,11 @@ class ExitPrior(_Strict):
 
     agreement: float = Field(ge=0.0, le=1.0)
     calibration: list[CalibrationPoint] = Field(default_factory=list)
+    pass_at_1_drop: float | None = Field(
+        None, ge=-1.0, le=1.0,
+        description="Task quality: full-depth HumanEval pass@1 minus pass@1 with greedy exit here (eval-exits "
+                    "--update-card); None = not measured.",
+    )
 
     def coverage_at(self, threshold: float) -> float | None:
         """A conservative estimate of the share of tokens confident at ``threshold``.

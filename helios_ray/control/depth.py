@@ -42,6 +42,8 @@ class Evidence(NamedTuple):
     agreement: float | None
     ppl_increase: float | None
     source: EvidenceSource
+    pass_at_1_drop: float | None = None
+    """Full-depth pass@1 minus pass@1 here (the exit card's task-quality measurement)."""
 
 
 class GuardVerdict(NamedTuple):
@@ -78,7 +80,7 @@ def exit_evidence(
     """What is known about greedy exit at ``depth``: the PHT's numbers when it has enough samples
     there, the exit card's priors for whatever it lacks."""
     if depth == candidate.num_layers:
-        return Evidence(1.0, 1.0, 0.0, "full")
+        return Evidence(1.0, 1.0, 0.0, "full", 0.0)
     share = agreement = ppl = None
     source: EvidenceSource = "none"
     stats = entry.exits.get(depth) if entry is not None and depth <= entry.depth else None
@@ -89,6 +91,7 @@ def exit_evidence(
         agreement = stats.agreement
         ppl = entry.ppl_increase(depth)
     prior = candidate.exit_prior.get(depth)
+    drop = prior.pass_at_1_drop if prior is not None else None
     if prior is not None:
         if agreement is None:
             agreement = prior.agreement
@@ -104,7 +107,7 @@ def exit_evidence(
             if coverages:
                 share = max(coverages)
                 source = "prior" if source == "none" else source
-    return Evidence(share, agreement, ppl, source)
+    return Evidence(share, agreement, ppl, source, drop)
 
 
 def accuracy_guard(
@@ -116,7 +119,16 @@ def accuracy_guard(
 ) -> GuardVerdict:
     """Whether greedy exit may be used at a depth with this evidence, and why (not)."""
     share, agreement, ppl = evidence.share, evidence.agreement, evidence.ppl_increase
-    if agreement is None:
+    drop = evidence.pass_at_1_drop
+    if config.guard_metric == "pass_at_1":
+        if drop is None:
+            if not optimistic:
+                return GuardVerdict(False, "pass@1 at this depth not measured (eval-exits --update-card)")
+        elif drop > config.max_pass_at_1_drop + 1e-12:
+            return GuardVerdict(
+                False, f"pass@1 drop {drop:.3f} > max_pass_at_1_drop {config.max_pass_at_1_drop}"
+            )
+    elif agreement is None:
         if not optimistic:
             return GuardVerdict(False, "agreement with the full model unknown")
     elif agreement < config.min_agreement:
@@ -168,6 +180,8 @@ def choose_depth(
                 parts.append(f", agreement {evidence.agreement:.3f}")
             if evidence.ppl_increase is not None:
                 parts.append(f", perplexity {evidence.ppl_increase:+.1%}")
+            if config.guard_metric == "pass_at_1" and evidence.pass_at_1_drop is not None:
+                parts.append(f", pass@1 drop {evidence.pass_at_1_drop:+.3f}")
             return _depth_choice(candidate, depth, evidence, "".join(parts) + ")")
         rejected.append(f"{depth}: {verdict.reason}")
     raise AssertionError("unreachable: the full depth is always an exit")  # pragma: no cover

@@ -27,7 +27,7 @@ from helios_ray.data import Conversation, encode, load_dataset
 from helios_ray.errors import HeliosError
 from helios_ray.models.tuning_calibration import calibration
 
-__all__ = ["evaluate_exits", "report_table"]
+__all__ = ["evaluate_exits", "report_table", "update_card"]
 
 
 def _prompt_ids(conv: Conversation, tokenizer: Any) -> list[int]:
@@ -220,6 +220,32 @@ def evaluate_exits(model: str, prompts: str, max_tokens: int = 16, limit: int | 
         "max_tokens": max_tokens, "generated_tokens": int(sum(len(r) for _, _, r in refs)),
         "total_layers": L, "heads_file": str(hp) if hp else None, "exits": out_exits, "humaneval": humaneval_report,
     }
+
+
+def update_card(report: dict[str, Any], command: str | None = None) -> Path:
+    """Write the report's HumanEval pass@1 into the exit card next to its heads file: ``humaneval`` (protocol,
+    problems, ``pass_at_1_full``) at the top and ``pass_at_1`` in each measured exit, so the policy can guard on
+    task quality (``candidate_info`` turns them into ``ExitPrior.pass_at_1_drop``)."""
+    he = report.get("humaneval")
+    if not he:
+        raise HeliosError("--update-card needs a HumanEval measurement (--humaneval N > 0)")
+    if not report.get("heads_file"):
+        raise HeliosError(f"model {report['model']!r} has no exit heads file, so no card to update")
+    path = Path(report["heads_file"]).with_suffix(".json")
+    if not path.exists():
+        raise HeliosError(f"no exit card at {path}")
+    card = json.loads(path.read_text())
+    depths = he["depths"]
+    full = depths.get(str(report["total_layers"]))
+    card["humaneval"] = {"problems": he["problems"], "max_tokens": he["max_tokens"], "protocol": he["protocol"],
+                         "pass_at_1_full": full["pass_at_1"] if full else None, "command": command}
+    for d, e in (card.get("exits") or {}).items():
+        if d in depths:
+            e["pass_at_1"] = depths[d]["pass_at_1"]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(card, indent=2) + "\n")
+    tmp.replace(path)
+    return path
 
 
 def report_table(report: dict[str, Any]) -> str:

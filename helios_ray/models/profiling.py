@@ -94,7 +94,9 @@ def candidate_info(repo: Any, name: str, dtype: str = "float32") -> CandidateInf
             cal = [CalibrationPoint(threshold=c["threshold"], coverage=c["coverage"], agreement=c["agreement"])
                    for c in e.get("calibration", []) if c.get("agreement") is not None]
             if e.get("agreement") is not None:
-                prior[d] = ExitPrior(agreement=e["agreement"], calibration=cal)
+                full = (card.get("humaneval") or {}).get("pass_at_1_full")
+                drop = round(full - e["pass_at_1"], 4) if full is not None and e.get("pass_at_1") is not None else None
+                prior[d] = ExitPrior(agreement=e["agreement"], calibration=cal, pass_at_1_drop=drop)
             if kinds.get(d) != "healed":  # a healed exit is merged into the loaded layers: no extra weights
                 exit_head_bytes = max(exit_head_bytes, memory.param_bytes(int(e.get("parameters", 0)), dtype))
     attends = any(kind == "block" for d, kind in kinds.items() if int(d) < info.num_layers)

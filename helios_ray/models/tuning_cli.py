@@ -109,6 +109,9 @@ def eval_configure_parser(p: argparse.ArgumentParser) -> None:
                    help="depths for pass@1 (default: the evaluated exits); full depth is always included")
     p.add_argument("--humaneval-max-tokens", type=int, default=256, help="token limit per completion (default 256)")
     p.add_argument("--humaneval-timeout", type=float, default=10.0, help="seconds per test program (default 10)")
+    p.add_argument("--update-card", action="store_true",
+                   help="write the measured pass@1 per depth into the exit card next to the heads file, where the "
+                        "policy reads it (PolicyConfig.guard_metric: pass_at_1)")
     p.add_argument("--threads", type=int, default=None)
     p.add_argument("--no-progress", action="store_true")
     p.add_argument("--json", action="store_true")
@@ -131,6 +134,11 @@ def eval_run(args: argparse.Namespace) -> int:
         pass_at_1_depths=[e.depth for e in parse_exits(args.pass_at_1_depths, "block")] if args.pass_at_1_depths else None,
         humaneval_max_tokens=args.humaneval_max_tokens, humaneval_timeout=args.humaneval_timeout,
     )
+    if args.update_card:
+        from helios_ray.models.exit_eval import update_card
+
+        path = update_card(report, " ".join(shlex.quote(a) for a in sys.argv[1:]))
+        print(f"updated {path}", file=sys.stderr)
     if args.json:
         print(json.dumps(report, indent=2))
     else:

@@ -121,6 +121,27 @@ def test_perplexity_guard_applies_when_logprobs_are_known() -> None:
     assert choose_depth(ALPHA, entry, PolicyConfig(max_ppl_increase=10.0)).depth == 16
 
 
+def test_the_guard_can_check_task_quality_instead_of_agreement() -> None:
+    """Agreement overstates code quality: with guard_metric pass_at_1 a depth whose tokens agree 95% but whose
+    programs pass 10 points less is refused, and one that loses <= 2 points is taken."""
+    cal = [CalibrationPoint(threshold=0.9, coverage=0.7, agreement=0.99)]
+    c = cand("coder", 24, [20, 22], exit_prior={
+        20: ExitPrior(agreement=0.95, calibration=cal, pass_at_1_drop=0.10),
+        22: ExitPrior(agreement=0.97, calibration=cal, pass_at_1_drop=0.02),
+    })
+    assert choose_depth(c, None, PolicyConfig()).depth == 20  # agreement alone takes 20
+    quality = PolicyConfig(guard_metric="pass_at_1")
+    choice = choose_depth(c, None, quality)
+    assert choice.depth == 22 and "pass@1 drop +0.020" in choice.reason
+    strict = choose_depth(c, None, quality.model_copy(update={"max_pass_at_1_drop": 0.0}))
+    assert strict.depth == 24 and "20: pass@1 drop 0.100 > max_pass_at_1_drop 0.0;" in strict.reason
+    # not measured: the quality guard refuses the depth rather than guessing
+    unmeasured = cand("coder", 24, [22], exit_prior={22: ExitPrior(agreement=0.97, calibration=cal)})
+    assert choose_depth(unmeasured, None, quality).depth == 24
+    with pytest.raises(ValueError):
+        PolicyConfig(guard_metric="bleu")  # type: ignore[arg-type]
+
+
 def test_unknown_evidence_falls_back_to_full_depth_unless_optimistic() -> None:
     choice = choose_depth(ALPHA, None, PolicyConfig())
     assert (choice.depth, choice.evidence, choice.agreement) == (30, "full", 1.0)

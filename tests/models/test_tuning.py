@@ -181,7 +181,7 @@ def test_eval_exits_on_a_prompt_file(card, tiny, capsys):
     prompts.write_text("".join(json.dumps({"prompt": f"the cat sat on {w}", "kind": k}) + "\n"
                                for w, k in [("a mat", "text"), ("the river", "text"), ("two dogs", "story")]))
     rc = main(["eval-exits", "tiny-llama", "--prompts", str(prompts), "--max-tokens", "4", "--json", "--no-progress",
-               "--humaneval", "2", "--humaneval-max-tokens", "6", "--pass-at-1-depths", "3",
+               "--humaneval", "2", "--humaneval-max-tokens", "6", "--pass-at-1-depths", "3", "--update-card",
                "--models-file", str(tiny["models_file"])])
     out, err = capsys.readouterr()
     assert rc == 0, err
@@ -199,6 +199,15 @@ def test_eval_exits_on_a_prompt_file(card, tiny, capsys):
         assert set(d["results"]) == {"HumanEval/0", "HumanEval/1"}
         assert all(v.startswith("failed") for v in d["results"].values())
     assert rep["exits"]["3"]["pass_at_1"] == 0.0 and "pass_at_1" not in rep["exits"]["2"]
+    # --update-card: the card now carries pass@1, and the policy's prior the drop from full depth
+    from helios_ray.models.profiling import candidate_info
+    from helios_ray.models.repository import ModelRepository
+
+    card_now = json.loads((tiny["out"] / "exits.json").read_text())
+    assert card_now["humaneval"]["pass_at_1_full"] == 0.0 and card_now["humaneval"]["problems"] == 2
+    assert card_now["exits"]["3"]["pass_at_1"] == 0.0 and "pass_at_1" not in card_now["exits"]["2"]
+    info = candidate_info(ModelRepository(models_file=tiny["models_file"]), "tiny-llama")
+    assert info.exit_prior[3].pass_at_1_drop == 0.0 and info.exit_prior[2].pass_at_1_drop is None
 
 
 @pytest.mark.parametrize("extra, message", [
