@@ -13,6 +13,7 @@ import os
 import sys
 from typing import Any, Callable
 
+from helios_ray.dtypes import DTYPE_CHOICES
 from helios_ray.errors import HeliosError
 
 Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
@@ -80,8 +81,9 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("model", help="registered model name (see `helios-ray models`)")
     p.add_argument("--depth", type=int, default=None, help="layers to load (default: all)")
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
-    p.add_argument("--dtype", default="auto", choices=["auto", "float32", "bfloat16", "float16"],
-                   help="auto: bfloat16 on CUDA and on CPUs with bf16 units (AVX512-BF16/AMX), else float32")
+    p.add_argument("--dtype", default="auto", choices=list(DTYPE_CHOICES),
+                   help="auto: bfloat16 on CUDA and on CPUs with bf16 units (AVX512-BF16/AMX), else float32; "
+                        "int8: int8 weights, activations as auto")
     p.add_argument("--exits", default="auto", choices=["auto", "shared"],
                    help="auto: trained exit head at the depth when available; shared: final norm + LM head")
     p.add_argument("--models-file")
@@ -123,7 +125,7 @@ def _run_inspect(a: argparse.Namespace) -> int:
         "rss_after_load_bytes": load_rss,
         "rss_delta_bytes": rss_bytes() - rss0,
         "device": str(m.device),
-        "dtype": str(m.lm.dtype).replace("torch.", ""),
+        "dtype": ((m.lm.quant + "/") if m.lm.quant else "") + str(m.lm.dtype).replace("torch.", ""),
     }
     _emit(out, a.json, lambda o: "\n".join(f"{k:>20}: {v}" for k, v in o.items()))
     return 0
@@ -250,7 +252,7 @@ def _cfg_bench(p: argparse.ArgumentParser) -> None:
     e.add_argument("--repeats", type=int, default=2, choices=[1, 2], help="2 = A-B-B-A order, times averaged")
     e.add_argument("--budget-mb", type=int, default=2048)
     e.add_argument("--threads", type=int, default=1, help="torch threads for both sides")
-    e.add_argument("--dtype", default="float32", choices=["auto", "float32", "bfloat16", "float16"],
+    e.add_argument("--dtype", default="float32", choices=list(DTYPE_CHOICES),
                    help="the engine's dtype (transformers stays float32, the reference); auto: see generate")
     e.add_argument("--seed", type=int, default=0)
     e.add_argument("--json", action="store_true")
@@ -307,6 +309,8 @@ def _cfg_bench(p: argparse.ArgumentParser) -> None:
     m.add_argument("--depths", default=None, help="comma-separated depths (default: full and 2/3 of it)")
     m.add_argument("--seq-len", type=int, default=512)
     m.add_argument("--block-size", type=int, default=16)
+    m.add_argument("--dtype", default="auto", choices=list(DTYPE_CHOICES),
+                   help="serving dtype (weights and KV); int8: int8 weights, KV at what auto picks")
     m.add_argument("--json", action="store_true")
 
 
@@ -430,7 +434,7 @@ def _run_bench(a: argparse.Namespace) -> int:
         if not info.prepared:
             raise HeliosError(info.problem or f"model {a.model!r} is not prepared")
         depths = _ints(a.depths, "--depths") if a.depths else [info.num_layers, max(1, info.num_layers * 2 // 3)]
-        res = engine_bench.bench_memory(a.model, a.budget_mb, depths, a.seq_len, a.block_size)
+        res = engine_bench.bench_memory(a.model, a.budget_mb, depths, a.seq_len, a.block_size, a.dtype)
         _emit(res, a.json, lambda r: "\n".join(
             [f"depth {d:>3}: {v['max_concurrent_sequences']} concurrent {r['seq_len']}-token sequences "
              f"({v['kv_blocks']} blocks, weights {v['weight_bytes'] / 2**20:.0f} MiB)" for d, v in r["depths"].items()]

@@ -16,14 +16,16 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from helios_ray.dtypes import split_dtype
+
 DTYPE_BYTES: dict[str, int] = {"float32": 4, "float16": 2, "bfloat16": 2}
 
 
 def dtype_bytes(dtype: str) -> int:
-    """Bytes per element of ``dtype`` ('float32', 'bfloat16', 'float16'; a 'torch.' prefix is accepted)."""
-    name = str(dtype).removeprefix("torch.")
-    if name not in DTYPE_BYTES:
-        raise ValueError(f"unknown dtype {dtype!r} (known: {', '.join(DTYPE_BYTES)})")
+    """Bytes per activation/KV element of ``dtype`` ('float32', 'bfloat16', 'float16'; a 'torch.' prefix is
+    accepted; a weight-quantized serving dtype such as 'int8/bfloat16' gives its activation dtype's bytes - the
+    quantized weights' own bytes are priced by ``helios_ray.models.quant``)."""
+    _, name = split_dtype(dtype)  # ValueError with the known names for anything else
     return DTYPE_BYTES[name]
 
 

@@ -95,10 +95,16 @@ def gemm_peak_gflops(dtype: torch.dtype = torch.float32, n: int = 1024, seconds:
 def matmul_flops(model: EarlyExitLM, tokens_in: int, tokens_out: int) -> int:
     """Weight-matmul FLOPs of a run: 2 x layer weights per token run through the layers (prompt and decode
     inputs), 2 x LM head per sampled token.  Attention over the context is not counted, so the fraction of peak
-    derived from it is a lower bound."""
+    derived from it is a lower bound.  Quantized matrices are buffers (models/quant.py) and count the same."""
     lm = model.lm
-    layer = sum(p.numel() for p in lm.layers[0].parameters() if p.dim() == 2)
-    return 2 * (tokens_in * lm.depth * layer + tokens_out * lm.lm_head_weight.numel())
+    layer = sum(t.numel() for t in [*lm.layers[0].parameters(), *lm.layers[0].buffers()] if t.dim() == 2)
+    return 2 * (tokens_in * lm.depth * layer + tokens_out * lm.spec.vocab_size * lm.spec.hidden_size)
+
+
+def _dtype_name(model: EarlyExitLM) -> str:
+    """The serving dtype as resolved: ``bfloat16``, or ``int8/bfloat16`` for int8 weights with bf16 activations."""
+    act = str(model.lm.dtype).removeprefix("torch.")
+    return f"{model.lm.quant}/{act}" if model.lm.quant else act
 
 
 def agreement(a: list[list[int]], b: list[list[int]]) -> float:
@@ -122,7 +128,7 @@ def bench_engine(model_name: str, batches: list[int], requests_per_batch: int, m
     pad = model.spec.pad_token_id if model.spec.pad_token_id is not None else 0
     peak = gemm_peak_gflops(model.lm.dtype)
     results: dict[str, Any] = {"model": model_name, "device": str(model.device), "threads": threads,
-                               "engine_dtype": str(model.lm.dtype).removeprefix("torch."),
+                               "engine_dtype": _dtype_name(model),
                                "transformers_dtype": "float32",
                                "budget_mb": budget_mb, "seed": seed, "workload": "sharegpt",
                                "gemm_peak_gflops": round(peak, 2), "runs": []}
@@ -165,13 +171,14 @@ def bench_engine(model_name: str, batches: list[int], requests_per_batch: int, m
     return results
 
 
-def bench_memory(model_name: str, budget_mb: int, depths: list[int], seq_len: int, block_size: int) -> dict[str, Any]:
+def bench_memory(model_name: str, budget_mb: int, depths: list[int], seq_len: int, block_size: int,
+                 dtype: str = "auto") -> dict[str, Any]:
     """Admit as many ``seq_len``-token sequences as the scheduler will, at each depth, in one budget."""
     from helios_ray.models.early_exit import load_model
 
-    model = load_model(model_name, depth=max(depths), exits="auto")
+    model = load_model(model_name, depth=max(depths), exits="auto", dtype=dtype)
     out: dict[str, Any] = {"model": model_name, "budget_mb": budget_mb, "seq_len": seq_len, "block_size": block_size,
-                           "depths": {}}
+                           "dtype": _dtype_name(model), "depths": {}}
     for d in sorted(depths, reverse=True):
         model.set_depth(d)
         eng = LLMEngine(model, EngineConfig(memory_budget=budget_mb << 20, block_size=block_size,

@@ -112,7 +112,7 @@ class LLMEngine:
         return KVLayout(
             num_kv_layers=m.kv_layers,
             num_kv_heads=m.spec.num_kv_heads, head_dim=m.spec.head_dim,
-            dtype_bytes=m.lm.embed.weight.element_size(), block_size=self.config.block_size,
+            dtype_bytes=m.lm.dtype.itemsize, block_size=self.config.block_size,
         )
 
     @property

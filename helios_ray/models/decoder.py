@@ -304,14 +304,22 @@ class DecoderLM(nn.Module):
         )
         self.final_norm = Norm(spec.norm, spec.hidden_size, spec.norm_eps, spec.norm_bias)
         self.lm_head = None if spec.tie_word_embeddings else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
+        self.quant: str | None = None  # weight format when quantized (models/quant.py swaps the linears)
 
     @property
     def lm_head_weight(self) -> Tensor:
-        return self.embed.weight if self.lm_head is None else self.lm_head.weight
+        """The LM head as a float matrix (dequantized when the model is quantized: a copy, for training code)."""
+        head = self.embed if self.lm_head is None else self.lm_head
+        return head.weight if isinstance(head, (nn.Linear, nn.Embedding)) else head.dequantized()
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.embed.weight.dtype
+        """The activation (and KV) dtype; the final norm is never quantized, so it carries it."""
+        return self.final_norm.weight.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.final_norm.weight.device
 
     def context(self, q_pos: Tensor, cache: KVCache) -> StepContext:
         return StepContext(self.spec, q_pos, cache, self.dtype)
@@ -331,7 +339,13 @@ class DecoderLM(nn.Module):
 
     def logits(self, h: Tensor) -> Tensor:
         """The shared head: final norm, LM head, optional final soft-capping."""
-        logits = F.linear(self.final_norm(h), self.lm_head_weight)
+        x = self.final_norm(h)
+        if self.lm_head is not None:
+            logits = self.lm_head(x)
+        elif isinstance(self.embed, nn.Embedding):
+            logits = F.linear(x, self.embed.weight)
+        else:  # a quantized tied head (models/quant.py QuantEmbedding)
+            logits = self.embed.project(x)
         cap = self.spec.final_logit_softcap
         if cap is not None:
             logits = torch.tanh(logits / cap) * cap

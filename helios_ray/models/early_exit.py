@@ -35,7 +35,7 @@ from helios_ray.models.exit_heads import BlockHead, ExitHead, SharedHead, load_h
 from helios_ray.models.healed import HealedHead
 from helios_ray.models.prompts import EncodedPrompt, encode_request, has_chat_template
 from helios_ray.models.loading import (
-    check_depth, load_decoder, param_bytes, pick_device, pick_dtype, read_spec,
+    check_depth, load_decoder, param_bytes, pick_device, pick_dtype, read_spec, weight_format,
 )
 
 ConfidenceKind = Literal["max_prob", "margin", "entropy"]
@@ -123,7 +123,7 @@ class EarlyExitLM:
 
     @property
     def device(self) -> torch.device:
-        return self.lm.embed.weight.device
+        return self.lm.device
 
     @property
     def exit_head(self) -> ExitHead:
@@ -148,7 +148,7 @@ class EarlyExitLM:
         return ModelParts(
             num_layers=s.num_layers, embed_bytes=embed, layer_bytes=param_bytes(lm.layers[0]), head_bytes=head,
             kv_bytes_per_token_per_layer=memory.kv_bytes_per_token(1, s.num_kv_heads, s.head_dim,
-                                                                   lm.embed.weight.element_size()),
+                                                                   lm.dtype.itemsize),
             exit_head_bytes=max((param_bytes(h) for h in heads), default=0),
             exit_head_attends=any(h.extra_kv_layers for h in heads),
         )
@@ -441,7 +441,7 @@ def load_model(name: str, depth: int | None = None, *, repo: Any = None, device:
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     t0 = time.perf_counter()
-    lm, _ = load_decoder(ckpt_dir, depth, dev, dt, name)
+    lm, _ = load_decoder(ckpt_dir, depth, dev, dt, name, weights=weight_format(dtype))
     heads: dict[int, ExitHead] = {}
     if isinstance(exits, Path):
         exits, heads_file = "auto", exits

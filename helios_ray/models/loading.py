@@ -15,11 +15,12 @@ from pathlib import Path
 import psutil
 import torch
 
-from helios_ray.dtypes import cpu_has_bf16
+from helios_ray.dtypes import serving_dtype, split_dtype
 from helios_ray.errors import HeliosError
 from helios_ray.models.checkpoint import Checkpoint
 from helios_ray.models.decoder import Block, DecoderLM
 from helios_ray.models.families import ArchSpec, global_names, layer_names, spec_from_config
+from helios_ray.models.quant import quantize_block, quantize_decoder
 from helios_ray.models.repository import resolve_name
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -33,14 +34,25 @@ def pick_device(device: str = "auto") -> torch.device:
     return torch.device(device)
 
 
+def resolve_dtype(dtype: str, device: torch.device) -> tuple[torch.dtype, str | None]:
+    """(activation dtype, weight format or None) of a serving dtype on ``device``.  ``auto``: bfloat16 on CUDA and
+    on CPUs with bf16 units (AVX512-BF16/AMX), float32 on other CPUs (bf16 matmuls are emulated there: slower than
+    fp32, and they change results); ``int8``: int8 weights with activations at what ``auto`` would pick."""
+    try:
+        weights, act = split_dtype(serving_dtype(dtype, device.type == "cuda"))
+    except ValueError as e:
+        raise HeliosError(str(e)) from None
+    return _DTYPES[act], weights
+
+
 def pick_dtype(dtype: str, device: torch.device) -> torch.dtype:
-    """``auto``: bfloat16 on CUDA and on CPUs with bf16 units (AVX512-BF16/AMX), float32 on other CPUs (bf16
-    matmuls are emulated there: slower than fp32, and they change results)."""
-    if dtype == "auto":
-        return torch.bfloat16 if device.type == "cuda" or cpu_has_bf16() else torch.float32
-    if dtype not in _DTYPES:
-        raise HeliosError(f"unknown dtype {dtype!r} (known: auto, {', '.join(_DTYPES)})")
-    return _DTYPES[dtype]
+    """The activation (and KV) dtype of serving dtype ``dtype`` on ``device`` (see :func:`resolve_dtype`)."""
+    return resolve_dtype(dtype, device)[0]
+
+
+def weight_format(dtype: str) -> str | None:
+    """The weight format of a serving dtype (``int8``), None for float dtypes."""
+    return resolve_dtype(dtype, torch.device("cpu"))[1]
 
 
 def read_spec(ckpt_dir: Path) -> ArchSpec:
@@ -56,10 +68,11 @@ def check_depth(depth: int | None, spec: ArchSpec, name: str = "model") -> int:
 
 
 def param_bytes(module: torch.nn.Module) -> int:
-    """Bytes of distinct parameter storage (a tied LM head is counted once)."""
+    """Bytes of distinct parameter and buffer storage (a tied LM head is counted once; quantized weights and
+    their scales are buffers, see models/quant.py)."""
     seen: set[int] = set()
     total = 0
-    for p in module.parameters():
+    for p in [*module.parameters(), *module.buffers()]:
         key = p.data_ptr()
         if key not in seen:
             seen.add(key)
@@ -94,7 +107,10 @@ def _read_tensors(ck: Checkpoint, groups: list[tuple[str, dict]], device: torch.
 
 
 def load_decoder(ckpt_dir: Path, depth: int | None = None, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, name: str = "model") -> tuple[DecoderLM, LoadStats]:
+                 dtype: torch.dtype = torch.float32, name: str = "model", weights: str | None = None
+                 ) -> tuple[DecoderLM, LoadStats]:
+    """Layers [0, depth) at ``dtype``; with ``weights`` (``int8``) the projections and LM head are quantized
+    from the checkpoint's float32 values and everything else is cast to ``dtype`` (models/quant.py)."""
     t0 = time.perf_counter()
     spec = read_spec(ckpt_dir)
     depth = check_depth(depth, spec, name)
@@ -102,8 +118,11 @@ def load_decoder(ckpt_dir: Path, depth: int | None = None, device: torch.device 
         lm = DecoderLM(spec, depth)
     groups = [("", global_names(spec))] + [(f"layers.{i}.", layer_names(spec, i)) for i in range(depth)]
     with Checkpoint(Path(ckpt_dir)) as ck:
-        sd, n_read, n_bytes = _read_tensors(ck, groups, device, dtype)
+        sd, n_read, n_bytes = _read_tensors(ck, groups, device, torch.float32 if weights else dtype)
     lm.load_state_dict(sd, strict=True, assign=True)
+    del sd
+    if weights:
+        quantize_decoder(lm, weights, dtype)
     lm.eval().requires_grad_(False)
     return lm, LoadStats(seconds=time.perf_counter() - t0, tensors_read=n_read, bytes_read=n_bytes)
 
@@ -116,13 +135,15 @@ def set_depth(lm: DecoderLM, ckpt_dir: Path, depth: int) -> LoadStats:
     n_read = n_bytes = 0
     if depth > lm.depth:
         groups = [(f"{i}.", layer_names(lm.spec, i)) for i in range(lm.depth, depth)]
-        with Checkpoint(Path(ckpt_dir)) as ck:
-            sd, n_read, n_bytes = _read_tensors(ck, groups, lm.embed.weight.device, lm.dtype)
+        with Checkpoint(Path(ckpt_dir)) as ck:  # a quantized model quantizes from float32, as at load
+            sd, n_read, n_bytes = _read_tensors(ck, groups, lm.device, torch.float32 if lm.quant else lm.dtype)
         for i in range(lm.depth, depth):
             with torch.device("meta"):
                 block = Block(lm.spec, lm.spec.layer_rope[i], lm.spec.layer_window[i])
             block.load_state_dict({k[len(f"{i}."):]: v for k, v in sd.items() if k.startswith(f"{i}.")},
                                   strict=True, assign=True)
+            if lm.quant:
+                quantize_block(block, lm.quant, lm.dtype)
             lm.layers.append(block.eval().requires_grad_(False))
     else:
         del lm.layers[depth:]

@@ -106,7 +106,7 @@ def candidate_info(repo: Any, name: str, dtype: str = "float32") -> CandidateInf
         head_bytes=info.head_bytes or 0, exit_head_bytes=exit_head_bytes,
         kv_bytes_per_token_per_layer=kv_layer, exit_kv_bytes_per_token=kv_layer if attends else 0,
         exits=exits, exit_prior=prior,
-        flops_per_token_per_layer=2 * info.layer_bytes // memory.dtype_bytes(dtype),
+        flops_per_token_per_layer=2 * (info.layer_params or info.layer_bytes // memory.dtype_bytes(dtype)),
         head_flops_per_token=2 * info.hidden_size * info.vocab_size,
     )
 

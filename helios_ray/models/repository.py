@@ -181,6 +181,7 @@ class ModelInfo(BaseModel):
     embed_bytes: int | None = None
     layer_bytes: int | None = None
     head_bytes: int | None = None
+    layer_params: int | None = None  # one layer's parameter count (its FLOPs per token are twice this)
     kv_bytes_per_token_per_layer: int | None = None
     tied_embeddings: bool | None = None
     chat_template: bool | None = None
@@ -359,16 +360,30 @@ def _static_info(d: str, name: str, description: str, source: str, dtype: str, e
     from helios_ray.models.exit_heads import heads_metadata
     from helios_ray.models.families import global_names, layer_names, spec_from_config
 
+    import torch
+
+    from helios_ray.dtypes import split_dtype
+    from helios_ray.models import quant
+
     cfg = json.loads((Path(d) / "config.json").read_text())
     spec = spec_from_config(cfg)
     ckpt = Checkpoint(Path(d))
     nbytes = memory.dtype_bytes(dtype)
+    weights, _ = split_dtype(dtype)
 
-    def size(names: dict[str, Any]) -> int:
-        total = 0
-        for hf_name, _ in {v[0]: v for v in names.values()}.values():
-            total += ckpt.numel(resolve_name(ckpt, hf_name))
-        return total * nbytes
+    def size(names: dict[str, Any], params: bool = False) -> int:
+        """Bytes (or parameters) of our tensors ``names``; each checkpoint tensor once, except that a quantized
+        matrix is priced per our name from its shape as loaded (GPT-2's fused c_attn becomes three)."""
+        total, seen = 0, set()
+        for ours, (hf_name, transform) in names.items():
+            hf = resolve_name(ckpt, hf_name)
+            if weights and not params and quant.is_quantized(ours, spec.tie_word_embeddings):
+                shape = transform(torch.empty(ckpt.shape(hf), device="meta")).shape
+                total += quant.weight_bytes(shape, weights, nbytes)
+            elif hf not in seen:
+                seen.add(hf)
+                total += ckpt.numel(hf) * (1 if params else nbytes)
+        return total
 
     g = global_names(spec)
     embed = {k: v for k, v in g.items() if k in ("embed.weight", "pos_embed.weight")}
@@ -387,6 +402,7 @@ def _static_info(d: str, name: str, description: str, source: str, dtype: str, e
         num_layers=spec.num_layers, hidden_size=spec.hidden_size, num_heads=spec.num_heads,
         num_kv_heads=spec.num_kv_heads, head_dim=spec.head_dim, vocab_size=spec.vocab_size, dtype=dtype,
         embed_bytes=size(embed), layer_bytes=size(layer_names(spec, 0)), head_bytes=size(head),
+        layer_params=size(layer_names(spec, 0), params=True),
         kv_bytes_per_token_per_layer=memory.kv_bytes_per_token(1, spec.num_kv_heads, spec.head_dim, dtype),
         tied_embeddings=spec.tie_word_embeddings, chat_template=chat, exits=exits,
     )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 
 from helios_ray import memory
+from helios_ray.dtypes import serving_dtype
 from helios_ray.bench.serve_bench import max_concurrency
 from helios_ray.control.config import Hardware, PolicyConfig
 from helios_ray.control.costs import max_batch
@@ -12,21 +13,25 @@ from helios_ray.engine.engine import EngineConfig, LLMEngine
 from helios_ray.engine.sequence import SamplingParams, Sequence
 from helios_ray.models.early_exit import load_model
 from helios_ray.models.profiling import candidate_info
+from helios_ray.models.quant import QuantLinear
 from helios_ray.models.repository import ModelRepository
 
 BUDGET, SEQ, BLOCK = 1 << 30, 512, 16
 
 
-@pytest.fixture(scope="module")
-def smol_exits():
-    return load_model("smollm2-135m", depth=20, exits="auto", dtype="float32")  # the shipped exit head at 20 (a block head)
+@pytest.fixture(scope="module", params=["float32", "int8"])
+def smol_exits(request):
+    # the shipped exit head at 20 (a block head); int8: quantized layers + tied head, bf16/fp32 activations and KV
+    return load_model("smollm2-135m", depth=20, exits="auto", dtype=request.param), request.param
 
 
 def test_engine_policy_and_bench_agree(smol_exits):
-    m = smol_exits
-    cand = candidate_info(ModelRepository(), "smollm2-135m")
+    m, dtype = smol_exits
+    cand = candidate_info(ModelRepository(), "smollm2-135m", serving_dtype(dtype, cuda=False))
     for depth in (20, 30):
-        m.set_depth(depth)
+        m.set_depth(depth)  # growing a quantized model quantizes the new layers: the same bytes per layer
+        if m.lm.quant:
+            assert all(isinstance(layer.mlp.down, QuantLinear) for layer in m.lm.layers)
         fp = m.footprint
         # the policy's candidate metadata (from checkpoint shapes + exit card) prices the same bytes
         assert cand.footprint(depth) == fp, depth
@@ -44,12 +49,24 @@ def test_engine_policy_and_bench_agree(smol_exits):
     m.set_depth(20)
 
 
-def test_a_block_exit_head_costs_a_layer_of_kv_in_every_copy(smol_exits):
+def test_a_block_exit_head_costs_a_layer_of_kv_in_every_copy():
     kinds = ModelRepository().info("smollm2-135m").exits.kinds
     assert kinds.get(20) == "block"
     cand = candidate_info(ModelRepository(), "smollm2-135m")
     per_layer = memory.kv_bytes_per_token(1, 3, 64, "float32")
     assert cand.kv_bytes_per_token(20) == 21 * per_layer and cand.kv_bytes_per_token(30) == 30 * per_layer
+
+
+def test_int8_prices_weights_at_a_byte_and_kv_at_the_activation_dtype():
+    act = serving_dtype("auto", cuda=False)
+    cand = candidate_info(ModelRepository(), "smollm2-135m", act)
+    cand8 = candidate_info(ModelRepository(), "smollm2-135m", serving_dtype("int8", cuda=False))
+    for d in (20, 30):
+        a, b = cand.footprint(d), cand8.footprint(d)
+        assert b.kv_bytes_per_token == a.kv_bytes_per_token  # KV and exit heads stay at the activation dtype
+        # about half of bf16 (a quarter of fp32): int8 matrices + scales; the exit head at 20 stays float
+        assert b.weight_bytes < a.weight_bytes * (0.53 if act == "bfloat16" else 0.28), (d, b, a)
+    assert cand8.flops_per_token_per_layer == cand.flops_per_token_per_layer
 
 
 def test_bf16_halves_every_size():
