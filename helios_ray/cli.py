@@ -83,7 +83,7 @@ def _add_load_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:N")
     p.add_argument("--dtype", default="auto", choices=list(DTYPE_CHOICES),
                    help="auto: bfloat16 on CUDA and on CPUs with bf16 units (AVX512-BF16/AMX), else float32; "
-                        "int8: int8 weights, activations as auto")
+                        "int8 / int4: quantized weights, activations as auto")
     p.add_argument("--exits", default="auto", choices=["auto", "shared"],
                    help="auto: trained exit head at the depth when available; shared: final norm + LM head")
     p.add_argument("--models-file")
@@ -310,7 +310,7 @@ def _cfg_bench(p: argparse.ArgumentParser) -> None:
     m.add_argument("--seq-len", type=int, default=512)
     m.add_argument("--block-size", type=int, default=16)
     m.add_argument("--dtype", default="auto", choices=list(DTYPE_CHOICES),
-                   help="serving dtype (weights and KV); int8: int8 weights, KV at what auto picks")
+                   help="serving dtype (weights and KV); int8 / int4: quantized weights, KV at what auto picks")
     m.add_argument("--json", action="store_true")
 
 

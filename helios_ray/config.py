@@ -227,10 +227,11 @@ class ServeConfig(StrictModel):
     replica_num_cpus: float = Field(default=1.0, ge=0)
     replica_num_gpus: float = Field(default=0.0, ge=0)
     device: DeviceName = "auto"
-    dtype: Literal["auto", "float32", "bfloat16", "float16", "int8"] = Field(
+    dtype: Literal["auto", "float32", "bfloat16", "float16", "int8", "int4"] = Field(
         default="auto", description="Weights and KV dtype; auto = bfloat16 on CUDA and on CPUs with bf16 units "
                                     "(AVX512-BF16/AMX), float32 elsewhere; int8 = int8 weights (per-channel "
-                                    "scales) with activations and KV at what auto picks (docs/engine.md).")
+                                    "scales) with activations and KV at what auto picks; int4 = int4 layer "
+                                    "weights in groups of 32, int8 LM head (docs/engine.md).")
     engine: EngineConfig = Field(default_factory=EngineConfig,
                                  description="Per replica: memory budget, batch and context caps, threads.")
     mirror_fraction: float = Field(default=0.05, ge=0.0, le=1.0)

@@ -6,7 +6,7 @@ the replica that loads the model does.
 A serving dtype names the activations (and KV) and, for weight-only quantization, the weight format too:
 ``int8`` resolves to ``int8/bfloat16`` (int8 weights, bf16 activations and KV) where bf16 is native and to
 ``int8/float32`` elsewhere.  The resolved name travels to the pricing code, so the bytes it counts are the bytes
-the replica loads (the same ``int8`` costs 2 or 4 bytes per KV element depending on the host).
+the replica loads (the same ``int8`` costs 2 or 4 bytes per KV element depending on the host).  ``int4`` likewise.
 """
 
 from __future__ import annotations
@@ -38,7 +38,7 @@ def cpu_has_bf16(flags: set[str] | None = None) -> bool:
 
 
 FLOAT_DTYPES = ("float32", "bfloat16", "float16")
-WEIGHT_FORMATS = ("int8",)  # weight-only quantized formats (helios_ray/models/quant.py implements them)
+WEIGHT_FORMATS = ("int8", "int4")  # weight-only quantized formats (helios_ray/models/quant.py)
 DTYPE_CHOICES = ("auto", *FLOAT_DTYPES, *WEIGHT_FORMATS)  # what a user may write (config, CLI)
 
 

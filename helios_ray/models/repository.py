@@ -377,9 +377,12 @@ def _static_info(d: str, name: str, description: str, source: str, dtype: str, e
         total, seen = 0, set()
         for ours, (hf_name, transform) in names.items():
             hf = resolve_name(ckpt, hf_name)
-            if weights and not params and quant.is_quantized(ours, spec.tie_word_embeddings):
+            fmt = None
+            if weights and not params:
                 shape = transform(torch.empty(ckpt.shape(hf), device="meta")).shape
-                total += quant.weight_bytes(shape, weights, nbytes)
+                fmt = quant.matrix_format(ours, shape, spec.tie_word_embeddings, weights)
+            if fmt:
+                total += quant.weight_bytes(shape, fmt, nbytes)
             elif hf not in seen:
                 seen.add(hf)
                 total += ckpt.numel(hf) * (1 if params else nbytes)

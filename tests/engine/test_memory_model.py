@@ -13,15 +13,15 @@ from helios_ray.engine.engine import EngineConfig, LLMEngine
 from helios_ray.engine.sequence import SamplingParams, Sequence
 from helios_ray.models.early_exit import load_model
 from helios_ray.models.profiling import candidate_info
-from helios_ray.models.quant import QuantLinear
+from helios_ray.models.quant import Int4Linear, QuantLinear
 from helios_ray.models.repository import ModelRepository
 
 BUDGET, SEQ, BLOCK = 1 << 30, 512, 16
 
 
-@pytest.fixture(scope="module", params=["float32", "int8"])
+@pytest.fixture(scope="module", params=["float32", "int8", "int4"])
 def smol_exits(request):
-    # the shipped exit head at 20 (a block head); int8: quantized layers + tied head, bf16/fp32 activations and KV
+    # the shipped exit head at 20 (a block head); int8/int4: quantized layers + tied head, KV at the activation dtype
     return load_model("smollm2-135m", depth=20, exits="auto", dtype=request.param), request.param
 
 
@@ -31,7 +31,7 @@ def test_engine_policy_and_bench_agree(smol_exits):
     for depth in (20, 30):
         m.set_depth(depth)  # growing a quantized model quantizes the new layers: the same bytes per layer
         if m.lm.quant:
-            assert all(isinstance(layer.mlp.down, QuantLinear) for layer in m.lm.layers)
+            assert all(isinstance(layer.mlp.down, (QuantLinear, Int4Linear)) for layer in m.lm.layers)
         fp = m.footprint
         # the policy's candidate metadata (from checkpoint shapes + exit card) prices the same bytes
         assert cand.footprint(depth) == fp, depth
