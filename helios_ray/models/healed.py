@@ -32,6 +32,7 @@ from helios_ray.errors import HeliosError
 from helios_ray.models.decoder import Block, DecoderLM, StepContext
 from helios_ray.models.exit_heads import ExitHead
 from helios_ray.models.families import ArchSpec
+from helios_ray.models.quant import Int4Linear, QuantLinear, add_delta
 
 __all__ = ["PROJECTIONS", "HealedHead"]
 
@@ -44,7 +45,7 @@ def _projections(block: nn.Module) -> dict[str, nn.Linear]:
     for name in PROJECTIONS:
         parent, _, leaf = name.partition(".")
         mod = getattr(getattr(block, parent), leaf, None)
-        if isinstance(mod, nn.Linear):
+        if isinstance(mod, (nn.Linear, QuantLinear, Int4Linear)):  # quantized: dtype int8/int4 (models/quant.py)
             out[name] = mod
     return out
 
@@ -102,8 +103,7 @@ class HealedHead(ExitHead):
         with torch.no_grad():
             for j, block in enumerate(blocks):
                 for name, lin in _projections(block).items():
-                    w = lin.weight
-                    w.copy_((w.float() + self.delta(j, name).to(w.device)).to(w.dtype))
+                    add_delta(lin, self.delta(j, name))  # a quantized projection is quantized again
 
     # ----------------------------------------------------------------------------------------- modes
     def merge_into(self, lm: DecoderLM) -> None:

@@ -112,6 +112,9 @@ def load_decoder(ckpt_dir: Path, depth: int | None = None, device: torch.device 
     """Layers [0, depth) at ``dtype``; with ``weights`` (``int8``) the projections and LM head are quantized
     from the checkpoint's float32 values and everything else is cast to ``dtype`` (models/quant.py)."""
     t0 = time.perf_counter()
+    if weights == "int4" and torch.device(device).type != "cpu":
+        raise HeliosError(f"dtype int4 is CPU-only (its kernel and packed layout are torch's CPU ones); use int8 or "
+                          f"bfloat16 on {device}")
     spec = read_spec(ckpt_dir)
     depth = check_depth(depth, spec, name)
     with torch.device("meta"):

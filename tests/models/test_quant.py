@@ -176,3 +176,40 @@ def test_quantized_weights_cost_a_quarter_or_less_of_fp32(smollm2_full, smol_qua
     # int8: 1 byte per weight; int4: the layers at ~0.6 byte, the tied 49152x576 head/embedding stays int8
     lo, hi = (0.25, 0.26) if smol_quant.lm.quant == "int8" else (0.16, 0.20)
     assert lo < ratio < hi + (0 if ACT == torch.bfloat16 else 0.02), ratio
+
+
+@pytest.mark.parametrize("fmt", ["int8", "int4"])
+def test_a_healed_exit_merges_into_a_quantized_model(tiny_dir, fmt):
+    """Serving a healed exit at int8/int4: its deltas reach the quantized projections (dequantize, add, quantize
+    again: each weight within half a step of the sum) and move the model towards the float-merged one."""
+    from helios_ray.models.healed import HealedHead
+
+    d, _ = tiny_dir("llama")
+    spec = load_decoder(d, 4)[0].spec
+    torch.manual_seed(3)
+    head, twin = HealedHead(4, spec, layers=2, rank=4), HealedHead(4, spec, layers=2, rank=4)
+    with torch.no_grad():
+        for p in head.b.values():
+            p.normal_(0, 0.3)
+    twin.load_state_dict(head.state_dict())
+    deltas = {(j, n): head.delta(j, n) for j in range(2) for n in quant.QUANTIZED_LINEARS}
+    q, _ = load_decoder(d, 4, weights=fmt)
+    plain, _ = load_decoder(d, 4, weights=fmt)
+    head.merge_into(q)
+    for j, i in enumerate((2, 3)):
+        for n in quant.QUANTIZED_LINEARS:
+            before, after = plain.layers[i].get_submodule(n), q.layers[i].get_submodule(n)
+            assert type(after) is type(before)
+            want = quant.quant_float(before) + deltas[(j, n)]
+            got = quant.quant_float(after)
+            if isinstance(after, quant.QuantLinear):
+                step = after.scales.float()[:, None]
+            else:
+                step = after.scales_zeros[..., 0].T.float().repeat_interleave(quant.INT4_GROUP, dim=1)
+            assert ((got - want).abs() <= 0.51 * step + 1e-6).all(), (n, (got - want).abs().max())
+    ref, _ = load_decoder(d, 4)  # float32, merged exactly
+    twin.merge_into(ref)
+    ids, pos = torch.tensor([[5, 17, 99, 3, 42, 7]]), torch.arange(6)[None]
+    with torch.no_grad():
+        a, b, c = (m.logits(m(ids, pos, DenseKVCache())) for m in (q, ref, plain))
+    assert (a - b).abs().mean() < 0.5 * (c - b).abs().mean()  # merged: much closer to the float-merged model
