@@ -215,6 +215,11 @@ class CandidateInfo(_Strict):
         description="KV bytes per token of an exit head that is itself a decoder block (0 otherwise).",
     )
     exits: list[int] = Field(default_factory=list)
+    free_exits: list[int] = Field(
+        default_factory=list,
+        description="Exits whose head costs no weights or KV when served (healed exits: merged into the loaded "
+                    "layers); every other depth below the full one pays exit_head_bytes (+ exit KV).",
+    )
     exit_prior: dict[int, ExitPrior] = Field(default_factory=dict)
     flops_per_token_per_layer: int | None = Field(None, ge=0)
     head_flops_per_token: int | None = Field(None, ge=0)
@@ -249,7 +254,7 @@ class CandidateInfo(_Strict):
         model the engine admits by (:mod:`helios_ray.memory`).  A trained exit head is only needed below the
         full depth; at the full depth the model's own head is the exit (and a block head's KV goes with it)."""
         self._check_depth(depth)
-        below = depth < self.num_layers
+        below = depth < self.num_layers and depth not in self.free_exits
         parts = ModelParts(num_layers=self.num_layers, embed_bytes=self.embed_bytes, layer_bytes=self.layer_bytes,
                            head_bytes=self.head_bytes, kv_bytes_per_token_per_layer=self.kv_bytes_per_token_per_layer,
                            exit_head_bytes=self.exit_head_bytes)

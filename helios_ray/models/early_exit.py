@@ -31,7 +31,9 @@ from helios_ray import memory
 from helios_ray.errors import HeliosError, InvalidRequestError
 from helios_ray.memory import Footprint, ModelParts
 from helios_ray.models.decoder import DecoderLM, DenseKVCache, KVCache
-from helios_ray.models.exit_heads import BlockHead, ExitHead, SharedHead, load_heads
+from helios_ray.models.exit_heads import (
+    BlockHead, ExitHead, SharedHead, exit_inputs, load_heads, usable_token_exits,
+)
 from helios_ray.models.healed import HealedHead
 from helios_ray.models.prompts import EncodedPrompt, encode_request, has_chat_template
 from helios_ray.models.loading import (
@@ -92,10 +94,11 @@ class EarlyExitLM:
         missing = [d for d in (token_exits or []) if d not in heads or d >= lm.depth]
         if missing:
             raise HeliosError(f"token-level exits {missing} of {name!r} have no loaded exit head below depth {lm.depth}")
-        healed = [d for d in (token_exits or []) if heads[d].kind == "healed"]
-        if healed:
-            raise HeliosError(f"exits {healed} of {name!r} are healed layers: they serve as the greedy exit of a "
-                              "replica loaded to that depth, not as token-level exits")
+        unusable = [d for d in (token_exits or []) if d not in usable_token_exits(exit_inputs(heads), lm.depth, [d])]
+        if unusable:
+            raise HeliosError(f"exits {unusable} of {name!r} cannot be token-level exits at depth {lm.depth}: a healed "
+                              "exit serves only as the greedy exit of a replica at its depth, and an exit inside the "
+                              "layers a healed exit at D heals would read hidden states it was not trained on")
         self.token_exits = sorted(token_exits or [])
         self.ckpt_dir, self.heads_path = ckpt_dir, heads_path
         self.heads = heads
@@ -157,8 +160,8 @@ class EarlyExitLM:
     def footprint(self) -> Footprint:
         """Weights + exit heads and KV bytes per token as loaded, by the one memory model."""
         heads = self.serving_heads
-        return memory.footprint(self.parts, self.depth, exit_heads=len(heads),
-                                attending_exit_heads=sum(1 for h in heads if h.extra_kv_layers))
+        return memory.footprint(self.parts, self.depth, exit_heads=sum(1 for h in heads if param_bytes(h)),
+                                attending_exit_heads=sum(h.extra_kv_layers for h in heads))
 
     @property
     def param_bytes(self) -> int:
@@ -192,16 +195,17 @@ class EarlyExitLM:
             # the healed layers hold merged deltas: drop them so that growing reads the originals again
             _set_depth(self.lm, self.ckpt_dir, current.input_depth)
             del self.heads[current.depth]
-        _set_depth(self.lm, self.ckpt_dir, depth)
         if self.heads_path is not None and depth not in self.heads and depth < self.total_layers:
             self.heads.update(load_heads(self.heads_path, self.spec, [depth], dtype=self.lm.dtype, device=self.device))
-        self.token_exits = [d for d in self.token_exits if d < depth]
-        self.heads = {d: h for d, h in self.heads.items() if d == depth or d in self.token_exits}
         new = self.heads.get(depth)
         if isinstance(new, HealedHead) and not new.merged:
-            new.merge_into(self.lm)
-            # exits inside the healed layers would read hidden states they were not trained on
-            self.token_exits = [d for d in self.token_exits if d < new.input_depth]
+            # the layers it heals are read again and merged in float32 before the cast (see load_model)
+            _set_depth(self.lm, self.ckpt_dir, min(self.lm.depth, new.input_depth))
+            _set_depth(self.lm, self.ckpt_dir, depth, prepare_layers=new.merge_layers)
+        else:
+            _set_depth(self.lm, self.ckpt_dir, depth)
+        self.token_exits = usable_token_exits(exit_inputs(self.heads), depth, self.token_exits)
+        self.heads = {d: h for d, h in self.heads.items() if d == depth or d in self.token_exits}
         return time.perf_counter() - t0
 
     # ------------------------------------------------------------------------------- tokenizing
@@ -441,7 +445,6 @@ def load_model(name: str, depth: int | None = None, *, repo: Any = None, device:
     dev = pick_device(device)
     dt = pick_dtype(dtype, dev)
     t0 = time.perf_counter()
-    lm, _ = load_decoder(ckpt_dir, depth, dev, dt, name, weights=weight_format(dtype))
     heads: dict[int, ExitHead] = {}
     if isinstance(exits, Path):
         exits, heads_file = "auto", exits
@@ -450,13 +453,15 @@ def load_model(name: str, depth: int | None = None, *, repo: Any = None, device:
         if not heads_path.exists():
             raise HeliosError(f"exit heads file {heads_path} does not exist")
         wanted = None if exits == "all" else sorted({depth, *(token_exits or [])})
-        heads = load_heads(heads_path, spec, wanted, dtype=dt, device=dev)
-        for d, head in heads.items():
-            if isinstance(head, HealedHead):
-                if d == depth:
-                    head.merge_into(lm)  # serving at D: the healed layers replace the plain ones
-                else:
-                    head.attach(lm)  # profiling the full model: a side branch from layer D-k
+        heads = {d: h for d, h in load_heads(heads_path, spec, wanted, dtype=dt, device=dev).items()
+                 if not (isinstance(h, HealedHead) and d > depth)}  # a healed exit above D has nothing to heal
+    at_d = heads.get(depth)
+    # serving at D through a healed exit: its deltas go into the float32 layers before they are cast or quantized
+    prepare = at_d.merge_layers if isinstance(at_d, HealedHead) and depth < spec.num_layers else None
+    lm, _ = load_decoder(ckpt_dir, depth, dev, dt, name, weights=weight_format(dtype), prepare_layers=prepare)
+    for d, head in heads.items():
+        if isinstance(head, HealedHead) and d < depth:
+            head.attach(lm)  # profiling a deeper model: a side branch from layer d-k
     bad = [d for d in (token_exits or []) if d not in heads or d >= depth]
     if bad:
         have = sorted(d for d in heads if d < depth)

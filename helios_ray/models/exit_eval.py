@@ -240,6 +240,7 @@ def update_card(report: dict[str, Any], command: str | None = None) -> Path:
     card["humaneval"] = {"problems": he["problems"], "max_tokens": he["max_tokens"], "protocol": he["protocol"],
                          "pass_at_1_full": full["pass_at_1"] if full else None, "command": command}
     for d, e in (card.get("exits") or {}).items():
+        e.pop("pass_at_1", None)  # a value from another run (other problems or limits) would mix protocols
         if d in depths:
             e["pass_at_1"] = depths[d]["pass_at_1"]
     tmp = path.with_suffix(".tmp")

@@ -134,6 +134,28 @@ class BlockHead(ExitHead):
         return {"kind": self.kind}
 
 
+def exit_inputs(heads: dict[int, Any]) -> dict[int, tuple[str, int]]:
+    """``{depth: (kind, input depth)}`` of loaded heads (:class:`ExitHead`) or of a heads file's metadata
+    (``{"kind", "layers"?}``): what :func:`usable_token_exits` decides on."""
+    out: dict[int, tuple[str, int]] = {}
+    for d, h in heads.items():
+        if isinstance(h, ExitHead):
+            out[d] = (h.kind, h.input_depth)
+        else:
+            out[d] = (h["kind"], d - int(h.get("layers") or 0) if h["kind"] == "healed" else d)
+    return out
+
+
+def usable_token_exits(inputs: dict[int, tuple[str, int]], depth: int, exits: list[int]) -> list[int]:
+    """The ``exits`` a model loaded to ``depth`` can serve as token-level exits: trained, below D, not healed
+    (a healed exit is the greedy exit of a replica at its own depth), and below the layers a healed exit at D
+    heals (the hidden states there are healed ones, which those exits never saw).  One rule for load_model,
+    set_depth, the early_exit baseline's card choice and the helios replica's inner exits."""
+    at_d = inputs.get(depth)
+    limit = at_d[1] if at_d is not None and at_d[0] == "healed" else depth
+    return sorted(d for d in exits if d < limit and d in inputs and inputs[d][0] != "healed")
+
+
 def make_head(kind: str, depth: int, spec: ArchSpec, rank: int | None = None, layers: int | None = None) -> ExitHead:
     if kind == "shared":
         return SharedHead(depth)

@@ -32,7 +32,7 @@ from helios_ray.errors import HeliosError
 from helios_ray.models.decoder import Block, DecoderLM, StepContext
 from helios_ray.models.exit_heads import ExitHead
 from helios_ray.models.families import ArchSpec
-from helios_ray.models.quant import Int4Linear, QuantLinear, add_delta
+from helios_ray.models.quant import Int4Linear, QuantLinear, quant_float
 
 __all__ = ["PROJECTIONS", "HealedHead"]
 
@@ -50,6 +50,24 @@ def _projections(block: nn.Module) -> dict[str, nn.Linear]:
     return out
 
 
+def _float_copy(block: nn.Module, dtype: torch.dtype) -> nn.Module:
+    """A private copy of a block whose projections are plain ``nn.Linear`` at ``dtype`` (a quantized model's are
+    dequantized), so that a side branch can carry the deltas exactly."""
+    out = copy.deepcopy(block)
+    for name, lin in _projections(out).items():
+        if isinstance(lin, nn.Linear):
+            continue
+        w = quant_float(lin).to(dtype)
+        plain = nn.Linear(w.shape[1], w.shape[0], bias=lin.bias is not None, device=w.device, dtype=dtype)
+        with torch.no_grad():
+            plain.weight.copy_(w)
+            if lin.bias is not None:
+                plain.bias.copy_(lin.bias.to(dtype))
+        parent, _, leaf = name.partition(".")
+        setattr(getattr(out, parent), leaf, plain)
+    return out
+
+
 def _key(j: int, name: str) -> str:
     return f"{j}_{name.replace('.', '_')}"
 
@@ -61,8 +79,8 @@ class HealedHead(ExitHead):
 
     def __init__(self, depth: int, spec: ArchSpec, layers: int = 1, rank: int = 16):
         super().__init__(depth)
-        if not 1 <= layers <= depth:
-            raise HeliosError(f"a healed exit at depth {depth} can heal 1..{depth} layers (got {layers})")
+        if not 1 <= layers < depth:
+            raise HeliosError(f"a healed exit at depth {depth} can heal 1..{depth - 1} layers (got {layers})")
         if rank < 1:
             raise HeliosError(f"a healed exit needs rank >= 1 (got {rank})")
         self.layers, self.rank = layers, rank
@@ -100,22 +118,39 @@ class HealedHead(ExitHead):
         return self.b[k].float() @ self.a[k].float()
 
     def _add_deltas(self, blocks: list[nn.Module]) -> None:
+        """W += B @ A on float blocks, summed in float32 (a quantized projection is refused: on an int grid a
+        delta smaller than half a step rounds away, so quantized models merge at load, before quantizing)."""
         with torch.no_grad():
             for j, block in enumerate(blocks):
                 for name, lin in _projections(block).items():
-                    add_delta(lin, self.delta(j, name))  # a quantized projection is quantized again
+                    if not isinstance(lin, nn.Linear):
+                        raise HeliosError(f"the healed exit at {self.depth} merges into float layers only (a "
+                                          "quantized model merges at load, before quantizing)")
+                    w = lin.weight
+                    w.copy_((w.float() + self.delta(j, name).to(w.device)).to(w.dtype))
 
     # ----------------------------------------------------------------------------------------- modes
-    def merge_into(self, lm: DecoderLM) -> None:
-        """Serving at depth D: add the deltas to the loaded layers [D-k, D) and drop them (see module doc)."""
+    def merge_layers(self, blocks: dict[int, nn.Module]) -> None:
+        """Serving at depth D: add the deltas to layers [D-k, D) among ``blocks`` (index -> block, ideally still
+        float32: ``load_decoder``/``set_depth`` call this through ``prepare_layers`` before casting or
+        quantizing), then drop them - the head holds no weights any more."""
         if self.merged:
             raise HeliosError(f"the healed exit at {self.depth} is already merged")
+        missing = [i for i in range(self.input_depth, self.depth) if i not in blocks]
+        if missing or max(blocks, default=-1) >= self.depth:
+            raise HeliosError(f"a healed exit at depth {self.depth} merges into a model loaded to that depth, "
+                              f"layers {self.input_depth}..{self.depth - 1} (given {sorted(blocks)})")
+        self.detach()
+        self._add_deltas([blocks[i] for i in range(self.input_depth, self.depth)])
+        self.merged = True
+        self.a, self.b = nn.ParameterDict(), nn.ParameterDict()
+
+    def merge_into(self, lm: DecoderLM) -> None:
+        """:meth:`merge_layers` on a model already loaded to depth D in a float dtype."""
         if lm.depth != self.depth:
             raise HeliosError(f"a healed exit at depth {self.depth} merges into a model loaded to that depth "
                               f"(this one has {lm.depth} layers)")
-        self._add_deltas([lm.layers[i] for i in range(self.input_depth, self.depth)])
-        self.merged = True
-        self.a, self.b = nn.ParameterDict(), nn.ParameterDict()  # merged: the head holds no weights any more
+        self.merge_layers({i: lm.layers[i] for i in range(lm.depth)})
 
     def attach(self, lm: DecoderLM, trainable: bool = False) -> None:
         """Side branch over copies of layers [D-k, D) of ``lm`` (which must hold them): merged copies for
@@ -126,7 +161,7 @@ class HealedHead(ExitHead):
             raise HeliosError(f"the healed exit at {self.depth} needs layers up to {self.depth} to branch from "
                               f"(the model has {lm.depth})")
         self.detach()
-        self._branch = [copy.deepcopy(lm.layers[i]).requires_grad_(False)
+        self._branch = [_float_copy(lm.layers[i], lm.dtype).requires_grad_(False)
                         for i in range(self.input_depth, self.depth)]
         if not trainable:
             self._add_deltas(self._branch)

@@ -11,6 +11,7 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Callable
 
 import psutil
 import torch
@@ -22,6 +23,9 @@ from helios_ray.models.decoder import Block, DecoderLM
 from helios_ray.models.families import ArchSpec, global_names, layer_names, spec_from_config
 from helios_ray.models.quant import quantize_block, quantize_decoder
 from helios_ray.models.repository import resolve_name
+
+#: Called with {layer index: float32 block} before a load casts or quantizes them (see ``load_decoder``).
+PrepareLayers = Callable[[dict[int, Block]], None]
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -107,10 +111,12 @@ def _read_tensors(ck: Checkpoint, groups: list[tuple[str, dict]], device: torch.
 
 
 def load_decoder(ckpt_dir: Path, depth: int | None = None, device: torch.device | str = "cpu",
-                 dtype: torch.dtype = torch.float32, name: str = "model", weights: str | None = None
-                 ) -> tuple[DecoderLM, LoadStats]:
+                 dtype: torch.dtype = torch.float32, name: str = "model", weights: str | None = None,
+                 prepare_layers: PrepareLayers | None = None) -> tuple[DecoderLM, LoadStats]:
     """Layers [0, depth) at ``dtype``; with ``weights`` (``int8``) the projections and LM head are quantized
-    from the checkpoint's float32 values and everything else is cast to ``dtype`` (models/quant.py)."""
+    from the checkpoint's float32 values and everything else is cast to ``dtype`` (models/quant.py).
+    ``prepare_layers`` sees the float32 layers before any cast or quantization (a healed exit merges its deltas
+    there: merged after, a small delta would round away on the bf16 or int grid)."""
     t0 = time.perf_counter()
     if weights == "int4" and torch.device(device).type != "cpu":
         raise HeliosError(f"dtype int4 is CPU-only (its kernel and packed layout are torch's CPU ones); use int8 or "
@@ -120,33 +126,47 @@ def load_decoder(ckpt_dir: Path, depth: int | None = None, device: torch.device 
     with torch.device("meta"):
         lm = DecoderLM(spec, depth)
     groups = [("", global_names(spec))] + [(f"layers.{i}.", layer_names(spec, i)) for i in range(depth)]
+    float_first = bool(weights) or prepare_layers is not None
     with Checkpoint(Path(ckpt_dir)) as ck:
-        sd, n_read, n_bytes = _read_tensors(ck, groups, device, torch.float32 if weights else dtype)
+        sd, n_read, n_bytes = _read_tensors(ck, groups, device, torch.float32 if float_first else dtype)
     lm.load_state_dict(sd, strict=True, assign=True)
     del sd
+    if prepare_layers is not None:
+        prepare_layers({i: lm.layers[i] for i in range(depth)})
     if weights:
         quantize_decoder(lm, weights, dtype)
+    elif float_first:
+        lm.to(dtype)
     lm.eval().requires_grad_(False)
     return lm, LoadStats(seconds=time.perf_counter() - t0, tensors_read=n_read, bytes_read=n_bytes)
 
 
-def set_depth(lm: DecoderLM, ckpt_dir: Path, depth: int) -> LoadStats:
+def set_depth(lm: DecoderLM, ckpt_dir: Path, depth: int, prepare_layers: PrepareLayers | None = None) -> LoadStats:
     """Grow or shrink a loaded decoder in place.  Growing reads only layers [old depth, depth) - the cost the
-    policy weighs as "extend"; shrinking just drops layers (their memory is freed)."""
+    policy weighs as "extend"; shrinking just drops layers (their memory is freed).  ``prepare_layers``: as in
+    :func:`load_decoder`, on the new layers."""
     t0 = time.perf_counter()
     depth = check_depth(depth, lm.spec)
     n_read = n_bytes = 0
     if depth > lm.depth:
         groups = [(f"{i}.", layer_names(lm.spec, i)) for i in range(lm.depth, depth)]
-        with Checkpoint(Path(ckpt_dir)) as ck:  # a quantized model quantizes from float32, as at load
-            sd, n_read, n_bytes = _read_tensors(ck, groups, lm.device, torch.float32 if lm.quant else lm.dtype)
+        float_first = bool(lm.quant) or prepare_layers is not None  # quantized/merged from float32, as at load
+        with Checkpoint(Path(ckpt_dir)) as ck:
+            sd, n_read, n_bytes = _read_tensors(ck, groups, lm.device, torch.float32 if float_first else lm.dtype)
+        blocks: dict[int, Block] = {}
         for i in range(lm.depth, depth):
             with torch.device("meta"):
                 block = Block(lm.spec, lm.spec.layer_rope[i], lm.spec.layer_window[i])
             block.load_state_dict({k[len(f"{i}."):]: v for k, v in sd.items() if k.startswith(f"{i}.")},
                                   strict=True, assign=True)
+            blocks[i] = block
+        if prepare_layers is not None:
+            prepare_layers(blocks)
+        for i, block in blocks.items():
             if lm.quant:
                 quantize_block(block, lm.quant, lm.dtype)
+            elif float_first:
+                block.to(lm.dtype)
             lm.layers.append(block.eval().requires_grad_(False))
     else:
         del lm.layers[depth:]

@@ -105,7 +105,7 @@ def candidate_info(repo: Any, name: str, dtype: str = "float32") -> CandidateInf
         name=name, num_layers=info.num_layers, embed_bytes=info.embed_bytes or 0, layer_bytes=info.layer_bytes,
         head_bytes=info.head_bytes or 0, exit_head_bytes=exit_head_bytes,
         kv_bytes_per_token_per_layer=kv_layer, exit_kv_bytes_per_token=kv_layer if attends else 0,
-        exits=exits, exit_prior=prior,
+        exits=exits, exit_prior=prior, free_exits=sorted(d for d, k in kinds.items() if k == "healed"),
         flops_per_token_per_layer=2 * (info.layer_params or info.layer_bytes // memory.dtype_bytes(dtype)),
         head_flops_per_token=2 * info.hidden_size * info.vocab_size,
     )
@@ -120,18 +120,20 @@ def token_exits_from_card(repo: Any, name: str, threshold: float, min_agreement:
     is as much work as 8 layers), and an exit whose confident tokens are often wrong breaks the accuracy guard
     the rest of the system keeps.  A framework operator would make the same cut.  The agreement used is the
     calibration row at the largest card threshold <= ``threshold`` (agreement rises with the threshold, so this
-    never overstates it).
+    never overstates it).  Only exits a model at ``depth`` can use as token-level exits qualify
+    (:func:`~helios_ray.models.exit_heads.usable_token_exits`: no healed exits, none inside healed layers).
     """
+    from helios_ray.models.exit_heads import exit_inputs, heads_metadata, usable_token_exits
+
     info = candidate_info(repo, name)
-    limit = depth or info.num_layers
+    static = repo.info(name)
+    meta = heads_metadata(Path(static.exits.heads_path)) if static.exits and static.exits.heads_path else {}
     out: list[int] = []
     for d, prior in sorted(info.exit_prior.items()):
-        if d >= limit:
-            continue
         rows = [c for c in prior.calibration if c.threshold <= threshold + 1e-12]
         if rows and max(rows, key=lambda c: c.threshold).agreement >= min_agreement:
             out.append(d)
-    return out
+    return usable_token_exits(exit_inputs(meta), depth or info.num_layers, out)
 
 
 def inner_exits(repo: Any, name: str, depth: int, threshold: float, min_agreement: float,
@@ -147,13 +149,9 @@ def inner_exits(repo: Any, name: str, depth: int, threshold: float, min_agreemen
     """
     from helios_ray import memory
     from helios_ray.control.costs import inner_exit_gain
-    from helios_ray.models.exit_heads import heads_metadata
-
     info = candidate_info(repo, name, dtype)
     static = repo.info(name, dtype=dtype)
-    meta = heads_metadata(Path(static.exits.heads_path)) if static.exits and static.exits.heads_path else {}
-    limit = depth - int(meta[depth].get("layers", 0)) if meta.get(depth, {}).get("kind") == "healed" else depth
-    trusted = set(token_exits_from_card(repo, name, threshold, min_agreement, limit))
+    trusted = set(token_exits_from_card(repo, name, threshold, min_agreement, depth))
     kv_elems = info.kv_bytes_per_token_per_layer // memory.dtype_bytes(dtype)
     propagate = 2 * (static.hidden_size or 0) * kv_elems
     card = json.loads(Path(static.exits.card_path).read_text()) if static.exits and static.exits.card_path and \

@@ -304,23 +304,6 @@ def quantize_decoder(lm: nn.Module, fmt: str, act_dtype: torch.dtype) -> nn.Modu
     return lm
 
 
-def add_delta(lin: nn.Module, delta: Tensor) -> None:
-    """Add a float [out, in] weight delta to a projection, plain or quantized (a healed exit merged into a model
-    served at int8/int4): a quantized one is dequantized, summed in float32 and quantized again in its format."""
-    with torch.no_grad():
-        if isinstance(lin, nn.Linear):
-            w = lin.weight
-            w.copy_((w.float() + delta.to(w.device)).to(w.dtype))
-        elif isinstance(lin, QuantLinear):
-            w = quant_float(lin) + delta.to(lin.qweight.device).float()
-            lin.qweight, lin.scales = quantize(w, "int8", lin.scales.dtype)
-        elif isinstance(lin, Int4Linear):
-            w = quant_float(lin) + delta.to(lin.qweight.device).float()
-            lin.qweight, lin.scales_zeros = quantize_int4(w, lin.scales_zeros.dtype)
-        else:
-            raise TypeError(f"cannot add a weight delta to {type(lin).__name__}")
-
-
 def quant_float(lin: nn.Module) -> Tensor:
     """A quantized projection's weights as float32 [out, in]."""
     if isinstance(lin, QuantLinear):

@@ -208,7 +208,8 @@ class TuningRun:
         lens = self.state.setdefault("lens", {})
         key = f"{d}/{self.cfg.eval_stride}"
         if key not in lens and self.eval_cache.exists(f"h{d}"):
-            sc = score_exit(SharedHead(d), self.lm, self.eval_cache, d, self.cfg.eval_stride)
+            with autocast(self.cfg):  # measured at the same compute dtype as the heads
+                sc = score_exit(SharedHead(d), self.lm, self.eval_cache, d, self.cfg.eval_stride)
             lens[key] = round(float(sc.agree.mean()), 4)
             self.save_state()
         return lens.get(key)

@@ -6,6 +6,7 @@ trained heads) and their validation read in one place.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import sys
@@ -88,7 +89,7 @@ class TuneConfig:
     cache_dtype: str = "auto"
     #: Compute dtype of the backbone pass (the teacher) and of training (autocast): ``auto`` = bfloat16 on CPUs
     #: with bf16 units (3x faster here; the teacher is then the bf16 model that ``dtype: auto`` serves).
-    compute_dtype: str = "float32"
+    compute_dtype: str = "auto"
     out: Path | None = None
     work_dir: Path | None = None
     resume: bool = False
@@ -135,8 +136,8 @@ def parse_exits(text: str, default_kind: str, rank: int | None = None, heal_laye
         layers = None
         if kind.startswith("healed"):
             k = kind[len("healed"):] or str(heal_layers)
-            if not k.isdigit() or not 1 <= int(k) <= depth:
-                raise HeliosError(f"exit {depth}: {kind!r} must be healed or healedK with 1 <= K <= {depth}")
+            if not k.isdigit() or not 1 <= int(k) < depth:
+                raise HeliosError(f"exit {depth}: {kind!r} must be healed or healedK with 1 <= K < {depth}")
             kind, layers = "healed", int(k)
         if kind not in HEAD_KINDS:
             raise HeliosError(f"unknown exit head kind {kind!r} for exit {depth} (trainable kinds: {', '.join(HEAD_KINDS)})")
@@ -183,6 +184,7 @@ def validate(cfg: TuneConfig) -> None:
         raise HeliosError(f"--steps must be >= 1 (got {cfg.steps})")
 
 
+@functools.lru_cache(maxsize=None)
 def resolved_compute_dtype(name: str) -> str:
     """``auto`` -> bfloat16 where the CPU has bf16 units (see :mod:`helios_ray.dtypes`), else float32."""
     from helios_ray.dtypes import serving_dtype

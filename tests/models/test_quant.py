@@ -179,9 +179,11 @@ def test_quantized_weights_cost_a_quarter_or_less_of_fp32(smollm2_full, smol_qua
 
 
 @pytest.mark.parametrize("fmt", ["int8", "int4"])
-def test_a_healed_exit_merges_into_a_quantized_model(tiny_dir, fmt):
-    """Serving a healed exit at int8/int4: its deltas reach the quantized projections (dequantize, add, quantize
-    again: each weight within half a step of the sum) and move the model towards the float-merged one."""
+def test_a_healed_exit_merges_into_a_quantized_model_before_quantizing(tiny_dir, fmt):
+    """Serving a healed exit at int8/int4: the deltas are added to the float32 layers at load, then quantized -
+    bit for bit what quantizing the float-merged model gives.  (Merging after quantizing would round a delta
+    smaller than half a step away: realistic deltas are ~1% of the weights.)"""
+    from helios_ray.errors import HeliosError
     from helios_ray.models.healed import HealedHead
 
     d, _ = tiny_dir("llama")
@@ -190,26 +192,17 @@ def test_a_healed_exit_merges_into_a_quantized_model(tiny_dir, fmt):
     head, twin = HealedHead(4, spec, layers=2, rank=4), HealedHead(4, spec, layers=2, rank=4)
     with torch.no_grad():
         for p in head.b.values():
-            p.normal_(0, 0.3)
+            p.normal_(0, 0.01)
     twin.load_state_dict(head.state_dict())
-    deltas = {(j, n): head.delta(j, n) for j in range(2) for n in quant.QUANTIZED_LINEARS}
-    q, _ = load_decoder(d, 4, weights=fmt)
-    plain, _ = load_decoder(d, 4, weights=fmt)
-    head.merge_into(q)
-    for j, i in enumerate((2, 3)):
-        for n in quant.QUANTIZED_LINEARS:
-            before, after = plain.layers[i].get_submodule(n), q.layers[i].get_submodule(n)
-            assert type(after) is type(before)
-            want = quant.quant_float(before) + deltas[(j, n)]
-            got = quant.quant_float(after)
-            if isinstance(after, quant.QuantLinear):
-                step = after.scales.float()[:, None]
-            else:
-                step = after.scales_zeros[..., 0].T.float().repeat_interleave(quant.INT4_GROUP, dim=1)
-            assert ((got - want).abs() <= 0.51 * step + 1e-6).all(), (n, (got - want).abs().max())
-    ref, _ = load_decoder(d, 4)  # float32, merged exactly
+    q, _ = load_decoder(d, 4, weights=fmt, prepare_layers=head.merge_layers)
+    ref, _ = load_decoder(d, 4)  # float32, merged exactly, then quantized the same way
     twin.merge_into(ref)
-    ids, pos = torch.tensor([[5, 17, 99, 3, 42, 7]]), torch.arange(6)[None]
-    with torch.no_grad():
-        a, b, c = (m.logits(m(ids, pos, DenseKVCache())) for m in (q, ref, plain))
-    assert (a - b).abs().mean() < 0.5 * (c - b).abs().mean()  # merged: much closer to the float-merged model
+    quant.quantize_decoder(ref, fmt, q.dtype)
+    plain, _ = load_decoder(d, 4, weights=fmt)
+    changed = 0
+    for a, b, c in zip(q.state_dict().values(), ref.state_dict().values(), plain.state_dict().values()):
+        assert torch.equal(a, b)
+        changed += int((a != c).sum()) if a.shape == c.shape else 0
+    assert changed > 0  # the deltas survived quantization
+    with pytest.raises(HeliosError, match="merges into float layers only"):
+        HealedHead(4, spec, layers=2, rank=4).merge_into(plain)

@@ -143,6 +143,28 @@ def test_runtime_loads_the_tuned_head_and_reproduces_the_card(card, tiny):
         assert hits / total == pytest.approx(card["exits"][str(depth)]["agreement"], abs=2e-3)
 
 
+def test_a_card_with_a_healed_exit_prices_it_free_and_never_offers_it_as_a_token_exit(card, tiny):
+    from helios_ray.models.early_exit import load_model
+    from helios_ray.models.profiling import candidate_info, inner_exits, token_exits_from_card
+    from helios_ray.models.repository import ModelRepository
+
+    repo = ModelRepository(models_file=tiny["models_file"])
+    info = candidate_info(repo, "tiny-llama")
+    assert info.free_exits == [4]
+    # depth 4 (healed) costs what plain truncation costs; depth 3 pays the block head and its KV layer
+    plain = info.model_copy(update={"exit_head_bytes": 0, "exit_kv_bytes_per_token": 0})
+    assert info.footprint(4) == plain.footprint(4) and info.footprint(3) != plain.footprint(3)
+    everything = token_exits_from_card(repo, "tiny-llama", 0.3, 0.0)  # trust every exit: only usability cuts
+    assert everything == [2, 3]  # 4 is healed: a greedy exit only
+    assert token_exits_from_card(repo, "tiny-llama", 0.3, 0.0, depth=4) == []  # 2, 3 lie inside the healed layers
+    assert set(inner_exits(repo, "tiny-llama", 4, 0.3, 0.0)["considered"]) == set()
+    # served quantized, the healed exit still merges (before quantizing) and changes the model
+    healed = load_model("tiny-llama", depth=4, repo=repo, dtype="int8")
+    shared = load_model("tiny-llama", depth=4, repo=repo, dtype="int8", exits="shared")
+    assert healed.exit_head.kind == "healed" and healed.exit_head.merged and healed.footprint == shared.footprint
+    assert any(not torch.equal(a, b) for a, b in zip(healed.lm.state_dict().values(), shared.lm.state_dict().values()))
+
+
 def test_resume_reuses_finished_heads(card, tiny, capsys):
     rc = main(tiny["args"] + ["--resume"])
     out, err = capsys.readouterr()
@@ -215,7 +237,7 @@ def test_eval_exits_on_a_prompt_file(card, tiny, capsys):
     (["--exits", "0"], "exit layer 0 is out of range"),
     (["--exits", "2:wide"], "unknown exit head kind 'wide'"),
     (["--exits", "x"], "is not a layer number"),
-    (["--exits", "3:healed4"], "must be healed or healedK with 1 <= K <= 3"),
+    (["--exits", "3:healed3"], "must be healed or healedK with 1 <= K < 3"),
     (["--exits", "3:healed", "--heal-rank", "0"], "--heal-rank must be >= 1"),
     (["--exits", "2", "--data", "EMPTY"], "has no records"),
     (["--exits", "2", "--data", "MISSING"], "does not exist"),
