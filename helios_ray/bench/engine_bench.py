@@ -14,6 +14,7 @@ to speed: the share of generated tokens where the engine's greedy output equals 
 from __future__ import annotations
 
 import time
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -77,6 +78,27 @@ def run_transformers(hf: Any, reqs: list[tuple[list[int], int]], batch: int, pad
                 n for _, n in chunk), do_sample=False, pad_token_id=pad_id)
         for j, (_, n) in enumerate(chunk):
             outs.append(gen[j, T:T + n].tolist())
+    return time.perf_counter() - t0, outs
+
+
+def run_llama_cpp(gguf: str, reqs: list[tuple[list[int], int]], threads: int) -> tuple[float, list[list[int]]] | None:
+    """llama.cpp (``llama-cpp-python``, an optional extra) on the model's own GGUF file, one request at a time,
+    greedy, EOS ignored - the CPU peer a user would otherwise pick.  None when it is not installed."""
+    try:
+        from llama_cpp import Llama
+    except ImportError:
+        return None
+    llm = Llama(model_path=gguf, n_ctx=2048, n_threads=threads, n_threads_batch=threads, n_batch=512,
+                verbose=False, seed=0)
+    outs: list[list[int]] = []
+    t0 = time.perf_counter()
+    for prompt, n in reqs:
+        out: list[int] = []
+        for tok in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
+            out.append(int(tok))
+            if len(out) == n:
+                break
+        outs.append(out)
     return time.perf_counter() - t0, outs
 
 
@@ -163,12 +185,36 @@ def bench_engine(model_name: str, batches: list[int], requests_per_batch: int, m
             "seconds_per_repeat": {"engine": [round(t_en1, 2), round(t_en2, 2)],
                                    "transformers": [round(t_hf1, 2), round(t_hf2, 2)]}, **extra,
         }
+        if b == 1:
+            _llama_cpp_side_by_side(model_name, reqs, threads, t_en, out_hf, run)
         results["runs"].append(run)
         if progress:
             print(f"[bench engine] batch {b}: engine {run['engine_tokens_per_s']} tok/s, transformers "
                   f"{run['transformers_tokens_per_s']} tok/s, ratio {run['ratio_engine_over_transformers']}x, "
                   f"agreement {run['token_agreement_with_transformers']:.1%}", flush=True)
     return results
+
+
+def _llama_cpp_side_by_side(model_name: str, reqs: list[tuple[list[int], int]], threads: int, t_engine: float,
+                            out_hf: list[list[int]], run: dict[str, Any]) -> None:
+    """Batch 1 only (llama-cpp-python serves one sequence per context): its tok/s on the GGUF the model was
+    converted from, in the same run, next to its agreement with fp32 ``generate()``."""
+    from helios_ray.models.repository import ModelRepository
+
+    try:
+        gguf = str(ModelRepository().source_file(model_name))
+    except Exception:  # noqa: BLE001 - a model without a GGUF source has no llama.cpp peer
+        run["llama_cpp"] = "no GGUF source for this model"
+        return
+    got = run_llama_cpp(gguf, reqs[:1], threads)  # warm-up (mmap, first-call overheads)
+    if got is None:
+        run["llama_cpp"] = "not installed (pip install llama-cpp-python: an optional extra, ~4 min to build here)"
+        return
+    t_cpp, out_cpp = run_llama_cpp(gguf, reqs, threads)  # type: ignore[misc]
+    n_tokens = sum(n for _, n in reqs)
+    run["llama_cpp"] = {"gguf": Path(gguf).name, "tokens_per_s": round(n_tokens / t_cpp, 2), "seconds": round(t_cpp, 2),
+                        "ratio_engine_over_llama_cpp": round(t_cpp / t_engine, 3),
+                        "token_agreement_with_transformers": round(agreement(out_cpp, out_hf), 4)}
 
 
 def bench_memory(model_name: str, budget_mb: int, depths: list[int], seq_len: int, block_size: int,
