@@ -115,6 +115,8 @@ def test_profile_runs_real_models_and_prints_pht_and_choice(capsys, tmp_path):
     models = {e["model"] for e in res["pht"]}
     assert models == {"smollm2-135m", "gemma3-270m"}
     assert res["choice"]["model"] in models and res["choice"]["depth"] >= 1
+    # every candidate's own depth under the guard; the winner's equals the choice
+    assert set(res["depths"]) == models and res["depths"][res["choice"]["model"]]["depth"] == res["choice"]["depth"]
     lines = trace.read_text().splitlines()
     assert sum('"type":"token"' in ln for ln in lines) == 8  # 4 tokens x 2 models (EOS may not come that early)
     rc, out, err = _run(capsys, "profile", "--candidates", "smollm2-135m", "--slo", "speed")

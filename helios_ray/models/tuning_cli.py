@@ -137,7 +137,7 @@ def eval_run(args: argparse.Namespace) -> int:
     if args.update_card:
         from helios_ray.models.exit_eval import update_card
 
-        path = update_card(report, " ".join(shlex.quote(a) for a in sys.argv[1:]))
+        path = update_card(report, "helios-ray " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
         print(f"updated {path}", file=sys.stderr)
     if args.json:
         print(json.dumps(report, indent=2))
