@@ -81,27 +81,6 @@ def run_transformers(hf: Any, reqs: list[tuple[list[int], int]], batch: int, pad
     return time.perf_counter() - t0, outs
 
 
-def run_llama_cpp(gguf: str, reqs: list[tuple[list[int], int]], threads: int) -> tuple[float, list[list[int]]] | None:
-    """llama.cpp (``llama-cpp-python``, an optional extra) on the model's own GGUF file, one request at a time,
-    greedy, EOS ignored - the CPU peer a user would otherwise pick.  None when it is not installed."""
-    try:
-        from llama_cpp import Llama
-    except ImportError:
-        return None
-    llm = Llama(model_path=gguf, n_ctx=2048, n_threads=threads, n_threads_batch=threads, n_batch=512,
-                verbose=False, seed=0)
-    outs: list[list[int]] = []
-    t0 = time.perf_counter()
-    for prompt, n in reqs:
-        out: list[int] = []
-        for tok in llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True):
-            out.append(int(tok))
-            if len(out) == n:
-                break
-        outs.append(out)
-    return time.perf_counter() - t0, outs
-
-
 def gemm_peak_gflops(dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 1.0) -> float:
     """Measured matmul peak of this process (current torch threads): the best of repeated n x n x n products.
     The yardstick for "how much of the machine does a decode step use"."""
@@ -206,11 +185,13 @@ def _llama_cpp_side_by_side(model_name: str, reqs: list[tuple[list[int], int]], 
     except Exception:  # noqa: BLE001 - a model without a GGUF source has no llama.cpp peer
         run["llama_cpp"] = "no GGUF source for this model"
         return
-    got = run_llama_cpp(gguf, reqs[:1], threads)  # warm-up (mmap, first-call overheads)
-    if got is None:
-        run["llama_cpp"] = "not installed (pip install llama-cpp-python: an optional extra, ~4 min to build here)"
+    from helios_ray.bench import llama_cpp_peer
+
+    got = llama_cpp_peer.run(gguf, reqs, threads)
+    if "error" in got:
+        run["llama_cpp"] = got["error"]
         return
-    t_cpp, out_cpp = run_llama_cpp(gguf, reqs, threads)  # type: ignore[misc]
+    t_cpp, out_cpp = float(got["seconds"]), got["outputs"]
     n_tokens = sum(n for _, n in reqs)
     run["llama_cpp"] = {"gguf": Path(gguf).name, "tokens_per_s": round(n_tokens / t_cpp, 2), "seconds": round(t_cpp, 2),
                         "ratio_engine_over_llama_cpp": round(t_cpp / t_engine, 3),

@@ -42,7 +42,7 @@ def test_bench_engine_prints_both_sides_and_agreement(capsys):
     assert res["runs"][0]["token_agreement_with_transformers"] == 1.0  # batch 1: no padding, exact
     # llama.cpp side by side at batch 1 when the optional extra is installed, else said so (never silently absent)
     cpp = res["runs"][0]["llama_cpp"]
-    assert (isinstance(cpp, dict) and cpp["tokens_per_s"] > 0) or cpp.startswith("not installed"), cpp
+    assert (isinstance(cpp, dict) and cpp["tokens_per_s"] > 0) or cpp.startswith(("not installed", "llama.cpp crashed")), cpp
     assert "llama_cpp" not in res["runs"][1]
 
 
