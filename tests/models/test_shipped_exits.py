@@ -17,8 +17,8 @@ from helios_ray.models.repository import ModelRepository, assets_dir
 SHIPPED = sorted(p.name for p in (assets_dir() / "exits").iterdir() if (p / "exits.json").exists())
 
 
-def test_both_builtin_models_ship_exits() -> None:
-    assert {"smollm2-135m", "gemma3-270m"} <= set(SHIPPED)
+def test_every_builtin_model_ships_exits() -> None:
+    assert {"smollm2-135m", "gemma3-270m", "qwen2.5-coder-0.5b"} <= set(SHIPPED)
 
 
 @pytest.mark.parametrize("model", SHIPPED)
@@ -28,7 +28,7 @@ def test_card_matches_heads_file(model: str) -> None:
     heads = folder / card["heads_file"]
     assert card["model"] == model
     assert heads.stat().st_size == card["heads_file_bytes"]
-    assert heads.stat().st_size < 15_000_000, "shipped heads must stay small enough for the wheel"
+    assert heads.stat().st_size <= 20_000_000, "shipped heads must stay small enough for a git repository (20 MB)"
     meta = heads_metadata(heads)
     assert sorted(meta) == sorted(int(k) for k in card["exits"])
     for key, e in card["exits"].items():
