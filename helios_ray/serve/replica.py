@@ -248,9 +248,13 @@ def prepare(tokenizer: Any, call: GenerateCall) -> tuple[list[int], SamplingPara
 def helios_inner_exits(cfg: ServeConfig, repo: Any, model: str, depth: int) -> list[int]:
     """helios mode: the trained exits below D that pay for their checks on this model (usually none on small
     models: see :func:`helios_ray.models.profiling.inner_exits`); the decision and its numbers are logged."""
+    import torch
+
+    from helios_ray.dtypes import serving_dtype
     from helios_ray.models.profiling import inner_exits
 
-    choice = inner_exits(repo, model, depth, cfg.threshold, cfg.policy.min_agreement)
+    dtype = serving_dtype(cfg.dtype, cfg.device != "cpu" and torch.cuda.is_available())  # as this replica loads
+    choice = inner_exits(repo, model, depth, cfg.threshold, cfg.policy.min_agreement, dtype)
     if choice["considered"]:
         log.info("helios replica: inner exits of %s@%d: %s (coverage, FLOPs saved per token: %s)", model, depth,
                  choice["exits"] or "none pay", choice["considered"])
