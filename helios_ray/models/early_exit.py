@@ -94,7 +94,8 @@ class EarlyExitLM:
         missing = [d for d in (token_exits or []) if d not in heads or d >= lm.depth]
         if missing:
             raise HeliosError(f"token-level exits {missing} of {name!r} have no loaded exit head below depth {lm.depth}")
-        unusable = [d for d in (token_exits or []) if d not in usable_token_exits(exit_inputs(heads), lm.depth, [d])]
+        usable = set(usable_token_exits(exit_inputs(heads), lm.depth, token_exits or []))
+        unusable = [d for d in (token_exits or []) if d not in usable]
         if unusable:
             raise HeliosError(f"exits {unusable} of {name!r} cannot be token-level exits at depth {lm.depth}: a healed "
                               "exit serves only as the greedy exit of a replica at its depth, and an exit inside the "

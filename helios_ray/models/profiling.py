@@ -149,6 +149,7 @@ def inner_exits(repo: Any, name: str, depth: int, threshold: float, min_agreemen
     """
     from helios_ray import memory
     from helios_ray.control.costs import inner_exit_gain
+
     info = candidate_info(repo, name, dtype)
     static = repo.info(name, dtype=dtype)
     trusted = set(token_exits_from_card(repo, name, threshold, min_agreement, depth))
@@ -158,11 +159,8 @@ def inner_exits(repo: Any, name: str, depth: int, threshold: float, min_agreemen
         Path(static.exits.card_path).exists() else {"exits": {}}
     considered: dict[int, dict[str, Any]] = {}
     for d in sorted(trusted):
-        e = card["exits"].get(str(d), {})
-        rows = sorted((c for c in e.get("calibration", []) if c["threshold"] >= threshold - 1e-12),
-                      key=lambda c: c["threshold"])
-        coverage = float(rows[0]["coverage"]) if rows else 0.0
-        head_flops = 2 * int(e.get("parameters", 0))
+        coverage = info.exit_prior[d].coverage_at(threshold) or 0.0  # conservative: the card's row at or above
+        head_flops = 2 * int(card["exits"].get(str(d), {}).get("parameters", 0))
         gain = inner_exit_gain(info, depth, d, coverage, head_flops, propagate)
         considered[d] = {"coverage": round(coverage, 4), "gain_flops": round(gain), "pays": gain > 0}
     return {"exits": [d for d, c in considered.items() if c["pays"]], "considered": considered}

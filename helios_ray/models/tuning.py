@@ -123,8 +123,13 @@ class TuningRun:
         self.compute_dtype = resolved_compute_dtype(cfg.compute_dtype)
         # the teacher pass at the compute dtype (bf16 is ~3x faster where the CPU has bf16 units); training and
         # evaluation keep fp32 weights and autocast
-        teacher = self.lm if self.compute_dtype == "float32" else load_decoder(
-            ckpt_dir, None, "cpu", getattr(torch, self.compute_dtype), cfg.model)[0]
+        _teacher: list[Any] = []
+
+        def teacher() -> Any:  # loaded only when a cache still has rows to fill
+            if not _teacher:
+                _teacher.append(self.lm if self.compute_dtype == "float32" else load_decoder(
+                    ckpt_dir, None, "cpu", getattr(torch, self.compute_dtype), cfg.model)[0])
+            return _teacher[0]
         self.train_cache, self.eval_cache = Cache(work, "train"), Cache(work, "eval")
         self.batch_rows = max(1, cfg.batch_tokens // cfg.seq_len)
         st = self.state
@@ -137,7 +142,7 @@ class TuningRun:
             if "hidden_dtype" not in st:
                 st["hidden_dtype"] = (probe_hidden_dtype(self.lm, rows, eval_depths) if cfg.cache_dtype == "auto"
                                       else cfg.cache_dtype)
-            fill_cache(self.train_cache, teacher, rows, depths, cfg.topk, st, self.save_state,
+            fill_cache(self.train_cache, teacher(), rows, depths, cfg.topk, st, self.save_state,
                        max(1, 1024 // cfg.seq_len), cfg.progress, st["hidden_dtype"])
             st["train_cache_seconds"] = round(st.get("train_cache_seconds", 0) + time.perf_counter() - t0, 1)
             self.save_state()
@@ -147,7 +152,7 @@ class TuningRun:
                               windows=False)
             st["eval_rows"], st["eval_tokens"] = int(rows.ids.shape[0]), rows.tokens
             st["eval_conversation_ids"] = rows.conv_ids
-            fill_cache(self.eval_cache, teacher, rows, eval_depths, 1, st, self.save_state,
+            fill_cache(self.eval_cache, teacher(), rows, eval_depths, 1, st, self.save_state,
                        max(1, 1024 // cfg.eval_seq_len), cfg.progress, st.get("hidden_dtype", "float16"))
             st["eval_cache_seconds"] = round(st.get("eval_cache_seconds", 0) + time.perf_counter() - t0, 1)
             self.save_state()

@@ -230,6 +230,16 @@ def test_eval_exits_on_a_prompt_file(card, tiny, capsys):
     assert card_now["exits"]["3"]["pass_at_1"] == 0.0 and "pass_at_1" not in card_now["exits"]["2"]
     info = candidate_info(ModelRepository(models_file=tiny["models_file"]), "tiny-llama")
     assert info.exit_prior[3].pass_at_1_drop == 0.0 and info.exit_prior[2].pass_at_1_drop is None
+    # the drop is full minus exit (a tiny model passes nothing, so check the sign on a card that says more)
+    card_path = tiny["out"] / "exits.json"
+    saved = card_path.read_text()
+    card_now["humaneval"]["pass_at_1_full"], card_now["exits"]["3"]["pass_at_1"] = 0.5, 0.25
+    card_path.write_text(json.dumps(card_now))
+    try:
+        assert candidate_info(ModelRepository(models_file=tiny["models_file"]), "tiny-llama"
+                              ).exit_prior[3].pass_at_1_drop == 0.25
+    finally:
+        card_path.write_text(saved)
 
 
 @pytest.mark.parametrize("extra, message", [
