@@ -25,9 +25,10 @@ from helios_ray.models.early_exit import EarlyExitLM
 
 
 def sharegpt_requests(model: EarlyExitLM, n: int, seed: int, max_prompt_tokens: int, max_output_tokens: int,
-                      min_output_tokens: int = 4) -> list[tuple[list[int], int]]:
-    """(prompt ids, output length) pairs from ShareGPT: first user turn through the chat template, output
-    length = the recorded reply's token count, clipped to [min_output_tokens, max_output_tokens]."""
+                      min_output_tokens: int = 4, min_prompt_tokens: int = 0) -> list[tuple[list[int], int]]:
+    """(prompt ids, output length) pairs from ShareGPT: first user turn through the chat template (prompts of
+    ``[min_prompt_tokens, max_prompt_tokens]`` tokens), output length = the recorded reply's token count, clipped
+    to [min_output_tokens, max_output_tokens]."""
     from helios_ray.data import load_sharegpt
 
     out: list[tuple[list[int], int]] = []
@@ -37,7 +38,7 @@ def sharegpt_requests(model: EarlyExitLM, n: int, seed: int, max_prompt_tokens: 
             ids = model.encode(messages=msgs)
         else:
             ids = model.encode(prompt=conv.prompt)
-        if len(ids) > max_prompt_tokens:
+        if not min_prompt_tokens <= len(ids) <= max_prompt_tokens:
             continue
         reply = next((m["content"] for m in conv.messages[len(msgs):] if m["role"] == "assistant"), "")
         n_out = len(model.tokenizer(reply, add_special_tokens=False)["input_ids"]) if reply else max_output_tokens
@@ -47,9 +48,9 @@ def sharegpt_requests(model: EarlyExitLM, n: int, seed: int, max_prompt_tokens: 
     return out
 
 
-def run_engine(model: EarlyExitLM, reqs: list[tuple[list[int], int]], batch: int, budget: int
-               ) -> tuple[float, list[list[int]], dict[str, Any]]:
-    eng = LLMEngine(model, EngineConfig(memory_budget=budget, max_num_seqs=batch))
+def run_engine(model: EarlyExitLM, reqs: list[tuple[list[int], int]], batch: int, budget: int,
+               decode_attention: str = "auto") -> tuple[float, list[list[int]], dict[str, Any]]:
+    eng = LLMEngine(model, EngineConfig(memory_budget=budget, max_num_seqs=batch, decode_attention=decode_attention))
     seqs = [eng.add_request(p, SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True)) for p, n in reqs]
     t0 = time.perf_counter()
     while eng.scheduler.has_work:
@@ -81,6 +82,35 @@ def run_transformers(hf: Any, reqs: list[tuple[list[int], int]], batch: int, pad
     return time.perf_counter() - t0, outs
 
 
+def bench_prefill(model: EarlyExitLM, hf: Any, n_prompts: int, seed: int, budget: int, pad: int,
+                  decode_attention: str = "auto") -> dict[str, Any]:
+    """Prompt tokens/s on long (384-512-token) ShareGPT prompts: the engine (its dtype and default chunking, all
+    prompts submitted at once, one output token each) vs ``generate()`` fp32 one prompt at a time with one new
+    token, as a user runs it; A-B-B-A.  Agreement: the first generated token of each prompt."""
+    reqs = [(p, 1) for p, _ in sharegpt_requests(model, n_prompts, seed, 512, 1, min_output_tokens=1,
+                                                  min_prompt_tokens=384)]
+    tokens = sum(len(p) for p, _ in reqs)
+    t_hf1, out_hf = run_transformers(hf, reqs, 1, pad)
+    t_en1, out_en, _ = run_engine(model, reqs, len(reqs), budget, decode_attention)
+    t_en2 = run_engine(model, reqs, len(reqs), budget, decode_attention)[0]
+    t_hf2 = run_transformers(hf, reqs, 1, pad)[0]
+    t_hf, t_en = (t_hf1 + t_hf2) / 2, (t_en1 + t_en2) / 2
+    return {"prompts": len(reqs), "prompt_tokens": tokens,
+            "prompt_tokens_min_max": [min(len(p) for p, _ in reqs), max(len(p) for p, _ in reqs)],
+            "engine_prompt_tokens_per_s": round(tokens / t_en, 1),
+            "transformers_prompt_tokens_per_s": round(tokens / t_hf, 1),
+            "ratio_engine_over_transformers": round(t_hf / t_en, 3),
+            "first_token_agreement": round(agreement(out_en, out_hf), 4),
+            "seconds_per_repeat": {"engine": [round(t_en1, 2), round(t_en2, 2)],
+                                   "transformers": [round(t_hf1, 2), round(t_hf2, 2)]}}
+
+
+def _in_place(model: EarlyExitLM, mode: str) -> bool:
+    from helios_ray.engine import paged_attention
+
+    return paged_attention.resolve(mode, model.device, model.lm.dtype)
+
+
 def gemm_peak_gflops(dtype: torch.dtype = torch.float32, n: int = 1024, seconds: float = 1.0) -> float:
     """Measured matmul peak of this process (current torch threads): the best of repeated n x n x n products.
     The yardstick for "how much of the machine does a decode step use"."""
@@ -96,9 +126,12 @@ def gemm_peak_gflops(dtype: torch.dtype = torch.float32, n: int = 1024, seconds:
 def matmul_flops(model: EarlyExitLM, tokens_in: int, tokens_out: int) -> int:
     """Weight-matmul FLOPs of a run: 2 x layer weights per token run through the layers (prompt and decode
     inputs), 2 x LM head per sampled token.  Attention over the context is not counted, so the fraction of peak
-    derived from it is a lower bound.  Quantized matrices are buffers (models/quant.py) and count the same."""
+    derived from it is a lower bound.  Counted from the projections' shapes, whatever their storage (plain,
+    oneDNN-packed, int8/int4 buffers)."""
+    from helios_ray.models.healed import projections
+
     lm = model.lm
-    layer = sum(t.numel() for t in [*lm.layers[0].parameters(), *lm.layers[0].buffers()] if t.dim() == 2)
+    layer = sum(m.in_features * m.out_features for m in projections(lm.layers[0]).values())
     return 2 * (tokens_in * lm.depth * layer + tokens_out * lm.spec.vocab_size * lm.spec.hidden_size)
 
 
@@ -118,7 +151,10 @@ def agreement(a: list[list[int]], b: list[list[int]]) -> float:
 
 def bench_engine(model_name: str, batches: list[int], requests_per_batch: int, max_prompt_tokens: int,
                  max_output_tokens: int, budget_mb: int, seed: int, threads: int, progress: bool = True,
-                 repeats: int = 2, dtype: str = "float32") -> dict[str, Any]:
+                 repeats: int = 2, dtype: str = "float32", decode_attention: str = "auto",
+                 compare_gather: bool = False, prefill_prompts: int = 8) -> dict[str, Any]:
+    """``compare_gather`` adds the engine with ``decode_attention: gather`` to every batch, between the two
+    runs of the configured engine (hf, engine, gather, gather, engine, hf), and reports the ratio of the two."""
     from transformers import AutoModelForCausalLM
 
     from helios_ray.models.early_exit import load_model
@@ -132,6 +168,8 @@ def bench_engine(model_name: str, batches: list[int], requests_per_batch: int, m
                                "engine_dtype": _dtype_name(model),
                                "transformers_dtype": "float32",
                                "budget_mb": budget_mb, "seed": seed, "workload": "sharegpt",
+                               "decode_attention": decode_attention,
+                               "decode_attention_in_place": _in_place(model, decode_attention),
                                "gemm_peak_gflops": round(peak, 2), "runs": []}
     for b in batches:
         n_req = max(b, requests_per_batch if b > 1 else max(2, requests_per_batch // 4))
@@ -143,8 +181,12 @@ def bench_engine(model_name: str, batches: list[int], requests_per_batch: int, m
         run_engine(model, reqs[:1], 1, budget_mb << 20)
         # A-B-B-A: anything else using the CPU during the run is shared by both sides instead of biasing one.
         t_hf1, out_hf = run_transformers(hf, reqs, b, pad)
-        t_en1, out_en, extra = run_engine(model, reqs, b, budget_mb << 20)
-        t_en2, _, _ = run_engine(model, reqs, b, budget_mb << 20) if repeats > 1 else (t_en1, None, None)
+        t_en1, out_en, extra = run_engine(model, reqs, b, budget_mb << 20, decode_attention)
+        if compare_gather:
+            t_g1, out_g, _ = run_engine(model, reqs, b, budget_mb << 20, "gather")
+            t_g2 = run_engine(model, reqs, b, budget_mb << 20, "gather")[0] if repeats > 1 else t_g1
+        t_en2, _, _ = (run_engine(model, reqs, b, budget_mb << 20, decode_attention) if repeats > 1
+                       else (t_en1, None, None))
         t_hf2, _ = run_transformers(hf, reqs, b, pad) if repeats > 1 else (t_hf1, None)
         t_hf, t_en = (t_hf1 + t_hf2) / 2, (t_en1 + t_en2) / 2
         lens = sorted(n for _, n in reqs)
@@ -164,6 +206,12 @@ def bench_engine(model_name: str, batches: list[int], requests_per_batch: int, m
             "seconds_per_repeat": {"engine": [round(t_en1, 2), round(t_en2, 2)],
                                    "transformers": [round(t_hf1, 2), round(t_hf2, 2)]}, **extra,
         }
+        if compare_gather:
+            t_g = (t_g1 + t_g2) / 2
+            run["gather"] = {"engine_tokens_per_s": round(n_tokens / t_g, 2), "seconds": [round(t_g1, 2), round(t_g2, 2)],
+                             "ratio_engine_over_gather": round(t_g / t_en, 3),
+                             "token_agreement_with_engine": round(agreement(out_en, out_g), 4),
+                             "token_agreement_with_transformers": round(agreement(out_g, out_hf), 4)}
         if b == 1:
             _llama_cpp_side_by_side(model_name, reqs, threads, t_en, out_hf, run)
         results["runs"].append(run)
@@ -171,6 +219,10 @@ def bench_engine(model_name: str, batches: list[int], requests_per_batch: int, m
             print(f"[bench engine] batch {b}: engine {run['engine_tokens_per_s']} tok/s, transformers "
                   f"{run['transformers_tokens_per_s']} tok/s, ratio {run['ratio_engine_over_transformers']}x, "
                   f"agreement {run['token_agreement_with_transformers']:.1%}", flush=True)
+    if prefill_prompts:
+        if progress:
+            print(f"[bench engine] prefill: {prefill_prompts} prompts of 384-512 tokens ...", flush=True)
+        results["prefill"] = bench_prefill(model, hf, prefill_prompts, seed, budget_mb << 20, pad, decode_attention)
     return results
 
 

@@ -284,8 +284,11 @@ class Steering:
                 pick, reason = self.rng.choice([g for g in room if preds[g.group].value == best]), "predicted"
         chosen = preds[pick.group]
         self._reasons[reason] += 1
+        # "values": what every candidate was predicted to deliver when the router chose by prediction - so the
+        # status page (and a test) can see why a request went where it did, without replaying the predictor.
+        values = ({g.group: round(preds[g.group].value, 6) for g in room} if reason == "predicted" else None)
         self._recent.append({"group": pick.group, "key": pick.key, "kind": feats.kind, "reason": reason,
-                             "predicted": _brief(chosen) if chosen.n else None, "observed": None})
+                             "predicted": _brief(chosen) if chosen.n else None, "values": values, "observed": None})
         return Route(group=pick.group, kind=feats.kind, reason=reason, predictions=list(preds.values()),
                      value=chosen.value if chosen.trusted else None)
 

@@ -7,6 +7,8 @@ deployments/helios.yaml`` gets when the file says nothing.
 
 from __future__ import annotations
 
+from typing import Literal
+
 from pydantic import BaseModel, ByteSize, ConfigDict, Field
 
 
@@ -34,6 +36,13 @@ class EngineConfig(BaseModel):
                     "decoding.  False = the older prefill-first steps, one forward per prompt (kept to measure "
                     "against).  Token-level exit models always use the older steps.",
     )
+    decode_attention: Literal["auto", "paged", "gather"] = Field(
+        default="auto",
+        description="How decode tokens attend over the paged KV.  'paged': a CPU kernel that reads each "
+                    "sequence's blocks in place (helios_ray/engine/csrc/paged_attention.c, built on first use with "
+                    "the host's C compiler); 'gather': copy each sequence's blocks into a dense tensor per layer "
+                    "and run SDPA (CUDA, and the reference to measure against); 'auto': the kernel on CPU when it "
+                    "builds, else gather (logged).  Prompt chunks and token-level exit models always gather.")
     max_model_len: int | None = Field(default=2048, ge=2,
                                       description="Prompt + output cap; None = the model's context (max 8192).")
     torch_threads: int | None = Field(

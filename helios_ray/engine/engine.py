@@ -29,6 +29,7 @@ import torch
 from helios_ray.engine.config import EngineConfig
 from helios_ray.engine.detok import TextStream
 from helios_ray.engine.kv_cache import BlockManager, KVLayout, PagedKVCache
+from helios_ray.engine import paged_attention
 from helios_ray.engine.packed import PackedKV
 from helios_ray.engine.sampling import sample
 from helios_ray.engine.scheduler import Scheduler
@@ -132,7 +133,9 @@ class LLMEngine:
                 f"depth {self.model.depth}) plus one KV block ({layout.bytes_per_block / 2**20:.2f} MiB)"
             )
         blocks = BlockManager(num_blocks, layout.block_size)
-        self.kv = PagedKVCache(layout, num_blocks, self.model.device, self.model.lm.dtype)
+        dev, dtype = self.model.device, self.model.lm.dtype
+        self.kv = PagedKVCache(layout, num_blocks, dev, dtype,
+                               in_place_decode=paged_attention.resolve(self.config.decode_attention, dev, dtype))
         if self._scheduler is None:
             self._scheduler = Scheduler(blocks, self.config.max_num_seqs, self.config.max_num_batched_tokens)
         else:
@@ -209,15 +212,14 @@ class LLMEngine:
                 # spend compute on pad tokens; a prompt alone is already a GEMM-sized matrix.
                 outs = [self._forward([s], torch.tensor([s.all_ids]), torch.arange(s.num_tokens)[None])
                         for s in seqs]
-                conf, logits = torch.cat([o[0] for o in outs]), torch.cat([o[1] for o in outs])
-                layers = torch.cat([o[2] for o in outs])
+                token, conf, logits, layers = (torch.cat([o[i] for o in outs]) for i in range(4))
                 tokens_in = sum(s.num_tokens for s in seqs)
             else:
-                conf, logits, layers = self._forward(seqs, torch.tensor([s.token_ids(s.num_tokens - 1, s.num_tokens)
-                                                                         for s in seqs]),
-                                                     torch.tensor([[s.num_tokens - 1] for s in seqs]))
+                token, conf, logits, layers = self._forward(
+                    seqs, torch.tensor([s.token_ids(s.num_tokens - 1, s.num_tokens) for s in seqs]),
+                    torch.tensor([[s.num_tokens - 1] for s in seqs]))
                 tokens_in = len(seqs)
-            new_tokens = sample(logits, seqs)
+            new_tokens = sample(logits, seqs, greedy=token)
         except Exception as e:  # a failing batch never takes the engine down
             log.exception("engine step failed")
             return [self._finish(s, None, f"error: {type(e).__name__}: {e}") for s in seqs]
@@ -234,7 +236,11 @@ class LLMEngine:
         seqs = [s for s, _ in work]
         starts = [s.num_cached for s, _ in work]
         counts = [n for _, n in work]
-        num_decode = sum(1 for s, n in work if n == 1 and s.num_cached == s.num_tokens - 1)
+        # The batched decode group is the leading run of one-token items (the scheduler lists decodes first).  A
+        # one-token prompt admitted in this step looks the same but comes after other prompts' chunks: it is a
+        # prompt group of its own (counting it here once mis-sized the whole packed step).
+        num_decode = next((i for i, (s, n) in enumerate(work) if not (n == 1 and s.num_cached == s.num_tokens - 1)),
+                          len(work))
         sampling = [s for s, n in work if s.num_cached + n == s.num_tokens]  # their prompt is complete now
         try:
             ids: list[int] = []
@@ -245,9 +251,9 @@ class LLMEngine:
                     rows.append(len(ids) - 1)
             dev = self.model.device
             kv = PackedKV(self.kv, seqs, starts, counts, num_decode)
-            _, conf, logits, layers = self.model.step_packed(torch.tensor([ids], device=dev), kv.q_pos.to(dev), kv,
+            token, conf, logits, layers = self.model.step_packed(torch.tensor([ids], device=dev), kv.q_pos.to(dev), kv,
                                                              torch.tensor(rows, dtype=torch.long, device=dev))
-            new_tokens = sample(logits, sampling)
+            new_tokens = sample(logits, sampling, greedy=token)
         except Exception as e:  # a failing batch never takes the engine down
             log.exception("engine step failed")
             return [self._finish(s, None, f"error: {type(e).__name__}: {e}") for s in seqs]
@@ -282,11 +288,11 @@ class LLMEngine:
         return events
 
     def _forward(self, seqs: list[Sequence], ids: torch.Tensor, q_pos: torch.Tensor
-                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+                 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(argmax token, confidence, logits, exit layer) per row of one unpacked step."""
         dev = self.model.device
         self.kv.begin_step(seqs, q_pos)
-        _, conf, logits, layers = self.model.step(ids.to(dev), q_pos.to(dev), self.kv)
-        return conf, logits, layers
+        return self.model.step(ids.to(dev), q_pos.to(dev), self.kv)
 
     def _append(self, s: Sequence, tok: int, conf: float, breach: bool, now: float, layer: int) -> TokenEvent:
         if s.first_token_at is None:

@@ -6,9 +6,9 @@ more concurrent sequences.  ``BlockManager`` is pure arithmetic (what the schedu
 ``PagedKVCache`` is the physical store, a pool of ``num_blocks x block_size`` token slots per layer, and
 implements the decoder's ``KVCache`` protocol for one step of a batch.
 
-CPU note: attention needs each sequence's keys as one tensor, so a step gathers the sequence's blocks
-(``index_select``).  That costs ~0.8 ms per layer at 16 sequences x 320 tokens on 2 cores - the price of
-paging without a paged-attention kernel; it is measured in ``helios-ray bench engine``.
+Reading the pages: SDPA needs each sequence's keys as one tensor, so the generic path gathers the sequence's
+blocks (``index_select``) into a dense copy per layer.  On CPU, decode steps skip that copy
+(``in_place_decode``, packed or not): :mod:`helios_ray.engine.paged_attention` reads the blocks where they lie.
 """
 
 from __future__ import annotations
@@ -20,6 +20,7 @@ from typing import Hashable
 import torch
 from torch import Tensor
 
+from helios_ray.engine.paged_attention import decode_attention
 from helios_ray.engine.sequence import Sequence
 from helios_ray.errors import HeliosError
 from helios_ray.memory import kv_bytes_per_token
@@ -95,15 +96,20 @@ class PagedKVCache:
     resident only as tokens are written.
     """
 
-    def __init__(self, layout: KVLayout, num_blocks: int, device: torch.device, dtype: torch.dtype):
+    def __init__(self, layout: KVLayout, num_blocks: int, device: torch.device, dtype: torch.dtype,
+                 in_place_decode: bool = False):
+        """``in_place_decode``: packed steps attend their decode tokens with the paged kernel (the engine
+        decides it once, :func:`helios_ray.engine.paged_attention.resolve`)."""
         self.layout, self.num_blocks = layout, num_blocks
         self.device, self.dtype = device, dtype
+        self.in_place_decode = in_place_decode
         self._pools: dict[Hashable, tuple[Tensor, Tensor]] = {}
         self._write: Tensor | None = None
         self._write_mask: Tensor | None = None
         self._write_all: Tensor | None = None
         self._gather: Tensor | None = None
         self._k_pos: Tensor | None = None
+        self._lens: Tensor | None = None
 
     def _pool(self, key: Hashable) -> tuple[Tensor, Tensor]:
         pool = self._pools.get(key)
@@ -139,6 +145,7 @@ class PagedKVCache:
         self._write_mask = valid.to(self.device)
         self._gather = gather.to(self.device)
         self._k_pos = k_pos.to(self.device)
+        self._lens = torch.tensor(ctx_len, dtype=torch.long, device=self.device)
 
     # --- the decoder's KVCache protocol -------------------------------------------------------------
     def append_positions(self, q_pos: Tensor) -> None:
@@ -167,15 +174,23 @@ class PagedKVCache:
         kp.index_copy_(0, self._write, k.transpose(1, 2)[self._write_mask].to(kp.dtype))
         vp.index_copy_(0, self._write, v.transpose(1, 2)[self._write_mask].to(vp.dtype))
 
+    def attend_in_place(self, key: Hashable, q: Tensor, scale: float, window: int | None,
+                        softcap: float | None) -> Tensor:
+        """A decode step's attention ([B, heads, 1, hd] queries, one per row, this step's keys already written)
+        read from the pools by the paged kernel, without the gathered copy :meth:`update` makes."""
+        assert self._gather is not None and self._lens is not None and q.shape[2] == 1
+        kp, vp = self._pool(key)
+        return decode_attention(q[:, :, 0], kp, vp, self._gather, self._lens, scale, window, softcap)[:, :, None]
+
     def select(self, rows: Tensor) -> "PagedKVCache":
         """A view for a subset of this step's rows (token-level exit): same pools, the rows' slots only."""
         assert self._write_all is not None and self._write_mask is not None
-        assert self._gather is not None and self._k_pos is not None
-        sub = PagedKVCache(self.layout, self.num_blocks, self.device, self.dtype)
+        assert self._gather is not None and self._k_pos is not None and self._lens is not None
+        sub = PagedKVCache(self.layout, self.num_blocks, self.device, self.dtype, self.in_place_decode)
         sub._pools = self._pools  # shared: what the subset writes, the whole step sees
         rows = rows.to(self.device)
         sub._write_mask = self._write_mask[rows]
         sub._write_all = self._write_all[rows]
         sub._write = sub._write_all[sub._write_mask]
-        sub._gather, sub._k_pos = self._gather[rows], self._k_pos[rows]
+        sub._gather, sub._k_pos, sub._lens = self._gather[rows], self._k_pos[rows], self._lens[rows]
         return sub

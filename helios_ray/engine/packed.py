@@ -5,7 +5,8 @@ Why packed: a step's matmuls (QKV, O, MLP) are token-wise, so every token of eve
 everyone's decoding.  Only attention is per sequence; :class:`PackedKV` splits it into *groups*:
 
 * the decode tokens (one per sequence, listed first) form one batched group ``[B, heads, 1, head_dim]`` that
-  attends over each sequence's gathered blocks, exactly as a plain decode step does;
+  attends over each sequence's blocks - read in place by the paged kernel when the cache says so
+  (``PagedKVCache.in_place_decode``, :mod:`~helios_ray.engine.paged_attention`), else over a gathered copy;
 * each prompt chunk is its own group ``[1, heads, T, head_dim]`` attending over its sequence's earlier blocks
   plus itself (causal by absolute position) - chunked prefill (vLLM) is just a chunk that starts at a
   position > 0, and the KV it needs was written by the previous chunks.
@@ -24,6 +25,7 @@ import torch
 from torch import Tensor
 
 from helios_ray.engine.kv_cache import PagedKVCache
+from helios_ray.engine.paged_attention import decode_attention
 from helios_ray.engine.sequence import Sequence
 
 
@@ -37,6 +39,12 @@ class AttnGroup:
     gather: Tensor  # [rows, S] pool slots of each row's keys
     k_pos: Tensor  # [rows, S] their positions (-1 = padding)
     q_pos: Tensor  # [rows, tokens]
+    in_place: bool = False  # decode group read by the paged kernel: no gathered copy
+
+    @property
+    def lens(self) -> Tensor:
+        """[rows] keys each row attends to (its query is the last): what the paged kernel reads."""
+        return self.q_pos[:, -1] + 1
 
     @property
     def end(self) -> int:
@@ -77,7 +85,8 @@ class PackedKV:
                 pos = torch.arange(n)
                 gather[i, :n], k_pos[i, :n] = slots(i, pos), pos
             qp = torch.tensor(starts[:num_decode], dtype=torch.long)[:, None]
-            self._groups.append(AttnGroup(0, num_decode, 1, gather.to(dev), k_pos.to(dev), qp.to(dev)))
+            self._groups.append(AttnGroup(0, num_decode, 1, gather.to(dev), k_pos.to(dev), qp.to(dev),
+                                          in_place=paged.in_place_decode))
         offset = num_decode
         for i in range(num_decode, len(seqs)):
             pos = torch.arange(starts[i] + counts[i])
@@ -122,14 +131,26 @@ class PackedKV:
             self._masks[(gi, window)] = m
         return m
 
-    def update_groups(self, key: Hashable, k: Tensor, v: Tensor) -> list[tuple[Tensor, Tensor]]:
-        """Store this step's [1, Hkv, N, hd] k/v; return each group's keys/values [rows, Hkv, S, hd]."""
+    def update_groups(self, key: Hashable, k: Tensor, v: Tensor) -> list[tuple[Tensor, Tensor] | None]:
+        """Store this step's [1, Hkv, N, hd] k/v; return each group's keys/values [rows, Hkv, S, hd], or None for
+        a group that reads the pools in place (:meth:`attend_in_place`)."""
         self.write(key, k, v)
         kp, vp = self.paged._pool(key)
-        out = []
+        out: list[tuple[Tensor, Tensor] | None] = []
         for g in self._groups:
+            if g.in_place:
+                out.append(None)
+                continue
             R, S = g.gather.shape
             flat = g.gather.reshape(-1)
             out.append((kp.index_select(0, flat).view(R, S, *kp.shape[1:]).transpose(1, 2),
                         vp.index_select(0, flat).view(R, S, *vp.shape[1:]).transpose(1, 2)))
         return out
+
+    def attend_in_place(self, gi: int, key: Hashable, q: Tensor, scale: float, window: int | None,
+                        softcap: float | None) -> Tensor:
+        """Group ``gi``'s attention ([rows, heads, 1, hd] queries, this step's keys already written) read straight
+        from the pools by the paged kernel; returns [rows, heads, 1, hd]."""
+        g = self._groups[gi]
+        kp, vp = self.paged._pool(key)
+        return decode_attention(q[:, :, 0], kp, vp, g.gather, g.lens, scale, window, softcap)[:, :, None]

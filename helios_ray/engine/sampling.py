@@ -22,17 +22,17 @@ def _filter(logits: Tensor, top_k: int, top_p: float) -> Tensor:
     return logits
 
 
-def sample(logits: Tensor, seqs: list[Sequence]) -> list[int]:
-    """One token per sequence from ``logits`` [B, V] (float32 recommended)."""
-    logits = logits.float()
-    greedy = logits.argmax(-1).tolist()
+def sample(logits: Tensor, seqs: list[Sequence], greedy: Tensor | None = None) -> list[int]:
+    """One token per sequence from ``logits`` [B, V].  ``greedy``: the rows' argmax when the caller already has
+    it (the model's step computes it with the confidence), so greedy rows cost no second pass over the vocabulary."""
+    picks = (logits.float().argmax(-1) if greedy is None else greedy).tolist()
     out: list[int] = []
     for i, seq in enumerate(seqs):
         p = seq.params
         if p.greedy:
-            out.append(int(greedy[i]))
+            out.append(int(picks[i]))
             continue
-        row = _filter(logits[i] / p.temperature, p.top_k, p.top_p)
+        row = _filter(logits[i].float() / p.temperature, p.top_k, p.top_p)
         probs = row.softmax(-1)
         out.append(int(torch.multinomial(probs, 1, generator=seq.generator)))
     return out

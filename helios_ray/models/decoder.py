@@ -207,6 +207,11 @@ class Attention(nn.Module):
             q = _apply_rope(q, cos, sin)
         if getattr(ctx.cache, "packed", False):
             return self.o(self._attend_groups(q, x, ctx, cache_key, rope, window))
+        if T == 1 and getattr(ctx.cache, "in_place_decode", False):  # the engine's paged kernel, no gathered copy
+            ctx.cache.write(cache_key, *self.kv(x, ctx, rope))
+            out = ctx.cache.attend_in_place(cache_key, q, s.attn_scale, window,  # type: ignore[attr-defined]
+                                            s.attn_logit_softcap)
+            return self.o(out.transpose(1, 2).reshape(B, T, s.num_heads * s.head_dim))
         k, v = ctx.cache.update(cache_key, *self.kv(x, ctx, rope))
         out = self._attend(q, k, v, ctx.mask(window))
         return self.o(out.transpose(1, 2).reshape(B, T, s.num_heads * s.head_dim))
@@ -218,9 +223,13 @@ class Attention(nn.Module):
         s, cache = self.spec, ctx.cache
         kvs = cache.update_groups(cache_key, *self.kv(x, ctx, rope))  # type: ignore[attr-defined]
         outs = []
-        for gi, (g, (k, v)) in enumerate(zip(cache.groups(), kvs)):  # type: ignore[attr-defined]
+        for gi, (g, kv) in enumerate(zip(cache.groups(), kvs)):  # type: ignore[attr-defined]
             qg = q[0, :, g.start:g.end].view(s.num_heads, g.rows, g.tokens, s.head_dim).transpose(0, 1)
-            og = self._attend(qg, k, v, cache.mask(gi, window))  # type: ignore[attr-defined]
+            if kv is None:  # decode tokens read the paged KV in place (engine/paged_attention.py)
+                og = cache.attend_in_place(gi, cache_key, qg, s.attn_scale, window,  # type: ignore[attr-defined]
+                                           s.attn_logit_softcap)
+            else:
+                og = self._attend(qg, *kv, cache.mask(gi, window))  # type: ignore[attr-defined]
             outs.append(og.transpose(1, 2).reshape(g.rows * g.tokens, s.num_heads * s.head_dim))
         return torch.cat(outs)[None] if len(outs) > 1 else outs[0][None]
 
@@ -305,6 +314,7 @@ class DecoderLM(nn.Module):
         self.final_norm = Norm(spec.norm, spec.hidden_size, spec.norm_eps, spec.norm_bias)
         self.lm_head = None if spec.tie_word_embeddings else nn.Linear(spec.hidden_size, spec.vocab_size, bias=False)
         self.quant: str | None = None  # weight format when quantized (models/quant.py swaps the linears)
+        self.prepacked = False  # bf16 CPU projections in oneDNN's layout (models/prepack.py swaps the linears)
 
     @property
     def lm_head_weight(self) -> Tensor:

@@ -49,13 +49,17 @@ def confidence(logits: Tensor, kind: ConfidenceKind = "max_prob") -> tuple[Tenso
     ``max_prob``: top-1 softmax probability (CALM/EE-LLM default).  ``margin``: top-1 minus top-2 probability.
     ``entropy``: 1 - H(p)/log V, so that 1 means certain and 0 uniform.
     """
-    logp = torch.log_softmax(logits.float(), dim=-1)
-    top = logp.topk(2, dim=-1)
-    token = logits.argmax(dim=-1)  # first index on ties, as greedy decoding everywhere else does
-    p1 = top.values[..., 0].exp()
+    lf = logits.float()  # one conversion: torch's CPU reductions over a bf16 vocabulary are ~2x slower
     if kind == "max_prob":
-        conf = p1
-    elif kind == "margin":
+        # max + logsumexp instead of log_softmax + topk + argmax: the same numbers from two passes over the
+        # vocabulary instead of four (a batch-16 decode step on SmolLM2's 49k vocabulary: ~7.5 -> ~2.6 ms on CPU)
+        top1, token = lf.max(dim=-1)  # first index on ties, as argmax and greedy decoding everywhere else
+        return token, (top1 - torch.logsumexp(lf, dim=-1)).exp()
+    logp = torch.log_softmax(lf, dim=-1)
+    top = logp.topk(2, dim=-1)
+    token = lf.argmax(dim=-1)
+    p1 = top.values[..., 0].exp()
+    if kind == "margin":
         conf = p1 - top.values[..., 1].exp()
     elif kind == "entropy":
         ent = -(logp.exp() * logp).sum(-1)

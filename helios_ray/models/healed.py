@@ -32,6 +32,7 @@ from helios_ray.errors import HeliosError
 from helios_ray.models.decoder import Block, DecoderLM, StepContext
 from helios_ray.models.exit_heads import ExitHead
 from helios_ray.models.families import ArchSpec
+from helios_ray.models.prepack import PackedLinear
 from helios_ray.models.quant import Int4Linear, QuantLinear, quant_float
 
 __all__ = ["PROJECTIONS", "HealedHead"]
@@ -40,12 +41,12 @@ __all__ = ["PROJECTIONS", "HealedHead"]
 PROJECTIONS = ("attn.q", "attn.k", "attn.v", "attn.o", "mlp.gate", "mlp.up", "mlp.down")
 
 
-def _projections(block: nn.Module) -> dict[str, nn.Linear]:
+def projections(block: nn.Module) -> dict[str, nn.Linear]:
     out: dict[str, nn.Linear] = {}
     for name in PROJECTIONS:
         parent, _, leaf = name.partition(".")
         mod = getattr(getattr(block, parent), leaf, None)
-        if isinstance(mod, (nn.Linear, QuantLinear, Int4Linear)):  # quantized: dtype int8/int4 (models/quant.py)
+        if isinstance(mod, (nn.Linear, QuantLinear, Int4Linear, PackedLinear)):  # quantized: int8/int4 (models/quant.py); packed: bf16 CPU (models/prepack.py)
             out[name] = mod
     return out
 
@@ -54,7 +55,7 @@ def _float_copy(block: nn.Module, dtype: torch.dtype) -> nn.Module:
     """A private copy of a block whose projections are plain ``nn.Linear`` at ``dtype`` (a quantized model's are
     dequantized), so that a side branch can carry the deltas exactly."""
     out = copy.deepcopy(block)
-    for name, lin in _projections(out).items():
+    for name, lin in projections(out).items():
         if isinstance(lin, nn.Linear):
             continue
         w = quant_float(lin).to(dtype)
@@ -90,7 +91,7 @@ class HealedHead(ExitHead):
             i = depth - layers + j
             with torch.device("meta"):
                 shapes = {n: tuple(m.weight.shape) for n, m in
-                          _projections(Block(spec, spec.layer_rope[i], spec.layer_window[i])).items()}
+                          projections(Block(spec, spec.layer_rope[i], spec.layer_window[i])).items()}
             for name, (fout, fin) in shapes.items():
                 # B = 0: an untrained head *is* plain truncation at D, so training can only start from there.
                 self.a[_key(j, name)] = nn.Parameter(torch.randn(rank, fin) * fin ** -0.5)
@@ -122,7 +123,7 @@ class HealedHead(ExitHead):
         delta smaller than half a step rounds away, so quantized models merge at load, before quantizing)."""
         with torch.no_grad():
             for j, block in enumerate(blocks):
-                for name, lin in _projections(block).items():
+                for name, lin in projections(block).items():
                     if not isinstance(lin, nn.Linear):
                         raise HeliosError(f"the healed exit at {self.depth} merges into float layers only (a "
                                           "quantized model merges at load, before quantizing)")
@@ -167,7 +168,7 @@ class HealedHead(ExitHead):
             self._add_deltas(self._branch)
             return
         for j, block in enumerate(self._branch):
-            for name, lin in _projections(block).items():
+            for name, lin in projections(block).items():
                 a, b = self.a[_key(j, name)], self.b[_key(j, name)]
                 self._hooks.append(lin.register_forward_hook(
                     lambda _m, inp, out, a=a, b=b: out + F.linear(F.linear(inp[0], a.to(out.dtype)), b.to(out.dtype))))

@@ -21,6 +21,7 @@ from helios_ray.errors import HeliosError
 from helios_ray.models.checkpoint import Checkpoint
 from helios_ray.models.decoder import Block, DecoderLM
 from helios_ray.models.families import ArchSpec, global_names, layer_names, spec_from_config
+from helios_ray.models.prepack import enabled as prepack_enabled, prepack_block, prepack_decoder
 from helios_ray.models.quant import quantize_block, quantize_decoder
 from helios_ray.models.repository import resolve_name
 
@@ -73,7 +74,8 @@ def check_depth(depth: int | None, spec: ArchSpec, name: str = "model") -> int:
 
 def param_bytes(module: torch.nn.Module) -> int:
     """Bytes of distinct parameter and buffer storage (a tied LM head is counted once; quantized weights and
-    their scales are buffers, see models/quant.py)."""
+    their scales are buffers, see models/quant.py; oneDNN-packed weights have no storage pointer and are counted
+    by their module, models/prepack.py)."""
     seen: set[int] = set()
     total = 0
     for p in [*module.parameters(), *module.buffers()]:
@@ -81,7 +83,7 @@ def param_bytes(module: torch.nn.Module) -> int:
         if key not in seen:
             seen.add(key)
             total += p.numel() * p.element_size()
-    return total
+    return total + sum(m.opaque_bytes for m in module.modules() if hasattr(m, "opaque_bytes"))
 
 
 def rss_bytes() -> int:
@@ -138,6 +140,8 @@ def load_decoder(ckpt_dir: Path, depth: int | None = None, device: torch.device 
     elif float_first:
         lm.to(dtype)
     lm.eval().requires_grad_(False)
+    if prepack_enabled(device, dtype, weights):
+        prepack_decoder(lm)
     return lm, LoadStats(seconds=time.perf_counter() - t0, tensors_read=n_read, bytes_read=n_bytes)
 
 
@@ -167,7 +171,8 @@ def set_depth(lm: DecoderLM, ckpt_dir: Path, depth: int, prepare_layers: Prepare
                 quantize_block(block, lm.quant, lm.dtype)
             elif float_first:
                 block.to(lm.dtype)
-            lm.layers.append(block.eval().requires_grad_(False))
+            block.eval().requires_grad_(False)
+            lm.layers.append(prepack_block(block) if lm.prepacked else block)
     else:
         del lm.layers[depth:]
     lm.depth = depth

@@ -305,7 +305,9 @@ def quantize_decoder(lm: nn.Module, fmt: str, act_dtype: torch.dtype) -> nn.Modu
 
 
 def quant_float(lin: nn.Module) -> Tensor:
-    """A quantized projection's weights as float32 [out, in]."""
+    """A quantized (or oneDNN-packed, models/prepack.py) projection's weights as float32 [out, in]."""
+    if not isinstance(lin, (QuantLinear, Int4Linear)):
+        return lin.dequantized().float()
     if isinstance(lin, QuantLinear):
         return dequantize(lin.qweight, lin.scales, torch.float32)
     return dequantize_int4(lin.qweight, lin.scales_zeros, torch.float32)

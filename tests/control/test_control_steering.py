@@ -199,6 +199,10 @@ def test_observe_records_errors_and_snapshot_is_bounded_json():
         st.observe(feats("code"), served, outcome(0.25, tps=20.0), route.predicted())
     snap = json.loads(json.dumps(st.snapshot()))
     assert len(snap["recent"]) == RECENT_ROUTES and all(r["observed"] for r in snap["recent"])
+    decided = [r for r in snap["recent"] if r["reason"] == "predicted"]
+    assert decided and all(r["values"][r["group"]] == max(r["values"].values()) and set(r["values"]) == {"A", "B"}
+                           for r in decided)  # why each went where it did: every candidate's predicted value
+    assert all(r["values"] is None for r in snap["recent"] if r["reason"] != "predicted")
     assert sum(snap["routes"].values()) == 30 and sum(snap["split"][k]["code"] for k in snap["split"]) == 30
     mae = snap["placements"]["a@10"]["mae"]
     # errors count only real predictions: the first code request on a placement had nothing behind it

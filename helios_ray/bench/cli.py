@@ -1,0 +1,234 @@
+"""``helios-ray bench``: the benchmarks that print side-by-side ratios (engine, memory, mixed, serve).
+
+The parsers and the glue from options to the bench modules; every measurement lives in its module
+(``engine_bench``, ``mixed_bench``, ``serve_bench``, ``fleet_*``).  Plugged into ``helios_ray.cli`` like the other
+feature commands; nothing heavy is imported until a bench runs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from typing import Any
+
+from helios_ray.cli import _emit
+from helios_ray.dtypes import DTYPE_CHOICES
+from helios_ray.errors import HeliosError
+
+
+def configure_parser(p: argparse.ArgumentParser) -> None:
+    sub = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    e = sub.add_parser("engine", help="our engine vs transformers generate() on ShareGPT, side by side")
+    e.add_argument("--model", default="smollm2-135m")
+    e.add_argument("--batches", default="1,8,16", help="comma-separated batch sizes")
+    e.add_argument("--requests", type=int, default=32, help="requests per batched run (batch 1 uses a quarter)")
+    e.add_argument("--quick", action="store_true",
+                   help="batches 1,8; 8 requests (2 at batch 1); 64 output tokens (~2 min on an idle 2-core host)")
+    e.add_argument("--max-prompt-tokens", type=int, default=256)
+    e.add_argument("--max-output-tokens", type=int, default=128)
+    e.add_argument("--repeats", type=int, default=2, choices=[1, 2], help="2 = A-B-B-A order, times averaged")
+    e.add_argument("--budget-mb", type=int, default=2048)
+    e.add_argument("--threads", type=int, default=1, help="torch threads for both sides")
+    e.add_argument("--dtype", default="float32", choices=list(DTYPE_CHOICES),
+                   help="the engine's dtype (transformers stays float32, the reference); auto: see generate")
+    e.add_argument("--decode-attention", default="auto", choices=["auto", "paged", "gather"],
+                   help="the engine's decode attention (engine.decode_attention)")
+    e.add_argument("--prefill-prompts", type=int, default=None,
+                   help="long prompts (384-512 tokens) for the prefill tokens/s comparison (default 8, --quick 4; "
+                        "0 = skip)")
+    e.add_argument("--compare-gather", action="store_true",
+                   help="also run the engine with decode_attention=gather per batch and print the ratio")
+    e.add_argument("--seed", type=int, default=0)
+    e.add_argument("--json", action="store_true")
+    s = sub.add_parser("serve", help="the helios fleet vs the best single model (full depth, token exits) vs "
+                                     "plain transformers on a mixed chat/code workload, on a local Ray cluster "
+                                     "(speed, memory and task quality); --edition 1: the one-model ShareGPT run")
+    s.add_argument("--edition", type=int, default=2, choices=[1, 2],
+                   help="2 (default): fleet, mixed workload, budgets; 1: helios vs baseline vs plain, one model")
+    s.add_argument("--model", default=None, help="edition 1: the model (default smollm2-135m); edition 2 takes "
+                                               "--candidates")
+    s.add_argument("--candidates", default=None,
+                   help="edition 2: the fleet's candidates, one group each (default smollm2-135m,qwen2.5-coder-0.5b;"
+                        " --quick: smollm2-135m,gemma3-270m); edition 1: helios candidates (default: --model)")
+    s.add_argument("--systems", default=None,
+                   help="edition 2: of single,plain,helios (default all); edition 1: of helios,baseline,plain")
+    s.add_argument("--quick", action="store_true",
+                   help="edition 2: 8 short requests, one sweep rate, tight budget only (< 4 min); "
+                        "edition 1: 8 short requests, no sweep (< 3 min)")
+    s.add_argument("--requests", type=int, default=None, help="requests in the closed-loop run (2: 24, 1: 32)")
+    s.add_argument("--concurrency", type=int, default=16, help="closed-loop clients for the headline run")
+    s.add_argument("--max-prompt-tokens", type=int, default=512)
+    s.add_argument("--max-output-tokens", type=int, default=None,
+                   help="cap per request (2: chat reply cap and code max_tokens, default 64; 1: default 128)")
+    s.add_argument("--rates", default=None, help="sweep request rates (req/s); 'none' = no sweep "
+                                                 "(2: 0.5,1; 1: 0.5,1,2)")
+    s.add_argument("--sweep-requests", type=int, default=None, help="requests per sweep rate (2: 8; 1: 12)")
+    s.add_argument("--budgets", default="tight,roomy", help="edition 2: budgets with measured runs")
+    s.add_argument("--tight-headroom-mb", type=int, default=64,
+                   help="edition 2: tight budget = the largest candidate's weights + this")
+    s.add_argument("--roomy-budget-mb", type=int, default=None,
+                   help="edition 2: roomy budget (default: the largest candidate's weights + 1 GiB)")
+    s.add_argument("--best-by", default="throughput", choices=["throughput", "tpot"],
+                   help="edition 2: the SLO that picks the best single model")
+    s.add_argument("--threshold", type=float, default=0.9, help="exit confidence threshold (all systems)")
+    s.add_argument("--min-agreement", type=float, default=0.9, help="accuracy guard (helios depth, baseline exits)")
+    s.add_argument("--exit-share", type=float, default=0.5, help="helios: share of tokens that must exit by D")
+    s.add_argument("--budget-mb", type=int, default=1024, help="edition 1: memory budget per replica (weights + KV)")
+    s.add_argument("--seed", type=int, default=0)
+    s.add_argument("--out", default=None,
+                   help="folder for the combined PNG (edition 2) or each system's loadgen JSON and plots (1)")
+    s.add_argument("--json", action="store_true")
+    x = sub.add_parser("mixed", help="chunked prefill vs prefill-first: prefill layouts and inter-token latency "
+                                     "under Poisson arrivals, side by side")
+    x.add_argument("--model", default="smollm2-135m")
+    x.add_argument("--quick", action="store_true", help="2 and 4 prompts; 8 arrivals x 24 tokens (~2 min)")
+    x.add_argument("--chunk-tokens", type=int, default=128, help="max_num_batched_tokens of the chunked side")
+    x.add_argument("--budget-mb", type=int, default=2048)
+    x.add_argument("--threads", type=int, default=1)
+    x.add_argument("--seed", type=int, default=0)
+    x.add_argument("--json", action="store_true")
+    m = sub.add_parser("memory", help="max concurrent sequences the scheduler admits at each depth")
+    m.add_argument("--model", default="smollm2-135m")
+    m.add_argument("--budget-mb", type=int, default=1024)
+    m.add_argument("--depths", default=None, help="comma-separated depths (default: full and 2/3 of it)")
+    m.add_argument("--seq-len", type=int, default=512)
+    m.add_argument("--block-size", type=int, default=16)
+    m.add_argument("--dtype", default="auto", choices=list(DTYPE_CHOICES),
+                   help="serving dtype (weights and KV); int8 / int4: quantized weights, KV at what auto picks")
+    m.add_argument("--json", action="store_true")
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        vals = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise HeliosError(f"{what} must be comma-separated integers (got {text!r})") from None
+    if not vals or any(v < 1 for v in vals):
+        raise HeliosError(f"{what} must be positive integers (got {text!r})")
+    return vals
+
+
+def _rates(text: str) -> list[float]:
+    if text.strip().lower() in ("none", ""):
+        return []
+    try:
+        return [float(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise HeliosError(f"--rates must be comma-separated numbers or 'none' (got {text!r})") from None
+
+
+def _run_bench_serve(a: argparse.Namespace) -> int:
+    from pydantic import ValidationError
+
+    from helios_ray.bench import serve_bench
+
+    if a.edition == 2:
+        return _run_bench_serve2(a)
+    rates = _rates(a.rates or "0.5,1,2")
+    try:
+        cfg = serve_bench.ServeBenchConfig(
+            model=a.model or "smollm2-135m", candidates=[c for c in a.candidates.split(",") if c] if a.candidates else None,
+            systems=[s for s in (a.systems or "helios,baseline,plain").split(",") if s], threshold=a.threshold,
+            min_agreement=a.min_agreement, exit_share=a.exit_share, memory_budget_mb=a.budget_mb,
+            concurrency=a.concurrency, requests=a.requests or 32, max_prompt_tokens=a.max_prompt_tokens,
+            max_output_tokens=a.max_output_tokens or 128, rates=rates, sweep_requests=a.sweep_requests or 12,
+            seed=a.seed, out_dir=a.out)
+    except ValidationError as e:
+        raise _invalid_options(e) from None
+    if a.quick:
+        cfg = serve_bench.quick(cfg)
+    import contextlib
+
+    with contextlib.redirect_stdout(sys.stderr):  # Ray's own messages must not mix into the JSON on stdout
+        res = serve_bench.bench_serve(cfg, progress=not a.json)
+    _emit(res, a.json, serve_bench.format_table)
+    return 0
+
+
+def _invalid_options(e: Any) -> HeliosError:
+    """A pydantic ValidationError of a bench config as one CLI line."""
+    return HeliosError("invalid bench serve options: " + "; ".join(
+        f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()))
+
+
+def _run_bench_serve2(a: argparse.Namespace) -> int:
+    import contextlib
+
+    from pydantic import ValidationError
+
+    from helios_ray.bench import fleet_report, fleet_run, fleet_serve
+
+    kw: dict[str, Any] = {}
+    if a.model is not None:
+        raise HeliosError("--model is the first edition's option (one model); the second edition compares "
+                          "candidates: --candidates A,B (or --edition 1 --model M)")
+    if a.candidates:
+        kw["candidates"] = [c for c in a.candidates.split(",") if c]
+    if a.systems:
+        kw["systems"] = [s for s in a.systems.split(",") if s]
+    if a.requests:
+        kw["requests"] = a.requests
+    if a.max_output_tokens:
+        kw["chat_output_cap"] = kw["code_max_tokens"] = a.max_output_tokens
+    if a.rates is not None:
+        kw["rates"] = _rates(a.rates)
+    if a.sweep_requests:
+        kw["sweep_requests"] = a.sweep_requests
+    try:
+        cfg = fleet_serve.FleetBenchConfig(
+            threshold=a.threshold, min_agreement=a.min_agreement, exit_share=a.exit_share, concurrency=a.concurrency,
+            max_prompt_tokens=a.max_prompt_tokens, seed=a.seed,
+            budgets=[b for b in a.budgets.split(",") if b], tight_headroom_mb=a.tight_headroom_mb,
+            roomy_budget_mb=a.roomy_budget_mb, best_by=a.best_by, out_dir=a.out, **kw)
+    except ValidationError as e:
+        raise _invalid_options(e) from None
+    if a.quick:
+        cfg = fleet_serve.quick(cfg)
+    with contextlib.redirect_stdout(sys.stderr):  # Ray's own messages must not mix into the JSON on stdout
+        res = fleet_run.bench_fleet(cfg, progress=not a.json)
+    _emit(res, a.json, fleet_report.format_table)
+    return 0
+
+
+def run(a: argparse.Namespace) -> int:
+    from helios_ray.bench import engine_bench
+
+    if a.bench == "serve":
+        return _run_bench_serve(a)
+    if a.bench == "mixed":
+        from helios_ray.bench import mixed_bench
+
+        res = mixed_bench.bench_mixed(a.model, a.quick, a.seed, a.threads, a.budget_mb, a.chunk_tokens)
+        _emit(res, a.json, mixed_bench.format_table)
+        return 0
+    if a.bench == "engine":
+        if a.quick:
+            a.batches, a.requests, a.max_output_tokens = "1,8", 8, 64
+        if a.prefill_prompts is None:
+            a.prefill_prompts = 4 if a.quick else 8
+        res = engine_bench.bench_engine(a.model, _ints(a.batches, "--batches"), a.requests, a.max_prompt_tokens,
+                                        a.max_output_tokens, a.budget_mb, a.seed, a.threads, progress=not a.json,
+                                        repeats=a.repeats, dtype=a.dtype, decode_attention=a.decode_attention,
+                                        compare_gather=a.compare_gather, prefill_prompts=a.prefill_prompts)
+        _emit(res, a.json, lambda r: "\n".join(
+            f"batch {x['batch']:>3}: engine {x['engine_tokens_per_s']:>7} tok/s | transformers "
+            f"{x['transformers_tokens_per_s']:>7} tok/s | {x['ratio_engine_over_transformers']}x | "
+            f"agreement {x['token_agreement_with_transformers']:.1%}"
+            + (f" | gather {x['gather']['engine_tokens_per_s']} tok/s, engine/gather "
+               f"{x['gather']['ratio_engine_over_gather']}x" if "gather" in x else "") for x in r["runs"])
+            + ("\nprefill: engine {engine_prompt_tokens_per_s} prompt tok/s | transformers "
+               "{transformers_prompt_tokens_per_s} | {ratio_engine_over_transformers}x | first-token agreement "
+               "{first_token_agreement:.1%}".format(**r["prefill"]) if "prefill" in r else ""))
+    else:
+        from helios_ray.models.repository import ModelRepository
+
+        info = ModelRepository().info(a.model)
+        if not info.prepared:
+            raise HeliosError(info.problem or f"model {a.model!r} is not prepared")
+        depths = _ints(a.depths, "--depths") if a.depths else [info.num_layers, max(1, info.num_layers * 2 // 3)]
+        res = engine_bench.bench_memory(a.model, a.budget_mb, depths, a.seq_len, a.block_size, a.dtype)
+        _emit(res, a.json, lambda r: "\n".join(
+            [f"depth {d:>3}: {v['max_concurrent_sequences']} concurrent {r['seq_len']}-token sequences "
+             f"({v['kv_blocks']} blocks, weights {v['weight_bytes'] / 2**20:.0f} MiB)" for d, v in r["depths"].items()]
+            + [f"ratio: {r['ratio_max_concurrency']}x"]))
+    return 0
