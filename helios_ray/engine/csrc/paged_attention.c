@@ -3,10 +3,12 @@
  *
  * Why it exists: PyTorch's SDPA needs each sequence's keys as one tensor, so the engine used to gather every
  * sequence's blocks (index_select) into a fresh [B, Hkv, S, d] copy for every layer of every decode step, then
- * read that copy again in SDPA: the KV crossed memory three times.  Here each key and value row is read once.
+ * read that copy again in SDPA: the KV crossed memory three times.  Here each key and value row comes from memory
+ * once (software-prefetched across block jumps, which the hardware prefetcher cannot guess).
  *
  * Layout (what helios_ray/engine/kv_cache.py stores):
  *   q      [B, Hq, d]      float32, contiguous (the caller converts; it is tiny)
+ *   q_bf16 [B, Hq, d]      the same query in bf16 when query and pools are bf16 (else NULL): the AVX512-BF16 dots
  *   pools  [N, Hkv, d]     float32 or bfloat16, contiguous; slot s holds one token's keys (values) of all kv heads
  *   slots  [B, S] int64    row b's slot of key position p (p < lens[b]); the query sits at position lens[b] - 1
  *   out    [B, Hq, d]      float32
@@ -14,7 +16,9 @@
  * window > 0 keeps keys with query_pos - key_pos < window; softcap > 0 applies tanh(s / cap) * cap to the logits.
  * Softmax and accumulation run in float32: the same arithmetic SDPA does on CPU for bf16 inputs.
  *
- * Built on first use by helios_ray/engine/paged_attention.py (cc -O3 -march=native), called through ctypes.
+ * Two code paths: AVX-512 (16 lanes, 4 key dots reduced together, vectorised exp, value sums in registers) where
+ * the compiler targets it, and portable C elsewhere.  Built on first use by helios_ray/engine/paged_attention.py
+ * (cc -O3 -march=native), called through ctypes.
  */
 #include <math.h>
 #include <stdint.h>
@@ -95,64 +99,128 @@ static inline void softmax_avx512(float *s, int64_t n) {
     for (; t < n; t++) s[t] *= _mm512_cvtss_f32(inv);
 }
 
-/* The same computation as attend_one below, 16 lanes at a time (d % 16 == 0): each key row is converted once
- * and dotted with the G query heads as G independent FMA chains; each value row is scaled into G x d
- * accumulators.  With AVX512-BF16 the key dots of bf16 pools run as vdpbf16ps on (q, k) pairs: exact bf16
- * products summed in float32 - q is a bf16 activation in a bf16 model, so nothing is rounded that SDPA keeps. */
+/* [sum(a), sum(b), sum(c), sum(d)]: four horizontal sums for ~3 instructions each instead of ~8. */
+static inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
+    const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
+    const __m512 cd = _mm512_add_ps(_mm512_unpacklo_ps(c, d), _mm512_unpackhi_ps(c, d));
+    __m512 x = _mm512_add_ps(_mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(1, 0, 1, 0)),
+                             _mm512_shuffle_ps(ab, cd, _MM_SHUFFLE(3, 2, 3, 2)));
+    x = _mm512_add_ps(x, _mm512_shuffle_f32x4(x, x, _MM_SHUFFLE(1, 0, 3, 2)));
+    x = _mm512_add_ps(x, _mm512_shuffle_f32x4(x, x, _MM_SHUFFLE(2, 3, 0, 1)));
+    return _mm512_castps512_ps128(x);
+}
+
+/* q_g . k_row as 16 partial sums (not yet reduced).  bf16 pools with a bf16 query on AVX512-BF16: vdpbf16ps on
+ * (q, k) pairs - exact bf16 products summed in float32; q is a bf16 activation in a bf16 model, so nothing is
+ * rounded that SDPA keeps.  Otherwise the key row is widened to float32 and multiplied with the float32 query. */
+static inline __m512 partial_dot(const float *qg, const uint16_t *qg_bf16, const void *k_pool, int bf16,
+                                 int64_t off, int64_t V) {
+#if defined(__AVX512BF16__)
+    if (qg_bf16) {
+        const uint16_t *kr = (const uint16_t *)k_pool + off;
+        __m512 a = _mm512_setzero_ps();
+        for (int64_t j = 0; j < 16 * V; j += 32)
+            a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(qg_bf16 + j), (__m512bh)_mm512_loadu_si512(kr + j));
+        return a;
+    }
+#else
+    (void)qg_bf16;
+#endif
+    __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qg), load16(k_pool, bf16, off));
+    for (int64_t j = 1; j < V; j++) a = _mm512_fmadd_ps(_mm512_loadu_ps(qg + 16 * j), load16(k_pool, bf16, off + 16 * j), a);
+    return a;
+}
+
+/* out_g = sum_t p_g[t] * v[t] for the G heads, V (compile-time after inlining) 16-lane accumulators per head held
+ * in registers; value rows are re-read per head from L1/L2 (a sequence's rows for one kv head are ~40 KB). */
+static inline __attribute__((always_inline)) void weighted_values(const int V, const void *v_pool, int bf16,
+                                                                  const int64_t *slots, int64_t n, int64_t Hkv,
+                                                                  int64_t kvh, int64_t d, const float *scores,
+                                                                  int64_t G, float *out) {
+    for (int64_t g = 0; g < G; g++) {
+        __m512 acc[16], acc2[16];
+#pragma GCC unroll 16
+        for (int j = 0; j < V; j++) acc[j] = acc2[j] = _mm512_setzero_ps();
+        const float *pg = scores + g * n;
+        int64_t t = 0;
+        for (; t + 2 <= n; t += 2) {  /* two independent chains hide the FMA latency */
+            const __m512 p0 = _mm512_set1_ps(pg[t]), p1 = _mm512_set1_ps(pg[t + 1]);
+            const int64_t o0 = (slots[t] * Hkv + kvh) * d, o1 = (slots[t + 1] * Hkv + kvh) * d;
+            if (g == 0 && t + 8 < n)  /* first pass over the values: fetch ahead (later heads hit the cache) */
+                for (int u = 0; u < 2; u++) {
+                    const char *r = (const char *)v_pool + ((slots[t + 8 + u] * Hkv + kvh) * d) * (bf16 ? 2 : 4);
+                    for (int64_t c = 0; c < d * (bf16 ? 2 : 4); c += 64) _mm_prefetch(r + c, _MM_HINT_T0);
+                }
+#pragma GCC unroll 16
+            for (int j = 0; j < V; j++) {
+                acc[j] = _mm512_fmadd_ps(p0, load16(v_pool, bf16, o0 + 16 * j), acc[j]);
+                acc2[j] = _mm512_fmadd_ps(p1, load16(v_pool, bf16, o1 + 16 * j), acc2[j]);
+            }
+        }
+        if (t < n) {
+            const __m512 p0 = _mm512_set1_ps(pg[t]);
+            const int64_t o0 = (slots[t] * Hkv + kvh) * d;
+#pragma GCC unroll 16
+            for (int j = 0; j < V; j++) acc[j] = _mm512_fmadd_ps(p0, load16(v_pool, bf16, o0 + 16 * j), acc[j]);
+        }
+#pragma GCC unroll 16
+        for (int j = 0; j < V; j++) _mm512_storeu_ps(out + g * d + 16 * j, _mm512_add_ps(acc[j], acc2[j]));
+    }
+}
+
+/* The same computation as attend_one below, 16 lanes at a time (d % 16 == 0, d <= 256): key dots for four
+ * tokens at a time per query head, reduced together; the softmax vectorised; value sums in registers. */
 static int attend_one_avx512(const float *q, const uint16_t *q_bf16, const void *k_pool, const void *v_pool,
                              int bf16, const int64_t *slots, int64_t len, int64_t Hq, int64_t Hkv, int64_t d,
                              float scale, int64_t window, float softcap, int64_t b, int64_t kvh, float *out) {
     const int64_t G = Hq / Hkv, V = d / 16;
     const int64_t start = (window > 0 && len > window) ? len - window : 0;
     const int64_t n = len - start;
-    float *buf = (float *)aligned_alloc(64, (size_t)(((G * n + 15) / 16) * 16 + G * d) * sizeof(float));
-    if (!buf) return -1;
-    float *scores = buf, *acc = buf + ((G * n + 15) / 16) * 16;
+    float *scores = (float *)aligned_alloc(64, (size_t)(((G * n + 15) / 16) * 16) * sizeof(float));
+    if (!scores) return -1;
     const float *qb = q + (b * Hq + kvh * G) * d;
-    (void)q_bf16;
+    const uint16_t *qh = (bf16 && q_bf16 && d % 32 == 0) ? q_bf16 + (b * Hq + kvh * G) * d : NULL;
+    slots += start;
 
-    for (int64_t t = 0; t < n; t++) {
-        const int64_t off = (slots[start + t] * Hkv + kvh) * d;
-#if defined(__AVX512BF16__)
-        if (bf16 && q_bf16 && d % 32 == 0) {
-            const uint16_t *kr = (const uint16_t *)k_pool + off;
-            const uint16_t *qh = q_bf16 + (b * Hq + kvh * G) * d;
-            for (int64_t g = 0; g < G; g++) {
-                __m512 a = _mm512_setzero_ps();
-                for (int64_t j = 0; j < d; j += 32)
-                    a = _mm512_dpbf16_ps(a, (__m512bh)_mm512_loadu_si512(qh + g * d + j),
-                                         (__m512bh)_mm512_loadu_si512(kr + j));
-                float s = _mm512_reduce_add_ps(a) * scale;
-                if (softcap > 0.0f) s = tanhf(s / softcap) * softcap;
-                scores[g * n + t] = s;
+    int64_t t = 0;
+    const __m128 sc4 = _mm_set1_ps(scale);
+    for (; t + 4 <= n; t += 4) {
+        int64_t off[4];
+        for (int u = 0; u < 4; u++) off[u] = (slots[t + u] * Hkv + kvh) * d;
+        if (t + 16 < n)  /* the next block's rows: a jump the hardware prefetcher cannot guess */
+            for (int u = 0; u < 4; u++) {
+                const char *r = (const char *)k_pool + ((slots[t + 16 + u] * Hkv + kvh) * d) * (bf16 ? 2 : 4);
+                for (int64_t c = 0; c < d * (bf16 ? 2 : 4); c += 64) _mm_prefetch(r + c, _MM_HINT_T0);
             }
-            continue;
-        }
-#endif
-        __m512 k[16];
-        for (int64_t j = 0; j < V; j++) k[j] = load16(k_pool, bf16, off + 16 * j);
         for (int64_t g = 0; g < G; g++) {
-            __m512 a = _mm512_mul_ps(_mm512_loadu_ps(qb + g * d), k[0]);
-            for (int64_t j = 1; j < V; j++) a = _mm512_fmadd_ps(_mm512_loadu_ps(qb + g * d + 16 * j), k[j], a);
-            float s = _mm512_reduce_add_ps(a) * scale;
-            if (softcap > 0.0f) s = tanhf(s / softcap) * softcap;
-            scores[g * n + t] = s;
+            const float *qg = qb + g * d;
+            const uint16_t *qgh = qh ? qh + g * d : NULL;
+            __m128 s = _mm_mul_ps(reduce4(partial_dot(qg, qgh, k_pool, bf16, off[0], V),
+                                          partial_dot(qg, qgh, k_pool, bf16, off[1], V),
+                                          partial_dot(qg, qgh, k_pool, bf16, off[2], V),
+                                          partial_dot(qg, qgh, k_pool, bf16, off[3], V)), sc4);
+            _mm_storeu_ps(scores + g * n + t, s);
         }
     }
+    for (; t < n; t++) {
+        const int64_t off = (slots[t] * Hkv + kvh) * d;
+        for (int64_t g = 0; g < G; g++)
+            scores[g * n + t] = _mm512_reduce_add_ps(partial_dot(qb + g * d, qh ? qh + g * d : NULL, k_pool, bf16,
+                                                                 off, V)) * scale;
+    }
+    if (softcap > 0.0f)
+        for (int64_t i = 0; i < G * n; i++) scores[i] = tanhf(scores[i] / softcap) * softcap;
     for (int64_t g = 0; g < G; g++) softmax_avx512(scores + g * n, n);
-    for (int64_t i = 0; i < G * d; i += 16) _mm512_store_ps(acc + i, _mm512_setzero_ps());
-    for (int64_t t = 0; t < n; t++) {
-        const int64_t off = (slots[start + t] * Hkv + kvh) * d;
-        for (int64_t j = 0; j < V; j++) {
-            const __m512 v = load16(v_pool, bf16, off + 16 * j);
-            for (int64_t g = 0; g < G; g++) {
-                float *ag = acc + g * d + 16 * j;
-                _mm512_store_ps(ag, _mm512_fmadd_ps(_mm512_set1_ps(scores[g * n + t]), v, _mm512_load_ps(ag)));
-            }
-        }
+
+    float *ob = out + (b * Hq + kvh * G) * d;
+    switch (V) {  /* constant V: the accumulators become registers */
+        case 1: weighted_values(1, v_pool, bf16, slots, n, Hkv, kvh, d, scores, G, ob); break;
+        case 2: weighted_values(2, v_pool, bf16, slots, n, Hkv, kvh, d, scores, G, ob); break;
+        case 4: weighted_values(4, v_pool, bf16, slots, n, Hkv, kvh, d, scores, G, ob); break;
+        case 8: weighted_values(8, v_pool, bf16, slots, n, Hkv, kvh, d, scores, G, ob); break;
+        default: weighted_values(V, v_pool, bf16, slots, n, Hkv, kvh, d, scores, G, ob); break;
     }
-    memcpy(out + (b * Hq + kvh * G) * d, acc, (size_t)(G * d) * sizeof(float));
-    free(buf);
+    free(scores);
     return 0;
 }
 #endif
