@@ -135,13 +135,18 @@ def _run_bench_serve(a: argparse.Namespace) -> int:
             seed=a.seed, out_dir=a.out)
     except ValidationError as e:
         raise _invalid_options(e) from None
-    if a.quick:
-        cfg = serve_bench.quick(cfg)
+    return _run_serve_config(a, cfg, serve_bench.quick, serve_bench.bench_serve, serve_bench.format_table)
+
+
+def _run_serve_config(a: argparse.Namespace, cfg: Any, quick: Any, bench: Any, table: Any) -> int:
+    """Both editions of bench serve: --quick, then the run with Ray's output kept off the JSON on stdout."""
     import contextlib
 
+    if a.quick:
+        cfg = quick(cfg)
     with contextlib.redirect_stdout(sys.stderr):  # Ray's own messages must not mix into the JSON on stdout
-        res = serve_bench.bench_serve(cfg, progress=not a.json)
-    _emit(res, a.json, serve_bench.format_table)
+        res = bench(cfg, progress=not a.json)
+    _emit(res, a.json, table)
     return 0
 
 
@@ -152,8 +157,6 @@ def _invalid_options(e: Any) -> HeliosError:
 
 
 def _run_bench_serve2(a: argparse.Namespace) -> int:
-    import contextlib
-
     from pydantic import ValidationError
 
     from helios_ray.bench import fleet_report, fleet_run, fleet_serve
@@ -182,12 +185,7 @@ def _run_bench_serve2(a: argparse.Namespace) -> int:
             roomy_budget_mb=a.roomy_budget_mb, best_by=a.best_by, out_dir=a.out, **kw)
     except ValidationError as e:
         raise _invalid_options(e) from None
-    if a.quick:
-        cfg = fleet_serve.quick(cfg)
-    with contextlib.redirect_stdout(sys.stderr):  # Ray's own messages must not mix into the JSON on stdout
-        res = fleet_run.bench_fleet(cfg, progress=not a.json)
-    _emit(res, a.json, fleet_report.format_table)
-    return 0
+    return _run_serve_config(a, cfg, fleet_serve.quick, fleet_run.bench_fleet, fleet_report.format_table)
 
 
 def run(a: argparse.Namespace) -> int:

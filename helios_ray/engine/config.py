@@ -42,7 +42,8 @@ class EngineConfig(BaseModel):
                     "sequence's blocks in place (helios_ray/engine/csrc/paged_attention.c, built on first use with "
                     "the host's C compiler); 'gather': copy each sequence's blocks into a dense tensor per layer "
                     "and run SDPA (CUDA, and the reference to measure against); 'auto': the kernel on CPU when it "
-                    "builds, else gather (logged).  Prompt chunks and token-level exit models always gather.")
+                    "builds, else gather (logged).  Applies to every one-token step (packed decode groups, prefill-first "
+                    "steps, token-level exit models); prompt chunks always gather.")
     max_model_len: int | None = Field(default=2048, ge=2,
                                       description="Prompt + output cap; None = the model's context (max 8192).")
     torch_threads: int | None = Field(

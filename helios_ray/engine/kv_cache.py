@@ -98,8 +98,9 @@ class PagedKVCache:
 
     def __init__(self, layout: KVLayout, num_blocks: int, device: torch.device, dtype: torch.dtype,
                  in_place_decode: bool = False):
-        """``in_place_decode``: packed steps attend their decode tokens with the paged kernel (the engine
-        decides it once, :func:`helios_ray.engine.paged_attention.resolve`)."""
+        """``in_place_decode``: one-token steps (a packed step's decode group, unpacked decode steps and their
+        row subsets) attend with the paged kernel (the engine decides it once,
+        :func:`helios_ray.engine.paged_attention.resolve`)."""
         self.layout, self.num_blocks = layout, num_blocks
         self.device, self.dtype = device, dtype
         self.in_place_decode = in_place_decode

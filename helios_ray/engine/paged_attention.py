@@ -22,6 +22,7 @@ import functools
 import hashlib
 import logging
 import os
+import platform
 import shutil
 import subprocess
 import tempfile
@@ -60,16 +61,43 @@ def _compiler() -> str:
     return cc
 
 
+def _host_key(cc: str, cflags: tuple[str, ...]) -> str:
+    """What the object depends on: source, flags, compiler, and the CPU as ``-march=native`` resolves it (the
+    resolved target options, not only /proc/cpuinfo's flags, which some platforms do not list), so that a cache
+    shared between nodes never hands one CPU another's instructions."""
+    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
+    target = subprocess.run([cc, *[f for f in cflags if f.startswith("-m")], "-Q", "--help=target"],
+                            capture_output=True, text=True, check=False).stdout
+    parts = [SOURCE.read_text(), " ".join(cflags), version, target, platform.machine(), " ".join(sorted(cpu_flags()))]
+    return hashlib.sha256("\0".join(parts).encode()).hexdigest()[:16]
+
+
+def _writable(d: Path) -> Path:
+    """``d``, or a per-user temporary directory when ``d`` cannot be written (a read-only shared cache)."""
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        if os.access(d, os.W_OK):
+            return d
+    except OSError:
+        pass
+    fallback = Path(tempfile.gettempdir()) / f"helios-ray-kernels-{os.getuid()}"
+    fallback.mkdir(parents=True, exist_ok=True)
+    log.info("kernel cache %s is not writable; building in %s", d, fallback)
+    return fallback
+
+
 def build(cflags: tuple[str, ...] = CFLAGS) -> Path:
     """The kernel's shared object for this host, compiled unless the cache already holds it."""
     cc = _compiler()
-    version = subprocess.run([cc, "--version"], capture_output=True, text=True, check=False).stdout
-    key = hashlib.sha256("\0".join([SOURCE.read_text(), " ".join(cflags), version,
-                                    " ".join(sorted(cpu_flags()))]).encode()).hexdigest()[:16]
-    out = _cache_dir() / f"paged_attention-{key}.so"
+    name = f"paged_attention-{_host_key(cc, cflags)}.so"
+    if (_cache_dir() / name).exists():
+        return _cache_dir() / name
+    try:
+        out = _writable(_cache_dir()) / name
+    except OSError as e:
+        raise KernelUnavailable(f"no writable directory to build the paged decode attention kernel in: {e}") from None
     if out.exists():
         return out
-    out.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(suffix=".so", dir=out.parent)
     os.close(fd)
     try:

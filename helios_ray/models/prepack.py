@@ -30,7 +30,9 @@ BATCH_HINT = 16  # oneDNN picks the blocked layout for this many rows; measured 
 
 
 def available() -> bool:
-    return torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+    """oneDNN with its bf16 path (AVX-512 BW/VL/DQ): without it the reorder raises, and plain F.linear is used."""
+    return (torch.backends.mkldnn.is_available() and hasattr(torch.ops.mkldnn, "_reorder_linear_weight")
+            and bool(torch.ops.mkldnn._is_mkldnn_bf16_supported()))
 
 
 def enabled(device: torch.device | str, dtype: torch.dtype, weights: str | None) -> bool:
@@ -66,6 +68,17 @@ class PackedLinear(nn.Module):
 
     def __deepcopy__(self, memo: dict) -> "PackedLinear":  # the opaque tensor has no storage to copy
         return PackedLinear(self.dequantized(), None if self.bias is None else self.bias.clone())
+
+    def _apply(self, fn, recurse=True):  # noqa: ANN001, ANN202 - nn.Module's signature
+        # .to()/.float()/.cuda() would convert the bias and skip the opaque weight, leaving a module whose parts
+        # disagree: refuse instead (a packed model serves bf16 on this CPU; reload it to change either)
+        raise RuntimeError("a oneDNN-packed projection cannot change dtype or device: load the model again "
+                           "(HELIOS_PREPACK=0 keeps plain weights)")
+
+    def _save_to_state_dict(self, destination, prefix, keep_vars):  # noqa: ANN001 - nn.Module's signature
+        destination[prefix + "weight"] = self.dequantized()
+        if self.bias is not None:
+            destination[prefix + "bias"] = self.bias if keep_vars else self.bias.detach()
 
     def extra_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}, bias={self.bias is not None}"

@@ -150,6 +150,19 @@ def test_the_build_is_cached_per_host(tmp_path, monkeypatch):
     assert sorted(p.suffix for p in (tmp_path / "kernels").iterdir()) == [".so", ".so"]  # no temp files left
 
 
+def test_an_unwritable_cache_falls_back_to_a_private_temp_dir(tmp_path, monkeypatch):
+    blocker = tmp_path / "not-a-dir"
+    blocker.write_text("")  # HELIOS_CACHE_DIR under a file: nothing can be created there (even as root)
+    monkeypatch.setenv("HELIOS_CACHE_DIR", str(blocker / "cache"))
+    monkeypatch.setenv("TMPDIR", str(tmp_path / "tmp"))
+    (tmp_path / "tmp").mkdir()
+    import tempfile
+
+    monkeypatch.setattr(tempfile, "tempdir", None)  # re-read TMPDIR
+    out = pa.build(PORTABLE)
+    assert out.exists() and out.parent.parent == tmp_path / "tmp"
+
+
 def _generate(model: EarlyExitLM, prompts: list[list[int]], mode: str, max_tokens: int = 24) -> list[list[int]]:
     eng = LLMEngine(model, EngineConfig(memory_budget=model.param_bytes + (64 << 20), block_size=4,
                                         decode_attention=mode))

@@ -34,6 +34,10 @@ def test_packed_linear_equals_f_linear_bit_for_bit(rows, bias):
     assert torch.equal(lin.dequantized(), w) and lin.opaque_bytes == w.numel() * 2
     twin = copy.deepcopy(lin)  # the opaque tensor has no storage: deepcopy repacks
     assert twin.packed is not lin.packed and torch.equal(twin(x), lin(x))
+    sd = lin.state_dict()  # the plain weight, as nn.Linear would save it
+    assert torch.equal(sd["weight"], w) and (("bias" in sd) == bias)
+    with pytest.raises(RuntimeError, match="cannot change dtype or device"):
+        lin.float()  # would convert the bias and silently keep bf16 weights
 
 
 def test_only_bf16_on_cpu_without_a_weight_format_is_packed(monkeypatch):

@@ -10,6 +10,7 @@ admin endpoint under load shows its new placement in the status and in the metri
 from __future__ import annotations
 
 import json
+import math
 import re
 import threading
 import time
@@ -134,8 +135,17 @@ def test_steering_learns_what_each_group_delivers_and_follows_it(fleet):
     assert len(by_prediction) >= 8, diag
     for r in by_prediction:
         assert set(r["values"]) <= set(keys) and r["values"][r["group"]] == max(r["values"].values()), (r, diag)
-    served = {k for k, _ in steady}
-    assert served == {"chat", "code"}
+    # ... and the requests really went there: the last routes, in order, are the groups that answered the steady
+    # phase (one client at a time finishes out of order, so compare the multisets per kind)
+    for kind in ("chat", "code"):
+        logged = sorted(r["group"] for r in steering["recent"][-len(steady):] if r["kind"] == kind)
+        answered = sorted(g for k, g in steady if k == kind)
+        assert logged == answered, (kind, logged, answered, diag)
+    # Learned: what was predicted for a route is what that request then delivered, within a factor of 3 for the
+    # median route (tokens/s on a shared 2-core host varies; an unlearned predictor is off by far more)
+    ratios = sorted(abs(math.log(max(r["predicted"]["tokens_per_s"], 1e-6) / max(r["observed"]["tokens_per_s"], 1e-6)))
+                    for r in by_prediction if r["predicted"] and r["observed"] and r["observed"]["tokens_per_s"] > 0)
+    assert ratios and ratios[len(ratios) // 2] < math.log(3), (ratios, diag)
     errors = [p["mae"] for p in placements.values() if p["mae"]]
     assert errors and all(0.0 <= e["breach_rate"] <= 1.0 and e["samples"] > 0 for e in errors), diag
     split = steering["split"]

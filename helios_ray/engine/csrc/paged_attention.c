@@ -146,7 +146,7 @@ static inline __attribute__((always_inline)) void weighted_values(const int V, c
         for (; t + 2 <= n; t += 2) {  /* two independent chains hide the FMA latency */
             const __m512 p0 = _mm512_set1_ps(pg[t]), p1 = _mm512_set1_ps(pg[t + 1]);
             const int64_t o0 = (slots[t] * Hkv + kvh) * d, o1 = (slots[t + 1] * Hkv + kvh) * d;
-            if (g == 0 && t + 8 < n)  /* first pass over the values: fetch ahead (later heads hit the cache) */
+            if (g == 0 && t + 10 <= n)  /* first pass over the values: fetch ahead (later heads hit the cache) */
                 for (int u = 0; u < 2; u++) {
                     const char *r = (const char *)v_pool + ((slots[t + 8 + u] * Hkv + kvh) * d) * (bf16 ? 2 : 4);
                     for (int64_t c = 0; c < d * (bf16 ? 2 : 4); c += 64) _mm_prefetch(r + c, _MM_HINT_T0);
@@ -187,7 +187,7 @@ static int attend_one_avx512(const float *q, const uint16_t *q_bf16, const void 
     for (; t + 4 <= n; t += 4) {
         int64_t off[4];
         for (int u = 0; u < 4; u++) off[u] = (slots[t + u] * Hkv + kvh) * d;
-        if (t + 16 < n)  /* the next block's rows: a jump the hardware prefetcher cannot guess */
+        if (t + 20 <= n)  /* the next block's rows: a jump the hardware prefetcher cannot guess */
             for (int u = 0; u < 4; u++) {
                 const char *r = (const char *)k_pool + ((slots[t + 16 + u] * Hkv + kvh) * d) * (bf16 ? 2 : 4);
                 for (int64_t c = 0; c < d * (bf16 ? 2 : 4); c += 64) _mm_prefetch(r + c, _MM_HINT_T0);
