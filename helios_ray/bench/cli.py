@@ -34,7 +34,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     e.add_argument("--decode-attention", default="auto", choices=["auto", "paged", "gather"],
                    help="the engine's decode attention (engine.decode_attention)")
     e.add_argument("--prefill-prompts", type=int, default=None,
-                   help="long prompts (384-512 tokens) for the prefill tokens/s comparison (default 8, --quick 4; "
+                   help="long prompts (384-512 tokens) for the prefill tokens/s comparison (default 8, --quick 2; "
                         "0 = skip)")
     e.add_argument("--compare-gather", action="store_true",
                    help="also run the engine with decode_attention=gather per batch and print the ratio")
@@ -203,7 +203,7 @@ def run(a: argparse.Namespace) -> int:
         if a.quick:
             a.batches, a.requests, a.max_output_tokens = "1,8", 8, 64
         if a.prefill_prompts is None:
-            a.prefill_prompts = 4 if a.quick else 8
+            a.prefill_prompts = 2 if a.quick else 8
         res = engine_bench.bench_engine(a.model, _ints(a.batches, "--batches"), a.requests, a.max_prompt_tokens,
                                         a.max_output_tokens, a.budget_mb, a.seed, a.threads, progress=not a.json,
                                         repeats=a.repeats, dtype=a.dtype, decode_attention=a.decode_attention,
