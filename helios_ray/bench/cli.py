@@ -212,6 +212,9 @@ def run(a: argparse.Namespace) -> int:
             f"batch {x['batch']:>3}: engine {x['engine_tokens_per_s']:>7} tok/s | transformers "
             f"{x['transformers_tokens_per_s']:>7} tok/s | {x['ratio_engine_over_transformers']}x | "
             f"agreement {x['token_agreement_with_transformers']:.1%}"
+            + (f" | generate() {x['transformers_same_dtype']['dtype']} "
+               f"{x['transformers_same_dtype']['tokens_per_s']} tok/s, {x['transformers_same_dtype']['ratio_engine_over_it']}x"
+               if "transformers_same_dtype" in x else "")
             + (f" | gather {x['gather']['engine_tokens_per_s']} tok/s, engine/gather "
                f"{x['gather']['ratio_engine_over_gather']}x" if "gather" in x else "") for x in r["runs"])
             + ("\nprefill: engine {engine_prompt_tokens_per_s} prompt tok/s | transformers "

@@ -162,6 +162,10 @@ def bench_engine(model_name: str, batches: list[int], requests_per_batch: int, m
     torch.set_num_threads(threads)
     model = load_model(model_name, exits="shared", dtype=dtype)
     hf = AutoModelForCausalLM.from_pretrained(str(model.ckpt_dir), dtype=torch.float32).eval()
+    # generate() at the engine's activation dtype too (bf16 for bf16/int8/int4 engines): what a user gets by just
+    # asking transformers for the same dtype, so the engine's own contribution is visible apart from the dtype's
+    same = (AutoModelForCausalLM.from_pretrained(str(model.ckpt_dir), dtype=model.lm.dtype).eval()
+            if model.lm.dtype != torch.float32 else None)
     pad = model.spec.pad_token_id if model.spec.pad_token_id is not None else 0
     peak = gemm_peak_gflops(model.lm.dtype)
     results: dict[str, Any] = {"model": model_name, "device": str(model.device), "threads": threads,
@@ -185,6 +189,9 @@ def bench_engine(model_name: str, batches: list[int], requests_per_batch: int, m
         if compare_gather:
             t_g1, out_g, _ = run_engine(model, reqs, b, budget_mb << 20, "gather")
             t_g2 = run_engine(model, reqs, b, budget_mb << 20, "gather")[0] if repeats > 1 else t_g1
+        if same is not None:
+            t_s1, out_s = run_transformers(same, reqs, b, pad)
+            t_s2 = run_transformers(same, reqs, b, pad)[0] if repeats > 1 else t_s1
         t_en2, _, _ = (run_engine(model, reqs, b, budget_mb << 20, decode_attention) if repeats > 1
                        else (t_en1, None, None))
         t_hf2, _ = run_transformers(hf, reqs, b, pad) if repeats > 1 else (t_hf1, None)
@@ -206,6 +213,13 @@ def bench_engine(model_name: str, batches: list[int], requests_per_batch: int, m
             "seconds_per_repeat": {"engine": [round(t_en1, 2), round(t_en2, 2)],
                                    "transformers": [round(t_hf1, 2), round(t_hf2, 2)]}, **extra,
         }
+        if same is not None:
+            t_s = (t_s1 + t_s2) / 2
+            run["transformers_same_dtype"] = {
+                "dtype": str(model.lm.dtype).removeprefix("torch."), "tokens_per_s": round(n_tokens / t_s, 2),
+                "seconds": [round(t_s1, 2), round(t_s2, 2)], "ratio_engine_over_it": round(t_s / t_en, 3),
+                "token_agreement_with_engine": round(agreement(out_en, out_s), 4),
+                "token_agreement_with_fp32": round(agreement(out_s, out_hf), 4)}
         if compare_gather:
             t_g = (t_g1 + t_g2) / 2
             run["gather"] = {"engine_tokens_per_s": round(n_tokens / t_g, 2), "seconds": [round(t_g1, 2), round(t_g2, 2)],

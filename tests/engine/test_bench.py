@@ -44,6 +44,7 @@ def test_bench_engine_prints_both_sides_and_agreement(capsys):
     cpp = res["runs"][0]["llama_cpp"]
     assert (isinstance(cpp, dict) and cpp["tokens_per_s"] > 0) or cpp.startswith(("not installed", "llama.cpp crashed")), cpp
     assert "llama_cpp" not in res["runs"][1]
+    assert all("transformers_same_dtype" not in r for r in res["runs"])  # fp32 engine: fp32 generate() is the same
     # decode attention in place (this host has a compiler) vs the gather path, side by side; fp32: same tokens
     assert res["decode_attention_in_place"] is True
     for r in res["runs"]:
@@ -52,6 +53,21 @@ def test_bench_engine_prints_both_sides_and_agreement(capsys):
     assert pre["prompts"] == 2 and 384 <= pre["prompt_tokens_min_max"][0] <= pre["prompt_tokens_min_max"][1] <= 512
     assert pre["engine_prompt_tokens_per_s"] > 0 and pre["transformers_prompt_tokens_per_s"] > 0
     assert pre["first_token_agreement"] == 1.0  # fp32 prefill, chunked or not, is the same computation
+
+
+@pytest.mark.slow
+def test_bench_engine_at_bf16_also_runs_generate_at_bf16(capsys):
+    rc = main(["bench", "engine", "--batches", "2", "--requests", "2", "--max-output-tokens", "4", "--repeats", "1",
+               "--dtype", "bfloat16", "--prefill-prompts", "0", "--json"])
+    assert rc == 0
+    res = json.loads(capsys.readouterr().out)
+    assert res["engine_dtype"] == "bfloat16" and "prefill" not in res
+    same = res["runs"][0]["transformers_same_dtype"]
+    assert same["dtype"] == "bfloat16" and same["tokens_per_s"] > 0
+    assert same["ratio_engine_over_it"] == pytest.approx(same["seconds"][0] / res["runs"][0]["engine_seconds"], rel=0.02)
+    # the same dtype, greedy, 4 tokens: the two implementations agree on (nearly) every token; misaligned outputs
+    # would not
+    assert same["token_agreement_with_engine"] >= 0.5 and same["token_agreement_with_fp32"] >= 0.5
 
 
 def test_bench_rejects_bad_arguments(capsys):
