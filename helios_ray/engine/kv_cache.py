@@ -175,13 +175,19 @@ class PagedKVCache:
         kp.index_copy_(0, self._write, k.transpose(1, 2)[self._write_mask].to(kp.dtype))
         vp.index_copy_(0, self._write, v.transpose(1, 2)[self._write_mask].to(vp.dtype))
 
+    def read_in_place(self, key: Hashable, q: Tensor, slots: Tensor, lens: Tensor, scale: float,
+                      window: int | None, softcap: float | None) -> Tensor:
+        """Attention of [B, heads, 1, hd] queries (one per row, this step's keys already written) over layer
+        ``key``'s pools through the rows' slot maps, by the paged kernel; [B, heads, 1, hd].  Both this cache's
+        decode steps and a packed step's decode group (engine/packed.py) read through here."""
+        kp, vp = self._pool(key)
+        return decode_attention(q[:, :, 0], kp, vp, slots, lens, scale, window, softcap)[:, :, None]
+
     def attend_in_place(self, key: Hashable, q: Tensor, scale: float, window: int | None,
                         softcap: float | None) -> Tensor:
-        """A decode step's attention ([B, heads, 1, hd] queries, one per row, this step's keys already written)
-        read from the pools by the paged kernel, without the gathered copy :meth:`update` makes."""
+        """A decode step's attention read in place, without the gathered copy :meth:`update` makes."""
         assert self._gather is not None and self._lens is not None and q.shape[2] == 1
-        kp, vp = self._pool(key)
-        return decode_attention(q[:, :, 0], kp, vp, self._gather, self._lens, scale, window, softcap)[:, :, None]
+        return self.read_in_place(key, q, self._gather, self._lens, scale, window, softcap)
 
     def select(self, rows: Tensor) -> "PagedKVCache":
         """A view for a subset of this step's rows (token-level exit): same pools, the rows' slots only."""

@@ -25,7 +25,6 @@ import torch
 from torch import Tensor
 
 from helios_ray.engine.kv_cache import PagedKVCache
-from helios_ray.engine.paged_attention import decode_attention
 from helios_ray.engine.sequence import Sequence
 
 
@@ -152,5 +151,4 @@ class PackedKV:
         """Group ``gi``'s attention ([rows, heads, 1, hd] queries, this step's keys already written) read straight
         from the pools by the paged kernel; returns [rows, heads, 1, hd]."""
         g = self._groups[gi]
-        kp, vp = self.paged._pool(key)
-        return decode_attention(q[:, :, 0], kp, vp, g.gather, g.lens, scale, window, softcap)[:, :, None]
+        return self.paged.read_in_place(key, q, g.gather, g.lens, scale, window, softcap)

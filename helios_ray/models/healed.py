@@ -46,7 +46,8 @@ def projections(block: nn.Module) -> dict[str, nn.Linear]:
     for name in PROJECTIONS:
         parent, _, leaf = name.partition(".")
         mod = getattr(getattr(block, parent), leaf, None)
-        if isinstance(mod, (nn.Linear, QuantLinear, Int4Linear, PackedLinear)):  # quantized: int8/int4 (models/quant.py); packed: bf16 CPU (models/prepack.py)
+        # quantized: dtype int8/int4 (models/quant.py); packed: bf16 on CPU (models/prepack.py)
+        if isinstance(mod, (nn.Linear, QuantLinear, Int4Linear, PackedLinear)):
             out[name] = mod
     return out
 

@@ -2,8 +2,8 @@
 
 Why: on CPU a bf16 ``F.linear`` hands oneDNN a plain ``[out, in]`` weight, and oneDNN reorders it into its
 blocked GEMM layout on *every call* - for a decode step's 1-32-row matmuls that reorder costs about as much as the
-product itself.  Measured here (AMX Xeon, 1 thread, SmolLM2 shapes): 576->1536 at 16 rows 223 -> 135 us, at 1 row
-274 -> 127 us, at 128 rows 839 -> 535 us, with bit-identical outputs.  This is what inductor's weight "freezing"
+product itself.  Measured here (AMX Xeon, 1 thread, SmolLM2's 576->1536; ``PYTHONPATH=. python
+scripts/engine_parts.py``): 1 / 16 / 128 rows 158 -> 85, 180 -> 100, 366 -> 271 us, bit-identical outputs.  This is what inductor's weight "freezing"
 does for compiled CPU models, without compiling anything.
 
 What: the seven projections of each decoder layer, and an untied LM head, become :class:`PackedLinear` when the
@@ -24,7 +24,7 @@ import os
 import torch
 from torch import Tensor, nn
 
-from helios_ray.models.quant import QUANTIZED_LINEARS
+from helios_ray.models.quant import replace_projections
 
 BATCH_HINT = 16  # oneDNN picks the blocked layout for this many rows; measured best from 1 to 300 rows here
 
@@ -86,13 +86,7 @@ class PackedLinear(nn.Module):
 
 def prepack_block(block: nn.Module) -> nn.Module:
     """Pack one decoder block's projections in place (at load, and when ``set_depth`` grows the model)."""
-    for name in QUANTIZED_LINEARS:
-        parent_name, _, attr = name.rpartition(".")
-        parent = block.get_submodule(parent_name)
-        lin = getattr(parent, attr, None)
-        if isinstance(lin, nn.Linear):
-            setattr(parent, attr, PackedLinear.from_linear(lin))
-    return block
+    return replace_projections(block, lambda _name, lin: PackedLinear.from_linear(lin))
 
 
 def prepack_decoder(lm: nn.Module) -> nn.Module:

@@ -30,6 +30,8 @@ the modules below, the repository prices checkpoint shapes with :func:`weight_by
 
 from __future__ import annotations
 
+from typing import Callable
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -274,19 +276,22 @@ def quantize_linear(name: str, lin: nn.Linear, tied: bool, fmt: str, act_dtype: 
     return QuantLinear.from_linear(lin, "int8", act_dtype)
 
 
-def _replace_linears(root: nn.Module, fmt: str, act_dtype: torch.dtype) -> None:
+def replace_projections(block: nn.Module, make: Callable[[str, nn.Linear], nn.Module]) -> nn.Module:
+    """Swap each plain ``nn.Linear`` projection of a decoder block (those a family lacks are skipped) for
+    ``make(name, linear)`` - the one loop behind quantized (here) and oneDNN-packed (models/prepack.py) layers."""
     for name in QUANTIZED_LINEARS:
         parent_name, _, attr = name.rpartition(".")
-        parent = root.get_submodule(parent_name)
+        parent = block.get_submodule(parent_name)
         lin = getattr(parent, attr, None)
         if isinstance(lin, nn.Linear):
-            setattr(parent, attr, quantize_linear(name, lin, False, fmt, act_dtype))
+            setattr(parent, attr, make(name, lin))
+    return block
 
 
 def quantize_block(block: nn.Module, fmt: str, act_dtype: torch.dtype) -> nn.Module:
     """Quantize one decoder block's projections (from its float weights, best read at float32) and cast the rest
     (norms, biases) to ``act_dtype``.  Used at load and when ``set_depth`` grows a quantized model."""
-    _replace_linears(block, fmt, act_dtype)
+    replace_projections(block, lambda name, lin: quantize_linear(name, lin, False, fmt, act_dtype))
     return block.to(act_dtype)  # casts float parameters only; int8 buffers keep their dtype
 
 

@@ -99,6 +99,14 @@ static inline void softmax_avx512(float *s, int64_t n) {
     for (; t < n; t++) s[t] *= _mm512_cvtss_f32(inv);
 }
 
+/* Ask for one token's row of one kv head ahead of use: rows jump at every block boundary, a pattern the
+ * hardware prefetcher cannot guess. */
+static inline void prefetch_row(const void *pool, int bf16, int64_t slot, int64_t Hkv, int64_t kvh, int64_t d) {
+    const int64_t esz = bf16 ? 2 : 4;
+    const char *r = (const char *)pool + (slot * Hkv + kvh) * d * esz;
+    for (int64_t c = 0; c < d * esz; c += 64) _mm_prefetch(r + c, _MM_HINT_T0);
+}
+
 /* [sum(a), sum(b), sum(c), sum(d)]: four horizontal sums for ~3 instructions each instead of ~8. */
 static inline __m128 reduce4(__m512 a, __m512 b, __m512 c, __m512 d) {
     const __m512 ab = _mm512_add_ps(_mm512_unpacklo_ps(a, b), _mm512_unpackhi_ps(a, b));
@@ -147,10 +155,7 @@ static inline __attribute__((always_inline)) void weighted_values(const int V, c
             const __m512 p0 = _mm512_set1_ps(pg[t]), p1 = _mm512_set1_ps(pg[t + 1]);
             const int64_t o0 = (slots[t] * Hkv + kvh) * d, o1 = (slots[t + 1] * Hkv + kvh) * d;
             if (g == 0 && t + 10 <= n)  /* first pass over the values: fetch ahead (later heads hit the cache) */
-                for (int u = 0; u < 2; u++) {
-                    const char *r = (const char *)v_pool + ((slots[t + 8 + u] * Hkv + kvh) * d) * (bf16 ? 2 : 4);
-                    for (int64_t c = 0; c < d * (bf16 ? 2 : 4); c += 64) _mm_prefetch(r + c, _MM_HINT_T0);
-                }
+                for (int u = 0; u < 2; u++) prefetch_row(v_pool, bf16, slots[t + 8 + u], Hkv, kvh, d);
 #pragma GCC unroll 16
             for (int j = 0; j < V; j++) {
                 acc[j] = _mm512_fmadd_ps(p0, load16(v_pool, bf16, o0 + 16 * j), acc[j]);
@@ -187,11 +192,8 @@ static int attend_one_avx512(const float *q, const uint16_t *q_bf16, const void 
     for (; t + 4 <= n; t += 4) {
         int64_t off[4];
         for (int u = 0; u < 4; u++) off[u] = (slots[t + u] * Hkv + kvh) * d;
-        if (t + 20 <= n)  /* the next block's rows: a jump the hardware prefetcher cannot guess */
-            for (int u = 0; u < 4; u++) {
-                const char *r = (const char *)k_pool + ((slots[t + 16 + u] * Hkv + kvh) * d) * (bf16 ? 2 : 4);
-                for (int64_t c = 0; c < d * (bf16 ? 2 : 4); c += 64) _mm_prefetch(r + c, _MM_HINT_T0);
-            }
+        if (t + 20 <= n)  /* the keys 16 tokens ahead */
+            for (int u = 0; u < 4; u++) prefetch_row(k_pool, bf16, slots[t + 16 + u], Hkv, kvh, d);
         for (int64_t g = 0; g < G; g++) {
             const float *qg = qb + g * d;
             const uint16_t *qgh = qh ? qh + g * d : NULL;
