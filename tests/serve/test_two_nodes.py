@@ -10,6 +10,7 @@ import os
 import shutil
 import signal
 import subprocess
+import sys
 import tempfile
 import threading
 
@@ -21,6 +22,11 @@ from tests.serve.waits import wait_until
 
 pytestmark = pytest.mark.slow
 APP = "twonode"
+
+
+#: Ray's command line from the running interpreter's environment, not from PATH: a virtual environment used through
+#: its own ``bin/python`` (not activated) has no ``ray`` on PATH, and a ``ray`` found there may belong to another one.
+RAY_CLI = [sys.executable, "-m", "ray.scripts.scripts"]
 
 
 def _alive_nodes() -> list[dict]:
@@ -46,7 +52,7 @@ def test_replicas_span_two_nodes_and_survive_losing_one(cluster):
     before = {n["NodeID"] for n in _alive_nodes()}
     tmp = tempfile.mkdtemp(prefix="hn2", dir="/tmp")
     node2 = subprocess.Popen(
-        [shutil.which("ray"), "start", "--address", ray.get_runtime_context().gcs_address, "--num-cpus", "1",
+        [*RAY_CLI, "start", "--address", ray.get_runtime_context().gcs_address, "--num-cpus", "1",
          "--resources", '{"helios_test_node2": 1}', "--object-store-memory", str(80 * 2**20), "--block",
          "--disable-usage-stats"],
         stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, env={**os.environ, "RAY_TMPDIR": tmp})
