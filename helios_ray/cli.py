@@ -8,22 +8,15 @@ line on stderr and exit 2; only genuine bugs show a traceback.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 from typing import Any, Callable
 
+from helios_ray.console import emit as _emit
 from helios_ray.dtypes import DTYPE_CHOICES
 from helios_ray.errors import HeliosError
 
 Command = tuple[str, str, Callable[[argparse.ArgumentParser], None], Callable[[argparse.Namespace], int]]
-
-
-def _emit(obj: Any, as_json: bool, human: Callable[[Any], str] | None = None) -> None:
-    if as_json or human is None:
-        print(json.dumps(obj, indent=2, default=str))
-    else:
-        print(human(obj))
 
 
 # ----------------------------------------------------------------------------------------------- models
@@ -189,31 +182,45 @@ COMMANDS: list[Command] = [
 #: Subcommands that live next to their feature: (name, help, module exposing configure_parser() and run()).
 #: The module is imported only when the parser is built, and must not import torch/ray at module level.
 PLUGGED: list[tuple[str, str, str]] = [
-    ("bench", "benchmarks that print side-by-side ratios (engine, memory, mixed, serve)", "helios_ray.bench.cli"),
     ("serve", "deploy a Serve config (default deployments/helios.yaml) like `serve run`, until Ctrl-C",
      "helios_ray.serve.launch"),
     ("profile", "profile candidates on real prompts (all exits) and show the PHT and the policy's choice",
-     "helios_ray.models.profile_cli"),
-    ("tune-exits", "train exit heads on a frozen backbone (self-distillation)", "helios_ray.models.tuning_cli"),
-    ("eval-exits", "measure exit agreement/calibration on a prompt file", "helios_ray.models.tuning_cli:eval"),
+     "helios_ray.tuning.profile_cli"),
+    ("tune-exits", "train exit heads on a frozen backbone (self-distillation)", "helios_ray.tuning.cli"),
+    ("eval-exits", "measure exit agreement/calibration on a prompt file", "helios_ray.tuning.cli:eval"),
     ("simulate", "replay a recorded per-token trace through the HELIOS policy (or steering over groups: --fleet)",
-     "helios_ray.control.simulate"),
+     "helios_ray.control.simulate_cli"),
     ("status", "the fleet, breach counter and last decisions of a running server", "helios_ray.serve.status_cli"),
     ("fleet", "show or move the replica groups of a running server (show | set MODEL [--depth D] | unpin)",
      "helios_ray.serve.fleet_cli"),
 ]
 
 
-def _plugged() -> list[Command]:
+#: Entry-point group of commands that packages above helios-ray add to it (``helios-ray bench`` comes from
+#: :mod:`helios_bench`, which drives the server with the load generator, so the server's own packages never import
+#: either).  Each entry names a module with ``HELP``, ``configure_parser()`` and ``run()``.
+PLUGIN_GROUP = "helios_ray.commands"
+
+
+def _command(name: str, help_text: str | None, target: str) -> Command:
     import importlib
 
-    out: list[Command] = []
-    for name, help_text, target in PLUGGED:
-        mod_name, _, prefix = target.partition(":")
-        mod = importlib.import_module(mod_name)  # a broken module must fail loudly, not drop its command
-        configure = getattr(mod, f"{prefix}_configure_parser" if prefix else "configure_parser")
-        run = getattr(mod, f"{prefix}_run" if prefix else "run")
-        out.append((name, help_text, configure, run))
+    mod_name, _, prefix = target.partition(":")
+    mod = importlib.import_module(mod_name)  # a broken module must fail loudly, not drop its command
+    configure = getattr(mod, f"{prefix}_configure_parser" if prefix else "configure_parser")
+    run = getattr(mod, f"{prefix}_run" if prefix else "run")
+    return name, help_text or getattr(mod, "HELP", ""), configure, run
+
+
+def _plugged() -> list[Command]:
+    from importlib.metadata import entry_points
+
+    out = [_command(name, help_text, target) for name, help_text, target in PLUGGED]
+    taken = {c[0] for c in COMMANDS + out}
+    for ep in sorted(entry_points(group=PLUGIN_GROUP), key=lambda e: e.name):
+        if ep.name not in taken:  # a plug-in never shadows a built-in command
+            out.append(_command(ep.name, None, ep.value))
+            taken.add(ep.name)
     return out
 
 
@@ -228,11 +235,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _user_errors() -> tuple[type[Exception], ...]:
-    """HeliosError, and LoadgenError (the dataset readers' DatasetError, bench serve's load generator): imported
-    only once an exception is on its way out, so ``helios-ray --help`` does not load loadgen."""
-    from loadgen.net import LoadgenError
+    """HeliosError, and the dataset readers' DatasetError (a missing package or file, a malformed record)."""
+    from helios_data import DatasetError
 
-    return HeliosError, LoadgenError
+    return HeliosError, DatasetError
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -17,7 +17,7 @@ starts with - the head (``num-cpus: "0"``: none) and ``replicas`` pods of each w
 and GPUs KubeRay gives Ray (``rayStartParams`` ``num-cpus`` / ``num-gpus``, else the container's limits, rounded
 up; CPU falls back to the request).  When they cannot, both exit 1 and say what the fleet needs, what the
 workers have and how many worker pods would do.  The fleet is re-derived from the YAML here, the same way
-``helios_ray.config.ServeConfig.fleet()`` resolves it (``tests/k8s`` checks that the two agree).
+``helios_ray.serve.config.ServeConfig.fleet()`` resolves it (``tests/k8s`` checks that the two agree).
 
 ``tests/k8s/test_manifests.py`` fails when a manifest and its source drift apart, so change the file in
 ``deployments/`` and re-run this script; never edit ``serveConfigV2`` by hand.
@@ -57,7 +57,7 @@ POD_OVERRIDES: tuple[tuple[tuple[str, ...], Any], ...] = (
     (("http_options", "host"), "0.0.0.0"),
 )
 
-# What helios_ray.config says when the YAML says nothing (ServeConfig / GroupSpec defaults; tests/k8s compares).
+# What helios_ray.serve.config says when the YAML says nothing (ServeConfig / GroupSpec defaults; tests/k8s compares).
 APP_IMPORT_PATH = "helios_ray.serve.app:build_app"
 APP_DEFAULTS: dict[str, Any] = {"mode": "helios", "replicas": 1, "replica_num_cpus": 1.0, "replica_num_gpus": 0.0}
 GROUP_DEFAULT_REPLICAS = 1
@@ -115,7 +115,7 @@ class Group(NamedTuple):
 
 
 def replica_deployment_name(group: str, mode: str = "helios") -> str:
-    """As helios_ray.config.replica_deployment_name: the default group keeps the one-group name."""
+    """As helios_ray.serve.config.replica_deployment_name: the default group keeps the one-group name."""
     base = "PlainReplica" if mode == "plain" else "EarlyExitReplica"
     return base if group == DEFAULT_GROUP else f"{base}-{group}"
 

@@ -13,7 +13,7 @@ and the placement timeline, JSON results and PNG plots.  See docs/loadgen.md.
     write_result(asyncio.run(main()), "results.json")
 """
 
-__version__ = "0.1.0"
+from loadgen.version import __version__  # noqa: F401  (re-exported)
 
 from loadgen.arrivals import Arrival, arrival_times, arrival_times_iter, gamma_intervals
 from loadgen.clients import Client, EndEvent, GrpcClient, HttpClient, ReceivedToken, RequestError

@@ -336,7 +336,7 @@ async def run_load(client: Client, workload: Workload | Sequence[Request], arriv
 
 
 def _version() -> str:
-    from loadgen import __version__
+    from loadgen.version import __version__
 
     return __version__
 

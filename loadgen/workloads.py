@@ -26,7 +26,7 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
-from loadgen.data import DatasetError, load_humaneval, load_sharegpt
+from helios_data import DatasetError, load_humaneval, load_sharegpt
 from loadgen.net import LoadgenError
 
 TokenCounter = Callable[[str], int]

@@ -8,7 +8,7 @@ torch.set_num_threads(1)
 from helios_ray.models.early_exit import load_model
 from helios_ray.engine.engine import LLMEngine, EngineConfig
 from helios_ray.engine.sequence import SamplingParams
-from helios_ray.bench.engine_bench import sharegpt_requests, agreement
+from helios_bench.engine_bench import sharegpt_requests, agreement
 f32 = load_model("smollm2-135m", exits="shared", dtype="float32")
 b16 = load_model("smollm2-135m", exits="shared", dtype="bfloat16")
 # teacher-forced agreement

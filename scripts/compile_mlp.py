@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from helios_ray.bench.engine_bench import run_engine, sharegpt_requests
+from helios_bench.engine_bench import run_engine, sharegpt_requests
 from helios_ray.models.early_exit import load_model
 
 

@@ -13,9 +13,9 @@ import json
 
 import torch
 
-from helios_ray.data import load_humaneval, load_sharegpt
+from helios_data import load_humaneval, load_sharegpt
 from helios_ray.models.early_exit import load_model
-from helios_ray.models.profiling import profile_prompts
+from helios_ray.tuning.profiling import profile_prompts
 
 
 def main() -> None:

@@ -16,7 +16,7 @@ import pytest
 import torch
 
 from helios_ray import metrics
-from helios_ray.metrics import EnergyMeter, cuda_bus_id, normalize_bus_id, nvml_handle_for_bus_id
+from helios_ray.serve.metrics import EnergyMeter, cuda_bus_id, normalize_bus_id, nvml_handle_for_bus_id
 
 
 class NVMLError(Exception):

@@ -1,6 +1,6 @@
 """The engine's knobs: one schema for the library, the CLI benches and the serving YAML (``engine:``).
 
-Pure pydantic (no torch), so :class:`~helios_ray.config.ServeConfig` can embed it and a config file can be
+Pure pydantic (no torch), so :class:`~helios_ray.serve.config.ServeConfig` can embed it and a config file can be
 validated without loading the engine.  Defaults are the serving defaults: what ``serve run
 deployments/helios.yaml`` gets when the file says nothing.
 """

@@ -1,20 +1,13 @@
-"""Incremental detokenization and stop strings: constant work per token instead of re-decoding the output.
+"""Streamed text with stop strings: constant work per token instead of re-decoding and re-searching the output.
 
 Re-decoding a sequence's whole output every step (and searching all of it for stop strings) is quadratic in the
-output length.  :class:`IncrementalDecoder` decodes only a short window per token with the prefix/read-offset
-method (vLLM, HF TGI): ``decode(ids[prefix:])`` minus ``decode(ids[prefix:read])`` is the text the new tokens
-add, exact for byte-level BPE and SentencePiece byte fallback because both windows start at the same token, so
-any decoder quirk at a window's first token (a stripped leading space) cancels out.  Text that ends in U+FFFD is
-an incomplete UTF-8 character (bytes split across tokens): it is held until a later token completes it, or
-flushed as is when the sequence ends - what a full ``decode()`` of the same ids returns.
+output length.  Decoding is incremental (:class:`~helios_ray.models.detok.IncrementalDecoder`, a tokenizer matter
+that lives with the models).
 
 :class:`TextStream` applies the same stop rules as :func:`~helios_ray.engine.sequence.finish_text` (the full-text
 reference, kept for one-shot use and as the tests' oracle) to the new text only: it searches stop strings in the
 new text plus a carried tail of ``max(len(stop)) - 1`` characters, and holds back a tail that could begin a stop
 string so a stop string is never half streamed.  Tests check that both give identical streams.
-
-Why not ``tokenizers.decoders.DecodeStream``: it cannot flush an incomplete character at the end of a sequence
-(``decode()`` returns U+FFFD there, and so must we) and it needs the raw Rust tokenizer.
 """
 
 from __future__ import annotations
@@ -22,37 +15,8 @@ from __future__ import annotations
 from typing import Any
 
 from helios_ray.engine.sequence import SamplingParams, _stop_prefix_len
-
-_REPLACEMENT = "\ufffd"
-
-
-class IncrementalDecoder:
-    """Exact incremental ``tokenizer.decode(ids, skip_special_tokens=True)`` for one growing list of ids."""
-
-    def __init__(self, tokenizer: Any):
-        backend = getattr(tokenizer, "backend_tokenizer", None)
-        if backend is not None and not getattr(tokenizer, "clean_up_tokenization_spaces", False):
-            # the Rust decoder directly: same text (no Python post-processing is configured), ~5x less overhead
-            self._decode = lambda ids: backend.decode(ids, skip_special_tokens=True)
-        else:
-            self._decode = lambda ids: tokenizer.decode(ids, skip_special_tokens=True)
-        self.ids: list[int] = []
-        self._prefix = 0  # window start: tokens before it are settled and out of the window
-        self._read = 0  # tokens before this are settled text
-        self._prefix_text = ""  # decode(ids[_prefix:_read])
-
-    def add(self, token: int) -> tuple[str, str]:
-        """Append a token; returns ``(settled new text, pending text)``.  The pending text is what the
-        tokens since the last settled point decode to now - it ends with U+FFFD (an incomplete character);
-        its part before the trailing U+FFFD run is already final and is included in the settled text."""
-        self.ids.append(token)
-        new_text = self._decode(self.ids[self._prefix:])
-        tail = new_text[len(self._prefix_text):]
-        if tail.endswith(_REPLACEMENT):
-            return "", tail
-        self._prefix, self._read = self._read, len(self.ids)
-        self._prefix_text = self._decode(self.ids[self._prefix:self._read]) if self._prefix < self._read else ""
-        return tail, ""
+from helios_ray.models.detok import REPLACEMENT as _REPLACEMENT
+from helios_ray.models.detok import IncrementalDecoder
 
 
 class TextStream:
@@ -85,7 +49,7 @@ class TextStream:
             settled, pending = self.decoder.add(token)
             self._settled += settled
         else:
-            pending = self._pending_now()
+            pending = self.decoder.pending()
         final_part = pending.rstrip(_REPLACEMENT)
         self.text = self._settled + final_part
         reason = None
@@ -107,8 +71,3 @@ class TextStream:
         self.emitted = max(self.emitted, stable)
         return delta, reason
 
-    def _pending_now(self) -> str:
-        d = self.decoder
-        if d._read == len(d.ids):
-            return ""
-        return d._decode(d.ids[d._prefix:])[len(d._prefix_text):]

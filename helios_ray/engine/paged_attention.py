@@ -47,7 +47,7 @@ class KernelUnavailable(HeliosError):
 
 
 def _cache_dir() -> Path:
-    from helios_ray.models.repository import cache_root  # the one place the cache root is decided
+    from helios_ray.paths import cache_root  # the one place the cache root is decided
 
     return cache_root() / "kernels"
 

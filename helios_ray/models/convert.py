@@ -15,7 +15,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from helios_ray.config import ModelSpec
+from helios_ray.models.spec import ModelSpec
 from helios_ray.errors import HeliosError, ModelUnavailableError
 
 

@@ -31,9 +31,8 @@ from helios_ray import memory
 from helios_ray.errors import HeliosError, InvalidRequestError
 from helios_ray.memory import Footprint, ModelParts
 from helios_ray.models.decoder import DecoderLM, DenseKVCache, KVCache
-from helios_ray.models.exit_heads import (
-    BlockHead, ExitHead, SharedHead, exit_inputs, load_heads, usable_token_exits,
-)
+from helios_ray.models.exit_files import load_heads
+from helios_ray.models.exit_heads import BlockHead, ExitHead, SharedHead, exit_inputs, usable_token_exits
 from helios_ray.models.healed import HealedHead
 from helios_ray.models.prompts import EncodedPrompt, encode_request, has_chat_template
 from helios_ray.models.loading import (
@@ -361,7 +360,7 @@ class EarlyExitLM:
         dev = self.device
         ids = torch.tensor([prompt_ids], device=dev)
         pos = torch.arange(len(prompt_ids), device=dev)[None]
-        from helios_ray.engine.detok import IncrementalDecoder
+        from helios_ray.models.detok import IncrementalDecoder
 
         detok = IncrementalDecoder(self.tokenizer)  # one short window per token, not the whole output again
         for i in range(max_tokens):

@@ -22,9 +22,12 @@ a model on a different prompt than the one it serves, and exit heads are tuned o
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 from helios_ray.errors import InvalidRequestError
+
+if TYPE_CHECKING:  # the dataset type only; rendering needs no data reader
+    from helios_data import Conversation
 
 #: How the plain rendering names each role.
 TURN_NAMES = {"system": "System", "user": "User", "assistant": "Assistant"}
@@ -77,3 +80,20 @@ def encode_request(tokenizer: Any, prompt: str | None = None,
     if not ids:
         raise InvalidRequestError("the prompt is empty after tokenization")
     return EncodedPrompt(ids=ids, stop=stop, templated=templated)
+
+
+def render_conversation(conv: "Conversation", tokenizer: Any = None, add_generation_prompt: bool = False) -> str:
+    """The text of a dataset conversation as this encoder renders it (``text`` conversations are returned as they
+    are): exit heads are tuned and evaluated on exactly the text the replicas build for the same chat."""
+    if conv.text is not None:
+        return conv.text
+    return render_messages(conv.messages, tokenizer, add_generation_prompt)[0]
+
+
+def encode_conversation(conv: "Conversation", tokenizer: Any, add_generation_prompt: bool = False) -> list[int]:
+    """Token ids of a dataset conversation the way the replicas build them: a chat-templated text carries its own
+    special tokens; a plain text gets the tokenizer's (e.g. Gemma's ``<bos>``)."""
+    if conv.text is not None:
+        return encode_text(tokenizer, conv.text, templated=False)
+    text, templated = render_messages(conv.messages, tokenizer, add_generation_prompt)
+    return encode_text(tokenizer, text, templated)

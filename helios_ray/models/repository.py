@@ -25,7 +25,8 @@ import yaml
 from pydantic import BaseModel, ValidationError
 
 from helios_ray import memory
-from helios_ray.config import ModelSpec, ModelsFile
+from helios_ray.models.spec import ModelSpec, ModelsFile
+from helios_ray.paths import assets_dir, cache_root
 from helios_ray.errors import HeliosError, ModelUnavailableError, UnknownModelError
 
 BUILTIN_MODELS: tuple[ModelSpec, ...] = (
@@ -60,14 +61,6 @@ BUILTIN_MODELS: tuple[ModelSpec, ...] = (
     ),
 )
 
-
-
-def cache_root() -> Path:
-    return Path(os.environ.get("HELIOS_CACHE_DIR", Path.home() / ".cache" / "helios-ray"))
-
-
-def assets_dir() -> Path:
-    return Path(__file__).resolve().parent.parent / "assets"
 
 
 def _reinstall_hint(wheels: Sequence[str]) -> str:
@@ -357,7 +350,7 @@ class ModelRepository:
 @lru_cache(maxsize=64)
 def _static_info(d: str, name: str, description: str, source: str, dtype: str, exits_path: str) -> ModelInfo:
     from helios_ray.models.checkpoint import Checkpoint
-    from helios_ray.models.exit_heads import heads_metadata
+    from helios_ray.models.exit_files import heads_metadata
     from helios_ray.models.families import global_names, layer_names, spec_from_config
 
     import torch

@@ -30,7 +30,7 @@ from pydantic import ValidationError
 from ray import serve
 from ray.serve import Application
 
-from helios_ray.config import ServeConfig, replica_deployment_name
+from helios_ray.serve.config import ServeConfig, replica_deployment_name
 from helios_ray.errors import HeliosError
 from helios_ray.serve.brain import Brain
 from helios_ray.serve.fleet_scaling import autoscaling_config

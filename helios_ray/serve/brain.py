@@ -23,7 +23,7 @@ import random
 import time
 from typing import Any
 
-from helios_ray.config import DEFAULT_GROUP, ServeConfig
+from helios_ray.serve.config import DEFAULT_GROUP, ServeConfig
 from helios_ray.errors import HeliosError, UnknownModelError
 from helios_ray.serve import brain_store
 from helios_ray.serve.brain_group import Group
@@ -54,7 +54,7 @@ class Brain:
     async def __init__(self, config: dict[str, Any]):
         from helios_ray.control import Hardware
         from helios_ray.dtypes import serving_dtype
-        from helios_ray.models.profiling import candidate_info
+        from helios_ray.tuning.profiling import candidate_info
         from helios_ray.models.repository import ModelRepository
 
         self.cfg = ServeConfig.model_validate(config)

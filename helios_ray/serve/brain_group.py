@@ -13,7 +13,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict
 
-from helios_ray.config import GroupSpec, ServeConfig
+from helios_ray.serve.config import GroupSpec, ServeConfig
 from helios_ray.control import checkpoint
 from helios_ray.control.config import CandidateInfo, Hardware
 from helios_ray.control.controller import Controller, Placement

@@ -13,7 +13,7 @@ from __future__ import annotations
 import logging
 from typing import Any
 
-from helios_ray.config import group_of_deployment
+from helios_ray.serve.config import group_of_deployment
 
 log = logging.getLogger("ray.serve")
 NAMESPACE = "helios"

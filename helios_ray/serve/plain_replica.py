@@ -27,7 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
 
 
-from helios_ray.config import ServeConfig
+from helios_ray.serve.config import ServeConfig
 from helios_ray.errors import HeliosError, InvalidRequestError
 from helios_ray.serve.schemas import (
     GenerateCall, ReplicaStats, StreamEnd, StreamError, StreamEvent, StreamStart, StreamToken,

@@ -16,7 +16,7 @@ import logging
 import time
 from typing import Any
 
-from helios_ray.config import DEFAULT_GROUP, ServeConfig
+from helios_ray.serve.config import DEFAULT_GROUP, ServeConfig
 
 log = logging.getLogger("ray.serve")
 
@@ -47,7 +47,7 @@ class Profiler:
         return m
 
     def _profile(self, item: dict[str, Any], name: str) -> list[dict[str, Any]]:
-        from helios_ray.models.profiling import profile_prompts
+        from helios_ray.tuning.profiling import profile_prompts
 
         return profile_prompts(self._model(name), [item], self.cfg.profile_max_tokens)
 

@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator
 
 from ray.serve.exceptions import BackPressureError
 
-from helios_ray.config import ServeConfig
+from helios_ray.serve.config import ServeConfig
 from helios_ray.control.steering import GroupView, Outcome, RequestFeatures, Route, Steering, request_features
 from helios_ray.serve.protocol import APIError
 from helios_ray.serve.schemas import GenerateCall, StreamEnd, StreamError, StreamEvent, StreamStart, StreamToken

@@ -20,7 +20,7 @@ import time
 from typing import Any, AsyncIterator
 
 
-from helios_ray.config import DEFAULT_GROUP, ServeConfig
+from helios_ray.serve.config import DEFAULT_GROUP, ServeConfig
 from helios_ray.engine.sequence import SamplingParams
 from helios_ray.errors import EngineDrainingError, HeliosError
 from helios_ray.serve.schemas import (
@@ -127,7 +127,7 @@ class EarlyExitReplica:
     async def _report_stats(self, every_s: float = 2.0) -> None:
         """Every ``every_s``: Prometheus gauges, energy per token (NVML, GPU only), and the stats the brain shows
         in /v1/helios/status."""
-        from helios_ray.metrics import EnergyMeter, ReplicaMetrics
+        from helios_ray.serve.metrics import EnergyMeter, ReplicaMetrics
 
         metrics, meter = ReplicaMetrics(), EnergyMeter()
         last_j, last_tokens, last_switches = meter.joules(), 0, 0
@@ -247,11 +247,11 @@ def prepare(tokenizer: Any, call: GenerateCall) -> tuple[list[int], SamplingPara
 
 def helios_inner_exits(cfg: ServeConfig, repo: Any, model: str, depth: int) -> list[int]:
     """helios mode: the trained exits below D that pay for their checks on this model (usually none on small
-    models: see :func:`helios_ray.models.profiling.inner_exits`); the decision and its numbers are logged."""
+    models: see :func:`helios_ray.tuning.profiling.inner_exits`); the decision and its numbers are logged."""
     import torch
 
     from helios_ray.dtypes import serving_dtype
-    from helios_ray.models.profiling import inner_exits
+    from helios_ray.tuning.profiling import inner_exits
 
     dtype = serving_dtype(cfg.dtype, cfg.device != "cpu" and torch.cuda.is_available())  # as this replica loads
     choice = inner_exits(repo, model, depth, cfg.threshold, cfg.policy.min_agreement, dtype)
@@ -265,6 +265,6 @@ def resolve_token_exits(cfg: ServeConfig, repo: Any, model: str, depth: int) -> 
     """early_exit mode: the configured exits, or the card's choice at the threshold and accuracy guard."""
     if cfg.token_exits is not None:
         return [d for d in cfg.token_exits if d < depth]
-    from helios_ray.models.profiling import token_exits_from_card
+    from helios_ray.tuning.profiling import token_exits_from_card
 
     return token_exits_from_card(repo, model, cfg.threshold, cfg.policy.min_agreement, depth)

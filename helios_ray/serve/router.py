@@ -22,7 +22,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
-from helios_ray.config import ServeConfig
+from helios_ray.serve.config import ServeConfig
 from helios_ray.serve import dashboard, grpc_api
 from helios_ray.serve.openai_format import ChunkWriter, completion_body, sse_stream
 from helios_ray.serve.protocol import (
@@ -72,7 +72,7 @@ def _key_from_headers(headers: Any) -> str | None:
 @serve.ingress(app)
 class Router:
     def __init__(self, config: dict[str, Any], groups: dict[str, Any], brain: Any, profiler: Any | None):
-        from helios_ray.metrics import RouterMetrics
+        from helios_ray.serve.metrics import RouterMetrics
 
         self.cfg = ServeConfig.model_validate(config)
         self.brain, self.profiler = brain, profiler

@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from helios_ray.bench.serve_bench import Scorer, max_concurrency, ratios
+from helios_bench.serve_bench import Scorer, max_concurrency, ratios
 from helios_ray.engine.engine import EngineConfig, LLMEngine
 from helios_ray.engine.sequence import SamplingParams
 from loadgen.workloads import Request

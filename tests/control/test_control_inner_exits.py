@@ -30,7 +30,7 @@ def test_no_gain_without_costs_or_outside_the_loaded_layers():
 
 def test_bundled_smollm2_exits_do_not_pay_inside_a_replica():
     """The shipped SmolLM2 card: both trusted exits are considered and refused, with the numbers that say why."""
-    from helios_ray.models.profiling import inner_exits
+    from helios_ray.tuning.profiling import inner_exits
     from helios_ray.models.repository import ModelRepository
 
     choice = inner_exits(ModelRepository(), "smollm2-135m", 30, 0.9, 0.9)

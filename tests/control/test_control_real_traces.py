@@ -24,7 +24,7 @@ def records():
 
 @pytest.fixture(scope="module")
 def candidates():
-    from helios_ray.models.profiling import candidate_info
+    from helios_ray.tuning.profiling import candidate_info
     from helios_ray.models.repository import ModelRepository
 
     repo = ModelRepository()

@@ -10,7 +10,7 @@ import pytest
 from control_synth import candidates, make_trace, token
 
 from helios_ray.control import PolicyConfig, TraceRequest, simulate, write_trace
-from helios_ray.control.simulate import configure_parser, run
+from helios_ray.control.simulate_cli import configure_parser, run
 
 DRIFT_AT = 500
 TOKENS = 20

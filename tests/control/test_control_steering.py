@@ -31,7 +31,7 @@ def outcome(breach_rate: float, tps: float = 20.0, tokens: int = 16) -> Outcome:
 
 # ------------------------------------------------------------------------------------------------- features
 def test_features_separate_real_humaneval_prompts_from_sharegpt_chats():
-    from helios_ray.data import load_humaneval, load_sharegpt
+    from helios_data import load_humaneval, load_sharegpt
 
     code = [request_features(c.prompt, None) for c in load_humaneval()]
     chats = [request_features(None, c.prompt_messages) for c in load_sharegpt(seed=None, split="heldout")]
@@ -56,7 +56,7 @@ def test_code_score_needs_code_shape_not_keywords():
 
 
 def test_features_are_fast_on_10_kb():
-    from helios_ray.data import load_humaneval
+    from helios_data import load_humaneval
 
     text = "\n\n".join(c.prompt for c in load_humaneval(limit=40))[:10_000]
     best = min(_timed(lambda: request_features(text, None)) for _ in range(20))

@@ -1,21 +1,21 @@
-"""The server side of the data: ``helios_ray.data`` re-exports loadgen's readers (one copy) and renders and
-encodes conversations for a model; a reader's error is one clean line in the ``helios-ray`` command."""
+"""Data from the neutral package: ``helios_data`` is one copy read by the server and the load generator (no server
+module imports loadgen for it); the prompt encoder renders and encodes its conversations for a model; a reader's
+error is one clean line in the ``helios-ray`` command."""
 
 from __future__ import annotations
 
 import pytest
 
-import loadgen.data
-from helios_ray.data import Conversation, encode, load_sharegpt, normalize_messages, render
+import helios_data
+from helios_data import Conversation, load_sharegpt, normalize_messages
+from helios_ray.models.prompts import encode_conversation, render_conversation
 
 
-def test_readers_are_loadgens_not_a_copy():
-    import helios_ray.data
-    import helios_ray.data.conversation
+def test_readers_are_one_copy_shared_with_the_load_generator():
+    import loadgen.workloads
 
-    for name in loadgen.data.__all__:
-        assert getattr(helios_ray.data, name) is getattr(loadgen.data, name), name
-    assert helios_ray.data.conversation.Conversation is loadgen.data.Conversation
+    assert loadgen.workloads.load_sharegpt is helios_data.load_sharegpt
+    assert loadgen.workloads.load_humaneval is helios_data.load_humaneval
 
 
 @pytest.mark.parametrize("prompts, message", [("/no/such/prompts.jsonl", "does not exist"),
@@ -34,8 +34,8 @@ def test_messages_are_normalised_and_rendered_without_a_template():
                                ("chatgpt", "c"), ("bing", "d"), ("weird", "x")])
     assert msgs == ({"role": "user", "content": "a\n\nb"}, {"role": "assistant", "content": "c\n\nd"})
     conv = Conversation(id="x", messages=msgs)
-    assert render(conv) == "User: a\n\nb\n\nAssistant: c\n\nd"
-    assert render(conv, add_generation_prompt=True).endswith("Assistant:")
+    assert render_conversation(conv) == "User: a\n\nb\n\nAssistant: c\n\nd"
+    assert render_conversation(conv, add_generation_prompt=True).endswith("Assistant:")
 
 
 def test_rendering_through_a_real_chat_template(smollm2_dir):
@@ -43,7 +43,7 @@ def test_rendering_through_a_real_chat_template(smollm2_dir):
 
     tok = AutoTokenizer.from_pretrained(str(smollm2_dir))
     conv = load_sharegpt(limit=1, seed=0, split="heldout")[0]
-    text = render(conv, tok)
+    text = render_conversation(conv, tok)
     assert text.startswith("<|im_start|>") and conv.messages[0]["content"][:20] in text
-    ids = encode(conv, tok)
+    ids = encode_conversation(conv, tok)
     assert ids[0] == tok.convert_tokens_to_ids("<|im_start|>")

@@ -13,7 +13,8 @@ import random
 import pytest
 from transformers import AutoTokenizer
 
-from helios_ray.engine.detok import IncrementalDecoder, TextStream
+from helios_ray.engine.detok import TextStream
+from helios_ray.models.detok import IncrementalDecoder
 from helios_ray.engine.sequence import SamplingParams, finish_text
 from helios_ray.models.repository import ModelRepository
 

@@ -6,13 +6,13 @@ import pytest
 
 from helios_ray import memory
 from helios_ray.dtypes import serving_dtype
-from helios_ray.bench.serve_bench import max_concurrency
+from helios_bench.serve_bench import max_concurrency
 from helios_ray.control.config import Hardware, PolicyConfig
 from helios_ray.control.costs import max_batch
 from helios_ray.engine.engine import EngineConfig, LLMEngine
 from helios_ray.engine.sequence import SamplingParams, Sequence
 from helios_ray.models.early_exit import load_model
-from helios_ray.models.profiling import candidate_info
+from helios_ray.tuning.profiling import candidate_info
 from helios_ray.models.quant import Int4Linear, QuantLinear
 from helios_ray.models.repository import ModelRepository
 

@@ -240,7 +240,8 @@ def test_serve_config_is_the_deployments_application(path):
 @pytest.mark.parametrize("path", RAYSERVICE_FILES, ids=lambda p: p.name)
 def test_application_args_are_a_valid_serve_config(path):
     """What build_app validates first (helios_ray.serve.app.load_config), short of looking up prepared models."""
-    from helios_ray.config import ModelsFile, ServeConfig
+    from helios_ray.models.spec import ModelsFile
+    from helios_ray.serve.config import ServeConfig
     from helios_ray.models.repository import BUILTIN_MODELS
 
     rs = _rayservice(path)
@@ -391,7 +392,7 @@ FLEET_CASES = {
 def test_render_derives_the_fleet_as_serve_config_does(args, render):
     """render.py re-derives the fleet from the YAML (it imports nothing from helios_ray): it must agree with
     ServeConfig.fleet() and the deployment names the app uses."""
-    from helios_ray.config import ServeConfig, replica_deployment_name
+    from helios_ray.serve.config import ServeConfig, replica_deployment_name
 
     cfg = ServeConfig.model_validate(args)
     mine = render.fleet(args)
@@ -401,7 +402,7 @@ def test_render_derives_the_fleet_as_serve_config_does(args, render):
 
 
 def test_render_defaults_are_serve_config_defaults(render):
-    from helios_ray.config import DEFAULT_GROUP, GroupSpec, ServeConfig
+    from helios_ray.serve.config import DEFAULT_GROUP, GroupSpec, ServeConfig
 
     fields = ServeConfig.model_fields
     for key, value in render.APP_DEFAULTS.items():
@@ -651,7 +652,7 @@ def test_bad_serve_configs_are_rejected():
     from pydantic import ValidationError
     from ray.serve.schema import ServeDeploySchema
 
-    from helios_ray.config import ServeConfig
+    from helios_ray.serve.config import ServeConfig
 
     cfg = _serve_config(_rayservice(K8S / "rayservice.yaml"))
     with pytest.raises(ValidationError):

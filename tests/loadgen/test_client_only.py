@@ -19,10 +19,10 @@ def test_no_loadgen_source_names_helios_ray():
 def test_importing_and_using_loadgen_loads_no_helios_ray():
     code = """
 import sys
-import loadgen, loadgen.cli, loadgen.data, loadgen.plots, loadgen.results
+import loadgen, loadgen.cli, helios_data, loadgen.plots, loadgen.results
 from loadgen import GrpcClient, Request, build_workload
 GrpcClient("127.0.0.1:9000").message(Request(id="0", kind="chat", prompt="hi", max_tokens=2))  # helios_proto
-build_workload("humaneval", 2, seed=0)                                                          # loadgen.data
+build_workload("humaneval", 2, seed=0)                                                          # helios_data
 loaded = sorted(m for m in sys.modules if m.split(".")[0] == "helios_ray")
 assert not loaded, loaded
 assert "helios_proto.helios_pb2" in sys.modules

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from helios_ray.models.code_eval import STOP_SEQUENCES, check_program, humaneval_program, truncate_at_stop
+from helios_ray.tuning.code_eval import STOP_SEQUENCES, check_program, humaneval_program, truncate_at_stop
 
 PROMPT = 'def add(a: int, b: int) -> int:\n    """Return a + b."""\n'
 TEST = "def check(candidate):\n    assert candidate(2, 3) == 5\n    assert candidate(-1, 1) == 0\n"

@@ -10,7 +10,7 @@ from helios_ray.errors import HeliosError
 from helios_ray.models.decoder import DenseKVCache
 from helios_ray.models.loading import load_decoder, param_bytes
 from helios_ray.models.repository import ModelRepository
-from helios_ray.config import ModelSpec
+from helios_ray.models.spec import ModelSpec
 from tests.conftest import FAMILIES
 
 PROMPTS = [[5, 17, 99, 3, 42, 42, 7, 150, 8, 61, 23, 4, 90], [11, 12, 13, 140, 2, 77, 31]]

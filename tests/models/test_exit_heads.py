@@ -8,7 +8,8 @@ import torch
 from helios_ray.errors import HeliosError
 from helios_ray.models.decoder import DenseKVCache
 from helios_ray.models.early_exit import EarlyExitLM, confidence
-from helios_ray.models.exit_heads import BlockHead, LinearHead, SharedHead, heads_metadata, load_heads, save_heads
+from helios_ray.models.exit_heads import BlockHead, LinearHead, SharedHead
+from helios_ray.models.exit_files import heads_metadata, load_heads, save_heads
 from helios_ray.models.loading import load_decoder
 
 IDS = [5, 17, 99, 3, 42, 42, 7, 150, 8]

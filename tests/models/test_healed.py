@@ -10,7 +10,8 @@ import torch
 from helios_ray.errors import HeliosError
 from helios_ray.models.decoder import DenseKVCache
 from helios_ray.models.early_exit import EarlyExitLM
-from helios_ray.models.exit_heads import SharedHead, heads_metadata, load_heads, save_heads
+from helios_ray.models.exit_heads import SharedHead
+from helios_ray.models.exit_files import heads_metadata, load_heads, save_heads
 from helios_ray.models.healed import HealedHead
 from helios_ray.models.loading import load_decoder
 

@@ -92,7 +92,7 @@ def test_int8_resolves_per_host_and_junk_is_refused():
     assert weight_format("auto") is None
     with pytest.raises(ValueError, match="not resolved"):
         split_dtype("int8")
-    from helios_ray.config import ServeConfig
+    from helios_ray.serve.config import ServeConfig
 
     assert ServeConfig(dtype="int8").dtype == "int8" and ServeConfig(dtype="int4").dtype == "int4"
     with pytest.raises(ValidationError, match="int8"):  # the message lists what is accepted

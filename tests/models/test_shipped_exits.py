@@ -11,8 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from helios_ray.models.exit_heads import heads_metadata
-from helios_ray.models.repository import ModelRepository, assets_dir
+from helios_ray.models.exit_files import heads_metadata
+from helios_ray.models.repository import ModelRepository
+from helios_ray.paths import assets_dir
 
 SHIPPED = sorted(p.name for p in (assets_dir() / "exits").iterdir() if (p / "exits.json").exists())
 

@@ -89,7 +89,7 @@ def test_cli_inspect_depth_20_is_smaller_than_30():
     assert r.returncode == 0, r.stderr
     trained = json.loads(r.stdout)
     if trained["exit_head"] != "shared":
-        from helios_ray.models.exit_heads import load_heads
+        from helios_ray.models.exit_files import load_heads
         from helios_ray.models.loading import param_bytes, read_spec
         from helios_ray.models.repository import ModelRepository
 

@@ -14,9 +14,9 @@ import torch
 
 from helios_ray.cli import main
 from helios_ray.models import tuning as T
-from helios_ray.models.tuning_calibration import TARGET_AGREEMENT, THRESHOLDS, calibration, recommend_threshold
-from helios_ray.models.tuning_config import ExitSpec, TuneConfig, parse_exits
-from helios_ray.models.tuning_train import build_head, train_head
+from helios_ray.tuning.calibration import TARGET_AGREEMENT, THRESHOLDS, calibration, recommend_threshold
+from helios_ray.tuning.config import ExitSpec, TuneConfig, parse_exits
+from helios_ray.tuning.train import build_head, train_head
 
 WORDS = ("the cat sat on a mat while two dogs ran past her old red house near river banks. "
          "we saw 3 birds and 12 fish; then it rained! who knows why? she said: go home now, ok.").split()
@@ -119,7 +119,7 @@ def test_runtime_loads_the_tuned_head_and_reproduces_the_card(card, tiny):
     """load_model(depth=3) finds the new head in the cache by itself; its greedy-exit argmax over the held-out
     rows agrees with the full model exactly as often as the card says (training and serving compute the same)."""
     from helios_ray.models.early_exit import load_model
-    from helios_ray.models.exit_heads import heads_metadata
+    from helios_ray.models.exit_files import heads_metadata
     from helios_ray.models.repository import ModelRepository
 
     repo = ModelRepository(models_file=tiny["models_file"])
@@ -145,7 +145,7 @@ def test_runtime_loads_the_tuned_head_and_reproduces_the_card(card, tiny):
 
 def test_a_card_with_a_healed_exit_prices_it_free_and_never_offers_it_as_a_token_exit(card, tiny):
     from helios_ray.models.early_exit import load_model
-    from helios_ray.models.profiling import candidate_info, inner_exits, token_exits_from_card
+    from helios_ray.tuning.profiling import candidate_info, inner_exits, token_exits_from_card
     from helios_ray.models.repository import ModelRepository
 
     repo = ModelRepository(models_file=tiny["models_file"])
@@ -222,7 +222,7 @@ def test_eval_exits_on_a_prompt_file(card, tiny, capsys):
         assert all(v.startswith("failed") for v in d["results"].values())
     assert rep["exits"]["3"]["pass_at_1"] == 0.0 and "pass_at_1" not in rep["exits"]["2"]
     # --update-card: the card now carries pass@1, and the policy's prior the drop from full depth
-    from helios_ray.models.profiling import candidate_info
+    from helios_ray.tuning.profiling import candidate_info
     from helios_ray.models.repository import ModelRepository
 
     card_now = json.loads((tiny["out"] / "exits.json").read_text())

@@ -10,7 +10,7 @@ from types import SimpleNamespace
 
 import pytest
 
-from helios_ray.bench.serve_bench import ServeBenchConfig, bench_serve, format_table
+from helios_bench.serve_bench import ServeBenchConfig, bench_serve, format_table
 
 
 @pytest.mark.slow
@@ -42,8 +42,8 @@ def test_bench_serve_small_run(cluster):
 
 # ------------------------------------------------------------------------------------------ second edition
 def test_mixed_workload_shifts_from_chat_to_code():
-    from helios_ray.bench.fleet_run import spread
-    from helios_ray.bench.fleet_workload import describe, mixed_requests, phase_counts
+    from helios_bench.fleet_run import spread
+    from helios_bench.fleet_workload import describe, mixed_requests, phase_counts
 
     assert phase_counts(8, 0.75, 0.25) == [(3, 1), (1, 3)]
     assert phase_counts(7, 1.0, 0.0) == [(3, 0), (0, 4)]
@@ -67,7 +67,7 @@ def test_mixed_workload_shifts_from_chat_to_code():
 
 
 def test_budgets_and_concurrency_arithmetic():
-    from helios_ray.bench.fleet_serve import FleetBenchConfig, budget_plan, concurrency
+    from helios_bench.fleet_serve import FleetBenchConfig, budget_plan, concurrency
 
     cfg = FleetBenchConfig(candidates=["smollm2-135m", "gemma3-270m"], tight_headroom_mb=32)
     plan = budget_plan(cfg, "bfloat16")
@@ -86,7 +86,7 @@ def test_budgets_and_concurrency_arithmetic():
 
 
 def test_ratios_against_the_best_single_model():
-    from helios_ray.bench.fleet_run import pick_best, vs_best
+    from helios_bench.fleet_run import pick_best, vs_best
 
     def s(tps, tpot, mc, p1, by_mb=None):
         return {"completed": 1, "output_throughput": tps, "tpot_ms": {"p50": tpot}, "max_concurrency": mc,
@@ -103,8 +103,8 @@ def test_ratios_against_the_best_single_model():
 
 
 def test_routing_timeline_table_and_plot(tmp_path):
-    from helios_ray.bench.fleet_report import format_table, plot_combined
-    from helios_ray.bench.fleet_run import routing_timeline
+    from helios_bench.fleet_report import format_table, plot_combined
+    from helios_bench.fleet_run import routing_timeline
     from loadgen.metrics import RequestRecord
     from loadgen.workloads import Request
 
@@ -142,8 +142,8 @@ def test_quality_scores_each_answer_under_its_serving_model_and_runs_the_tests()
     stop sequences applied, identical answers scored once."""
     from types import SimpleNamespace as NS
 
-    from helios_ray.bench.quality import Scorers, score_records
-    from loadgen.data import load_humaneval
+    from helios_bench.quality import Scorers, score_records
+    from helios_data import load_humaneval
     from loadgen.metrics import RequestRecord
     from loadgen.workloads import Request
 
@@ -188,9 +188,9 @@ def test_cli_rejects_bad_options_before_any_cluster_starts():
 def test_bench_serve_second_edition_tiny_run(cluster):
     """A one-group fleet alone (one deployment, to keep the suite fast), 2 requests of 4 tokens, tight budget, no
     sweep: deploys, scores per class and assembles the JSON on the session's cluster."""
-    from helios_ray.bench.fleet_report import format_table as table2
-    from helios_ray.bench.fleet_run import bench_fleet
-    from helios_ray.bench.fleet_serve import FleetBenchConfig
+    from helios_bench.fleet_report import format_table as table2
+    from helios_bench.fleet_run import bench_fleet
+    from helios_bench.fleet_serve import FleetBenchConfig
 
     cfg = FleetBenchConfig(candidates=["smollm2-135m"], systems=["helios"], requests=2, concurrency=2,
                            chat_share_first=1.0, chat_share_second=0.0, max_prompt_tokens=128, chat_output_cap=4,

@@ -60,7 +60,7 @@ def fleet(cluster):
 
 
 def _prompts():
-    from helios_ray.data import load_humaneval, load_sharegpt
+    from helios_data import load_humaneval, load_sharegpt
 
     chats = [c.prompt_messages for c in load_sharegpt(limit=40, seed=1, split="heldout", min_len=8, max_len=400)]
     code = [c.prompt for c in load_humaneval(limit=40)]

@@ -28,7 +28,7 @@ def _cli(*args: str, env: dict | None = None, timeout: float = 120) -> subproces
 def test_every_shipped_deployment_file_is_a_valid_config(name):
     """What `serve run deployments/<name>` would deploy: Serve's schema, the helios args, every candidate prepared
     and every group's models among its candidates (no cluster needed)."""
-    from helios_ray.config import ServeConfig
+    from helios_ray.serve.config import ServeConfig
     from helios_ray.serve.launch import load_deploy_config
 
     config = load_deploy_config(ROOT / "deployments" / name)

@@ -21,7 +21,7 @@ def run(gguf: str, reqs: list[tuple[list[int], int]], threads: int, timeout: flo
     request), or ``{"error": ...}`` when llama-cpp-python is missing, fails or crashes."""
     job = json.dumps({"gguf": gguf, "requests": [[list(p), n] for p, n in reqs], "threads": threads})
     try:
-        r = subprocess.run([sys.executable, "-m", "helios_ray.bench.llama_cpp_peer"], input=job, text=True,
+        r = subprocess.run([sys.executable, "-m", "helios_bench.llama_cpp_peer"], input=job, text=True,
                            capture_output=True, timeout=timeout)
     except subprocess.TimeoutExpired:
         return {"error": f"timed out after {timeout:.0f} s"}

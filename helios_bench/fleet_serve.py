@@ -1,7 +1,7 @@
 """``helios-ray bench serve`` (second edition): the fleet on a mixed workload, against the best single model at
 full depth with token-level exits and against plain ``transformers``, with task quality next to speed.
 
-One private Ray cluster (or the caller's), one machine, one workload (:mod:`helios_ray.bench.fleet_workload`:
+One private Ray cluster (or the caller's), one machine, one workload (:mod:`helios_bench.fleet_workload`:
 ShareGPT chats then HumanEval code, the mix shifting half-way), one seed and one memory budget per replica.
 Systems, deployed one after the other behind the same Router and HTTP API:
 
@@ -35,7 +35,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from helios_ray.bench import serve_bench as sb
+from helios_bench import serve_bench as sb
 
 MIB = 1 << 20
 
@@ -92,7 +92,7 @@ def group_name(model: str) -> str:
 def budget_plan(cfg: FleetBenchConfig, dtype: str) -> dict[str, Any]:
     """Each candidate's full-depth weights at the serving dtype - alone (plain, helios at full depth) and as the
     early-exit baseline loads it (its token-exit heads too) - and the tight and roomy budgets they give."""
-    from helios_ray.models.profiling import candidate_info, token_exits_from_card
+    from helios_ray.tuning.profiling import candidate_info, token_exits_from_card
     from helios_ray.models.repository import ModelRepository
 
     repo = ModelRepository()
@@ -228,7 +228,7 @@ def class_speed(records: list[Any], duration_s: float) -> dict[str, dict[str, An
 
 def summarize(cfg: FleetBenchConfig, mode: str, r: dict[str, Any], q: dict[str, Any], plan: dict[str, Any],
               budget_mb: int) -> dict[str, Any]:
-    from helios_ray.bench.quality import overall
+    from helios_bench.quality import overall
 
     s = r["head"].summary
     reps = [x for x in r["replicas"] if x.get("weight_bytes")]

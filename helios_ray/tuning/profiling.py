@@ -123,7 +123,8 @@ def token_exits_from_card(repo: Any, name: str, threshold: float, min_agreement:
     never overstates it).  Only exits a model at ``depth`` can use as token-level exits qualify
     (:func:`~helios_ray.models.exit_heads.usable_token_exits`: no healed exits, none inside healed layers).
     """
-    from helios_ray.models.exit_heads import exit_inputs, heads_metadata, usable_token_exits
+    from helios_ray.models.exit_heads import exit_inputs, usable_token_exits
+    from helios_ray.models.exit_files import heads_metadata
 
     info = candidate_info(repo, name)
     static = repo.info(name)

@@ -6,9 +6,9 @@ measures task quality: HumanEval pass@1 of greedy completions at each evaluated 
 
 HumanEval protocol: raw completion of the problem's prompt (signature + docstring), no chat template even for
 chat models - the standard protocol, and the one that compares depths on equal terms; greedy; generation stops
-at EOS, at HumanEval's stop sequences (:data:`~helios_ray.models.code_eval.STOP_SEQUENCES`) or after
+at EOS, at HumanEval's stop sequences (:data:`~helios_ray.tuning.code_eval.STOP_SEQUENCES`) or after
 ``humaneval_max_tokens``; each ``prompt + completion + test + check(entry_point)`` runs in a sandboxed child
-process with a timeout (:mod:`helios_ray.models.code_eval`), never in this process.
+process with a timeout (:mod:`helios_ray.tuning.code_eval`), never in this process.
 """
 
 from __future__ import annotations
@@ -23,9 +23,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from helios_ray.data import Conversation, encode, load_dataset
+from helios_data import Conversation, load_dataset
+
+from helios_ray.models.prompts import encode_conversation
 from helios_ray.errors import HeliosError
-from helios_ray.models.tuning_calibration import calibration
+from helios_ray.tuning.calibration import calibration
 
 __all__ = ["evaluate_exits", "report_table", "update_card"]
 
@@ -34,8 +36,8 @@ def _prompt_ids(conv: Conversation, tokenizer: Any) -> list[int]:
     """A request's token ids: chats up to their first user turn with the generation prompt, texts as they are."""
     if conv.text is None:
         conv = Conversation(id=conv.id, messages=tuple(conv.prompt_messages), kind=conv.kind, source=conv.source)
-        return encode(conv, tokenizer, add_generation_prompt=True)
-    return encode(conv, tokenizer)
+        return encode_conversation(conv, tokenizer, add_generation_prompt=True)
+    return encode_conversation(conv, tokenizer)
 
 
 def _common_prefix(a: list[int], b: list[int]) -> int:
@@ -54,7 +56,7 @@ def _pass_at_1(m: Any, problems: list[Conversation], max_tokens: int, timeout: f
     sandbox."""
     from helios_ray.engine.engine import EngineConfig, LLMEngine
     from helios_ray.engine.sequence import SamplingParams
-    from helios_ray.models.code_eval import STOP_SEQUENCES, check_program, humaneval_program
+    from helios_ray.tuning.code_eval import STOP_SEQUENCES, check_program, humaneval_program
 
     t0 = time.perf_counter()
     per: dict[str, str] = {}
@@ -135,7 +137,7 @@ def evaluate_exits(model: str, prompts: str, max_tokens: int = 16, limit: int | 
         raise HeliosError(f"--pass-at-1-depths {bad} out of range for {model}: depths must be in 1..{L}")
     problems: list[Conversation] = []
     if humaneval:
-        from loadgen.data import load_humaneval
+        from helios_data import load_humaneval
 
         problems = load_humaneval(limit=humaneval)
     pass_at_1: dict[str, Any] = {}

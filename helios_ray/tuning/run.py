@@ -3,18 +3,18 @@ layer (EE-Tuning style), and write them with the exit card that measures them.
 
 A :class:`TuningRun` ties the phases together, each resumable and in its own module:
 
-1. **Cache** (:mod:`.tuning_cache`): the full model runs once over fixed-length token rows and the
+1. **Cache** (:mod:`.cache`): the full model runs once over fixed-length token rows and the
    hidden state entering each exit goes to disk with the final layer's top-k. The held-out rows (other
    conversations, chosen by hash of the conversation id) are cached the same way, with the hidden state
    after D+1 layers too (to report the logit lens one layer deeper next to a block head, which costs a
    layer).
-2. **Train** (:mod:`.tuning_train`) each head on the cache: the backbone never runs again.
-3. **Evaluate** (:mod:`.tuning_calibration`) every head on the held-out rows with the full vocabulary:
+2. **Train** (:mod:`.train`) each head on the cache: the backbone never runs again.
+3. **Evaluate** (:mod:`.calibration`) every head on the held-out rows with the full vocabulary:
    teacher-forced top-1 agreement with the final layer (all tokens, and assistant-turn tokens only), the
    logit lens at D (and D+1) for comparison, a calibration table and a recommended confidence threshold.
 
 Heads go to ``exits.safetensors`` (:func:`~helios_ray.models.exit_heads.save_heads`), the measurements to
-the exit card ``exits.json`` (written here). Settings are in :mod:`.tuning_config`.
+the exit card ``exits.json`` (written here). Settings are in :mod:`.config`.
 """
 
 from __future__ import annotations
@@ -30,13 +30,14 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
-from helios_ray.data import load_dataset
+from helios_data import load_dataset
 from helios_ray.errors import HeliosError
-from helios_ray.models.exit_heads import ExitHead, SharedHead, save_heads
+from helios_ray.models.exit_heads import ExitHead, SharedHead
+from helios_ray.models.exit_files import save_heads
 from helios_ray.models.loading import load_decoder, read_spec
-from helios_ray.models.tuning_cache import Cache, build_rows, fill_cache, probe_hidden_dtype
-from helios_ray.models.tuning_calibration import TARGET_AGREEMENT, score_exit, summarize
-from helios_ray.models.tuning_config import (
+from helios_ray.tuning.cache import Cache, build_rows, fill_cache, probe_hidden_dtype
+from helios_ray.tuning.calibration import TARGET_AGREEMENT, score_exit, summarize
+from helios_ray.tuning.config import (
     SAVE_DTYPES,
     ExitSpec,
     TuneConfig,
@@ -46,7 +47,7 @@ from helios_ray.models.tuning_config import (
     validate,
 )
 from helios_ray.models.healed import HealedHead
-from helios_ray.models.tuning_train import autocast, build_head, train_head
+from helios_ray.tuning.train import autocast, build_head, train_head
 
 __all__ = ["CARD_FORMAT", "TuningRun", "tune_exits", "card_table", "environment_threads"]
 
@@ -54,7 +55,7 @@ CARD_FORMAT = 1
 
 
 def _work_dir(cfg: TuneConfig) -> Path:
-    from helios_ray.models.repository import cache_root
+    from helios_ray.paths import cache_root
 
     return Path(cfg.work_dir) if cfg.work_dir else cache_root() / "tuning" / f"{cfg.model}-{cfg.cache_key()}"
 

@@ -20,7 +20,9 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
-from helios_ray.data import Conversation, encode
+from helios_data import Conversation
+
+from helios_ray.models.prompts import encode_conversation
 from helios_ray.errors import HeliosError
 from helios_ray.models.decoder import DecoderLM, DenseKVCache
 
@@ -42,12 +44,12 @@ class Rows:
 def response_mask(conv: Conversation, tokenizer: Any, ids: list[int]) -> list[bool]:
     """True at positions whose *next* token lies inside an assistant turn (what a served model generates);
     all True for plain texts."""
-    from helios_ray.data import render
-    from helios_ray.data.conversation import has_chat_template
+    from helios_ray.models.prompts import render_conversation
+    from helios_ray.models.prompts import has_chat_template
 
     if conv.text is not None:
         return [True] * len(ids)
-    text = render(conv, tokenizer)
+    text = render_conversation(conv, tokenizer)
     try:
         enc = tokenizer(text, add_special_tokens=not has_chat_template(tokenizer), return_offsets_mapping=True)
     except (NotImplementedError, TypeError, ValueError):
@@ -84,7 +86,7 @@ def build_rows(convs: Iterable[Conversation], tokenizer: Any, seq_len: int, budg
     for conv in convs:
         if full():
             break
-        ids = encode(conv, tokenizer)
+        ids = encode_conversation(conv, tokenizer)
         if len(ids) < min_tokens:
             continue
         resp = response_mask(conv, tokenizer, ids)

@@ -7,7 +7,7 @@
   that routes to a weaker model is judged on task quality by pass@1, not here.
 * **code**: HumanEval **pass@1** - the completion (decoded from the generated ids, cut at HumanEval's stop
   sequences) runs with the problem's tests in a sandboxed child with a timeout
-  (:func:`helios_ray.models.code_eval.check_program`); identical completions are run once.
+  (:func:`helios_ray.tuning.code_eval.check_program`); identical completions are run once.
 * **exit depths**: per serving model, the share of tokens that left at each depth.
 
 The scorers load each model at full depth in float32 after the cluster is gone (one process, all CPU threads).
@@ -19,7 +19,7 @@ import math
 from collections import Counter, defaultdict
 from typing import Any
 
-from helios_ray.bench.serve_bench import Scorer
+from helios_bench.serve_bench import Scorer
 
 
 class Scorers:
@@ -48,7 +48,7 @@ class Scorers:
         return self._scored[key]
 
     def passes(self, req: Any, completion: str) -> bool:
-        from helios_ray.models.code_eval import check_program, humaneval_program
+        from helios_ray.tuning.code_eval import check_program, humaneval_program
 
         key = (str(req.meta.get("task_id")), completion)
         if key not in self._passed:
@@ -61,7 +61,7 @@ class Scorers:
 
 
 def completion_text(scorer: Scorer, token_ids: list[int]) -> str:
-    from helios_ray.models.code_eval import truncate_at_stop
+    from helios_ray.tuning.code_eval import truncate_at_stop
 
     return truncate_at_stop(scorer.m.tokenizer.decode(token_ids, skip_special_tokens=True))
 

@@ -65,7 +65,7 @@ def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
     from helios_ray.models import tuning
-    from helios_ray.models.tuning_config import TuneConfig, parse_exits
+    from helios_ray.tuning.config import TuneConfig, parse_exits
 
     tuning.environment_threads(args.threads)
     cfg = TuneConfig(
@@ -121,9 +121,9 @@ def eval_configure_parser(p: argparse.ArgumentParser) -> None:
 def eval_run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from helios_ray.models.exit_eval import evaluate_exits, report_table
-    from helios_ray.models.tuning import environment_threads
-    from helios_ray.models.tuning_config import parse_exits
+    from helios_ray.tuning.exit_eval import evaluate_exits, report_table
+    from helios_ray.tuning.run import environment_threads
+    from helios_ray.tuning.config import parse_exits
 
     environment_threads(args.threads)
     exits = [e.depth for e in parse_exits(args.exits, "block")] if args.exits else None
@@ -135,7 +135,7 @@ def eval_run(args: argparse.Namespace) -> int:
         humaneval_max_tokens=args.humaneval_max_tokens, humaneval_timeout=args.humaneval_timeout,
     )
     if args.update_card:
-        from helios_ray.models.exit_eval import update_card
+        from helios_ray.tuning.exit_eval import update_card
 
         path = update_card(report, "helios-ray " + " ".join(shlex.quote(a) for a in sys.argv[1:]))
         print(f"updated {path}", file=sys.stderr)

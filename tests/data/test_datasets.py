@@ -1,4 +1,4 @@
-"""Dataset readers (``loadgen.data``) on the real bundled data: ShareGPT (truncated JSON, parsed record by
+"""Dataset readers (``helios_data``) on the real bundled data: ShareGPT (truncated JSON, parsed record by
 record), HumanEval, JSONL.  Rendering through a tokenizer is the server's side: tests/data/test_render.py."""
 
 from __future__ import annotations
@@ -7,7 +7,7 @@ import json
 
 import pytest
 
-from loadgen.data import (
+from helios_data import (
     DatasetError, iter_json_array, load_dataset, load_humaneval, load_jsonl, load_sharegpt, sharegpt_path, split_of,
 )
 
@@ -92,8 +92,6 @@ def test_unknown_source_and_missing_file():
 
 
 def test_dataset_error_is_a_one_line_value_error():
-    from loadgen.net import LoadgenError
-
-    assert issubclass(DatasetError, LoadgenError) and issubclass(DatasetError, ValueError)
+    assert issubclass(DatasetError, ValueError)
     with pytest.raises(DatasetError, match="not a JSON array"):
         list(iter_json_array("{}"))

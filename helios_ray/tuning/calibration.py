@@ -16,8 +16,8 @@ import torch
 from helios_ray.models.decoder import DecoderLM
 from helios_ray.models.early_exit import confidence
 from helios_ray.models.exit_heads import ExitHead
-from helios_ray.models.tuning_cache import Cache
-from helios_ray.models.tuning_train import apply_head
+from helios_ray.tuning.cache import Cache
+from helios_ray.tuning.train import apply_head
 
 __all__ = [
     "THRESHOLDS",

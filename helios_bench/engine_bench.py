@@ -29,7 +29,7 @@ def sharegpt_requests(model: EarlyExitLM, n: int, seed: int, max_prompt_tokens: 
     """(prompt ids, output length) pairs from ShareGPT: first user turn through the chat template (prompts of
     ``[min_prompt_tokens, max_prompt_tokens]`` tokens), output length = the recorded reply's token count, clipped
     to [min_output_tokens, max_output_tokens]."""
-    from helios_ray.data import load_sharegpt
+    from helios_data import load_sharegpt
 
     out: list[tuple[list[int], int]] = []
     for conv in load_sharegpt(limit=None, seed=seed, min_len=8, max_len=4 * max_prompt_tokens):
@@ -251,7 +251,7 @@ def _llama_cpp_side_by_side(model_name: str, reqs: list[tuple[list[int], int]], 
     except Exception:  # noqa: BLE001 - a model without a GGUF source has no llama.cpp peer
         run["llama_cpp"] = "no GGUF source for this model"
         return
-    from helios_ray.bench import llama_cpp_peer
+    from helios_bench import llama_cpp_peer
 
     got = llama_cpp_peer.run(gguf, reqs, threads)
     if "error" in got:

@@ -23,10 +23,11 @@ from torch import Tensor
 from tqdm import tqdm
 
 from helios_ray.models.decoder import DecoderLM, DenseKVCache
-from helios_ray.models.exit_heads import BlockHead, ExitHead, make_head
+from helios_ray.models.exit_heads import BlockHead, ExitHead
+from helios_ray.models.exit_files import make_head
 from helios_ray.models.healed import HealedHead
-from helios_ray.models.tuning_cache import Cache
-from helios_ray.models.tuning_config import ExitSpec, TuneConfig, log
+from helios_ray.tuning.cache import Cache
+from helios_ray.tuning.config import ExitSpec, TuneConfig, log
 
 __all__ = ["build_head", "head_logits", "distill_loss", "apply_head", "train_head", "autocast"]
 
@@ -48,7 +49,7 @@ def build_head(e: ExitSpec, lm: DecoderLM, block_init: str, seed: int) -> ExitHe
 
 def autocast(cfg: TuneConfig) -> Any:
     """bf16 autocast for training and evaluation when the run's compute dtype is bfloat16."""
-    from helios_ray.models.tuning_config import resolved_compute_dtype
+    from helios_ray.tuning.config import resolved_compute_dtype
 
     return torch.autocast("cpu", dtype=torch.bfloat16, enabled=resolved_compute_dtype(cfg.compute_dtype) == "bfloat16")
 

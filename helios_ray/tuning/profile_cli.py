@@ -35,9 +35,9 @@ def run(a: argparse.Namespace) -> int:
     from helios_ray.control import PHT, SLO, Hardware, PolicyConfig, choose, choose_depth, write_trace
     from helios_ray.control.depth import profile_entry
     from helios_ray.control.trace import parse_record
-    from helios_ray.data import load_dataset
+    from helios_data import load_dataset
     from helios_ray.models.early_exit import load_model
-    from helios_ray.models.profiling import candidate_info, profile_prompts
+    from helios_ray.tuning.profiling import candidate_info, profile_prompts
     from helios_ray.models.repository import ModelRepository
 
     if a.prompts < 1 or a.max_tokens < 1:

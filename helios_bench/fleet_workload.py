@@ -6,7 +6,7 @@ in one stream whose mix shifts half-way, chat-heavy then code-heavy.
 * code requests are HumanEval prompts sent as plain completions (``/v1/completions``), ``max_tokens`` =
   ``code_max_tokens`` (a cap).  Every system generates exactly ``max_tokens`` tokens (``ignore_eos``), so
   throughputs compare like with like; HumanEval's stop sequences are applied when the answer is *scored*
-  (:func:`helios_ray.models.code_eval.truncate_at_stop`), which is where a stop would have cut it;
+  (:func:`helios_ray.tuning.code_eval.truncate_at_stop`), which is where a stop would have cut it;
 * the first ``n // 2`` requests hold ``chat_share_first`` chats, the rest ``chat_share_second``; inside each half
   the order is a seeded shuffle.  Each request carries ``kind`` (``chat``/``code``, recorded per request by
   ``loadgen``) and ``meta["phase"]`` (0 before the shift, 1 after); a code request carries its problem's
@@ -26,7 +26,7 @@ from loadgen.workloads import Request, approx_tokens, sharegpt_requests
 
 def code_requests(n: int, seed: int, *, max_prompt_tokens: int, max_tokens: int) -> list[Request]:
     """``n`` HumanEval problems (a seeded sample of those whose prompt fits), completion-style, kind ``code``."""
-    from loadgen.data import load_humaneval
+    from helios_data import load_humaneval
 
     probs = [c for c in load_humaneval() if approx_tokens(c.text) <= max_prompt_tokens]
     random.Random(seed).shuffle(probs)

@@ -17,9 +17,9 @@ import sys
 import time
 from typing import Any
 
-from helios_ray.bench import serve_bench as sb
-from helios_ray.bench.fleet_serve import FleetBenchConfig, app_args, budget_plan, run_app, summarize
-from helios_ray.bench.fleet_workload import describe, mixed_requests
+from helios_bench import serve_bench as sb
+from helios_bench.fleet_serve import FleetBenchConfig, app_args, budget_plan, run_app, summarize
+from helios_bench.fleet_workload import describe, mixed_requests
 
 NEW_RATIOS = ("throughput_helios_vs_best_single", "tpot_p50_best_single_over_helios",
               "max_concurrency_helios_vs_best_single", "pass_at_1_delta")
@@ -74,7 +74,7 @@ def routing_timeline(records: list[Any], workload: list[Any]) -> dict[str, Any]:
 def bench_fleet(cfg: FleetBenchConfig, progress: bool = True, log: Any = None, cluster: Any = None
                 ) -> dict[str, Any]:
     """Run the benchmark; ``cluster`` (with ``.base``) reuses a running local cluster (the test suite's)."""
-    from helios_ray.bench.quality import Scorers, score_records
+    from helios_bench.quality import Scorers, score_records
     from helios_ray.dtypes import serving_dtype
     from helios_ray.models.repository import ModelRepository
 
@@ -173,7 +173,7 @@ def bench_fleet(cfg: FleetBenchConfig, progress: bool = True, log: Any = None, c
                                      else "n/a") for k in ("helios", "baseline", "plain") if k in top}
     out["wall_s"] = round(time.perf_counter() - t_start, 1)
     if cfg.out_dir is not None:
-        from helios_ray.bench.fleet_report import plot_combined
+        from helios_bench.fleet_report import plot_combined
 
         cfg.out_dir.mkdir(parents=True, exist_ok=True)
         try:

@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 
-from helios_ray.bench.engine_bench import agreement, sharegpt_requests
+from helios_bench.engine_bench import agreement, sharegpt_requests
 from helios_ray.engine.config import EngineConfig
 from helios_ray.engine.engine import LLMEngine
 from helios_ray.engine.kv_cache import PagedKVCache

@@ -1,8 +1,9 @@
 """``helios-ray bench``: the benchmarks that print side-by-side ratios (engine, memory, mixed, serve).
 
 The parsers and the glue from options to the bench modules; every measurement lives in its module
-(``engine_bench``, ``mixed_bench``, ``serve_bench``, ``fleet_*``).  Plugged into ``helios_ray.cli`` like the other
-feature commands; nothing heavy is imported until a bench runs.
+(``engine_bench``, ``mixed_bench``, ``serve_bench``, ``fleet_*``).  Plugged into ``helios-ray`` through the
+``helios_ray.commands`` entry point (pyproject.toml), because the benchmarks drive the server with the load
+generator and sit above both; nothing heavy is imported until a bench runs.
 """
 
 from __future__ import annotations
@@ -11,9 +12,12 @@ import argparse
 import sys
 from typing import Any
 
-from helios_ray.cli import _emit
+from helios_ray.console import emit as _emit
 from helios_ray.dtypes import DTYPE_CHOICES
 from helios_ray.errors import HeliosError
+
+
+HELP = "benchmarks that print side-by-side ratios (engine, memory, mixed, serve)"
 
 
 def configure_parser(p: argparse.ArgumentParser) -> None:
@@ -120,7 +124,7 @@ def _rates(text: str) -> list[float]:
 def _run_bench_serve(a: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from helios_ray.bench import serve_bench
+    from helios_bench import serve_bench
 
     if a.edition == 2:
         return _run_bench_serve2(a)
@@ -159,7 +163,7 @@ def _invalid_options(e: Any) -> HeliosError:
 def _run_bench_serve2(a: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
-    from helios_ray.bench import fleet_report, fleet_run, fleet_serve
+    from helios_bench import fleet_report, fleet_run, fleet_serve
 
     kw: dict[str, Any] = {}
     if a.model is not None:
@@ -189,12 +193,22 @@ def _run_bench_serve2(a: argparse.Namespace) -> int:
 
 
 def run(a: argparse.Namespace) -> int:
-    from helios_ray.bench import engine_bench
+    """Run one bench; the load generator's bad-input errors are this command's bad input (one line, exit 2)."""
+    from loadgen import LoadgenError
+
+    try:
+        return _run(a)
+    except LoadgenError as e:
+        raise HeliosError(str(e)) from None
+
+
+def _run(a: argparse.Namespace) -> int:
+    from helios_bench import engine_bench
 
     if a.bench == "serve":
         return _run_bench_serve(a)
     if a.bench == "mixed":
-        from helios_ray.bench import mixed_bench
+        from helios_bench import mixed_bench
 
         res = mixed_bench.bench_mixed(a.model, a.quick, a.seed, a.threads, a.budget_mb, a.chunk_tokens)
         _emit(res, a.json, mixed_bench.format_table)
