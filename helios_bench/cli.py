@@ -1,16 +1,17 @@
 """``helios-ray bench``: the benchmarks that print side-by-side ratios (engine, memory, mixed, serve).
 
 The parsers and the glue from options to the bench modules; every measurement lives in its module
-(``engine_bench``, ``mixed_bench``, ``serve_bench``, ``fleet_*``).  Plugged into ``helios-ray`` through the
-``helios_ray.commands`` entry point (pyproject.toml), because the benchmarks drive the server with the load
-generator and sit above both; nothing heavy is imported until a bench runs.
+(``engine_bench``, ``mixed_bench``, ``fleet_*`` for ``serve``), on the shared :mod:`helios_bench.harness`.
+Plugged into ``helios-ray`` through the ``helios_ray.commands`` entry point (pyproject.toml), because the
+benchmarks drive the server with the load generator and sit above both; nothing heavy is imported until a bench
+runs.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
-from typing import Any
+from typing import Any, NoReturn
 
 from helios_ray.console import emit as _emit
 from helios_ray.dtypes import DTYPE_CHOICES
@@ -20,8 +21,29 @@ from helios_ray.errors import HeliosError
 HELP = "benchmarks that print side-by-side ratios (engine, memory, mixed, serve)"
 
 
+class _Parser(argparse.ArgumentParser):
+    """The bench commands' parser: a usage error is one line (``prog: error: message``) and exit 2, like the
+    benches' own errors.  An option the bench does not know is reported here too: left to the ``helios-ray``
+    parser it would print that parser's usage first.  ``hints``: option -> text added to the error that names it
+    (where a removed option went)."""
+
+    def __init__(self, *args: Any, hints: dict[str, str] | None = None, **kw: Any):
+        super().__init__(*args, **kw)
+        self.hints = hints or {}
+
+    def parse_known_args(self, args: Any = None, namespace: Any = None) -> tuple[argparse.Namespace, list[str]]:
+        ns, extra = super().parse_known_args(args, namespace)
+        if extra:
+            self.error(f"unrecognized arguments: {' '.join(extra)}")
+        return ns, extra
+
+    def error(self, message: str) -> NoReturn:
+        hint = "".join(h for opt, h in self.hints.items() if opt in message)
+        self.exit(2, f"{self.prog}: error: {message}{hint} (see {self.prog} --help)\n")
+
+
 def configure_parser(p: argparse.ArgumentParser) -> None:
-    sub = p.add_subparsers(dest="bench", required=True, metavar="BENCH")
+    sub = p.add_subparsers(dest="bench", required=True, metavar="BENCH", parser_class=_Parser)
     e = sub.add_parser("engine", help="our engine vs transformers generate() on ShareGPT, side by side")
     e.add_argument("--model", default="smollm2-135m")
     e.add_argument("--batches", default="1,8,16", help="comma-separated batch sizes")
@@ -46,41 +68,42 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     e.add_argument("--json", action="store_true")
     s = sub.add_parser("serve", help="the helios fleet vs the best single model (full depth, token exits) vs "
                                      "plain transformers on a mixed chat/code workload, on a local Ray cluster "
-                                     "(speed, memory and task quality); --edition 1: the one-model ShareGPT run")
-    s.add_argument("--edition", type=int, default=2, choices=[1, 2],
-                   help="2 (default): fleet, mixed workload, budgets; 1: helios vs baseline vs plain, one model")
-    s.add_argument("--model", default=None, help="edition 1: the model (default smollm2-135m); edition 2 takes "
-                                               "--candidates")
+                                     "(speed, memory and task quality); --model M: the same run for one model",
+                       hints={"--edition": "; --edition is gone: bench serve has one code path, and --model M is "
+                                           "the one-model run",
+                              "--budget-mb": "; budgets per replica are --budgets tight,roomy with "
+                                             "--tight-headroom-mb and --roomy-budget-mb"})
+    s.add_argument("--model", default=None,
+                   help="the one-model preset: candidates = [M] and a chat-only ShareGPT workload, i.e. helios vs M "
+                        "at full depth with token exits (the early-exit baseline) vs plain generate() of M; "
+                        "not with --candidates")
     s.add_argument("--candidates", default=None,
-                   help="edition 2: the fleet's candidates, one group each (default smollm2-135m,qwen2.5-coder-0.5b;"
-                        " --quick: smollm2-135m,gemma3-270m); edition 1: helios candidates (default: --model)")
-    s.add_argument("--systems", default=None,
-                   help="edition 2: of single,plain,helios (default all); edition 1: of helios,baseline,plain")
+                   help="the fleet's candidates, one group each (default smollm2-135m,qwen2.5-coder-0.5b; "
+                        "--quick: smollm2-135m,gemma3-270m)")
+    s.add_argument("--systems", default=None, help="of single,plain,helios (default all)")
     s.add_argument("--quick", action="store_true",
-                   help="edition 2: 8 short requests, one sweep rate, tight budget only (< 4 min); "
-                        "edition 1: 8 short requests, no sweep (< 3 min)")
-    s.add_argument("--requests", type=int, default=None, help="requests in the closed-loop run (2: 24, 1: 32)")
+                   help="8 short requests, one sweep rate, tight budget only (~6.5 min on 2 cores with the "
+                        "default candidates)")
+    s.add_argument("--requests", type=int, default=None, help="requests in the closed-loop run (default 24)")
     s.add_argument("--concurrency", type=int, default=16, help="closed-loop clients for the headline run")
     s.add_argument("--max-prompt-tokens", type=int, default=512)
     s.add_argument("--max-output-tokens", type=int, default=None,
-                   help="cap per request (2: chat reply cap and code max_tokens, default 64; 1: default 128)")
-    s.add_argument("--rates", default=None, help="sweep request rates (req/s); 'none' = no sweep "
-                                                 "(2: 0.5,1; 1: 0.5,1,2)")
-    s.add_argument("--sweep-requests", type=int, default=None, help="requests per sweep rate (2: 8; 1: 12)")
-    s.add_argument("--budgets", default="tight,roomy", help="edition 2: budgets with measured runs")
+                   help="chat reply cap and code max_tokens (default 64)")
+    s.add_argument("--rates", default=None, help="sweep request rates (req/s); 'none' = no sweep (default 0.5,1)")
+    s.add_argument("--sweep-requests", type=int, default=None, help="requests per sweep rate (default 8)")
+    s.add_argument("--budgets", default="tight,roomy", help="budgets with measured runs (of tight,roomy)")
     s.add_argument("--tight-headroom-mb", type=int, default=64,
-                   help="edition 2: tight budget = the largest candidate's weights + this")
+                   help="tight budget = the largest candidate's weights + this")
     s.add_argument("--roomy-budget-mb", type=int, default=None,
-                   help="edition 2: roomy budget (default: the largest candidate's weights + 1 GiB)")
+                   help="roomy budget (default: the largest candidate's weights + 1 GiB)")
     s.add_argument("--best-by", default="throughput", choices=["throughput", "tpot"],
-                   help="edition 2: the SLO that picks the best single model")
+                   help="the SLO that picks the best single model")
     s.add_argument("--threshold", type=float, default=0.9, help="exit confidence threshold (all systems)")
-    s.add_argument("--min-agreement", type=float, default=0.9, help="accuracy guard (helios depth, baseline exits)")
+    s.add_argument("--min-agreement", type=float, default=0.9,
+                   help="accuracy guard (helios depth, the single models' token exits)")
     s.add_argument("--exit-share", type=float, default=0.5, help="helios: share of tokens that must exit by D")
-    s.add_argument("--budget-mb", type=int, default=1024, help="edition 1: memory budget per replica (weights + KV)")
     s.add_argument("--seed", type=int, default=0)
-    s.add_argument("--out", default=None,
-                   help="folder for the combined PNG (edition 2) or each system's loadgen JSON and plots (1)")
+    s.add_argument("--out", default=None, help="folder for the combined PNG (bench_serve.png)")
     s.add_argument("--json", action="store_true")
     x = sub.add_parser("mixed", help="chunked prefill vs prefill-first: prefill layouts and inter-token latency "
                                      "under Poisson arrivals, side by side")
@@ -122,54 +145,21 @@ def _rates(text: str) -> list[float]:
 
 
 def _run_bench_serve(a: argparse.Namespace) -> int:
-    from pydantic import ValidationError
-
-    from helios_bench import serve_bench
-
-    if a.edition == 2:
-        return _run_bench_serve2(a)
-    rates = _rates(a.rates or "0.5,1,2")
-    try:
-        cfg = serve_bench.ServeBenchConfig(
-            model=a.model or "smollm2-135m", candidates=[c for c in a.candidates.split(",") if c] if a.candidates else None,
-            systems=[s for s in (a.systems or "helios,baseline,plain").split(",") if s], threshold=a.threshold,
-            min_agreement=a.min_agreement, exit_share=a.exit_share, memory_budget_mb=a.budget_mb,
-            concurrency=a.concurrency, requests=a.requests or 32, max_prompt_tokens=a.max_prompt_tokens,
-            max_output_tokens=a.max_output_tokens or 128, rates=rates, sweep_requests=a.sweep_requests or 12,
-            seed=a.seed, out_dir=a.out)
-    except ValidationError as e:
-        raise _invalid_options(e) from None
-    return _run_serve_config(a, cfg, serve_bench.quick, serve_bench.bench_serve, serve_bench.format_table)
-
-
-def _run_serve_config(a: argparse.Namespace, cfg: Any, quick: Any, bench: Any, table: Any) -> int:
-    """Both editions of bench serve: --quick, then the run with Ray's output kept off the JSON on stdout."""
+    """Options -> :class:`~helios_bench.fleet_serve.FleetBenchConfig` (``--model``: the one-model preset), then the
+    run with Ray's output kept off the JSON on stdout."""
     import contextlib
 
-    if a.quick:
-        cfg = quick(cfg)
-    with contextlib.redirect_stdout(sys.stderr):  # Ray's own messages must not mix into the JSON on stdout
-        res = bench(cfg, progress=not a.json)
-    _emit(res, a.json, table)
-    return 0
-
-
-def _invalid_options(e: Any) -> HeliosError:
-    """A pydantic ValidationError of a bench config as one CLI line."""
-    return HeliosError("invalid bench serve options: " + "; ".join(
-        f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()))
-
-
-def _run_bench_serve2(a: argparse.Namespace) -> int:
     from pydantic import ValidationError
 
     from helios_bench import fleet_report, fleet_run, fleet_serve
 
     kw: dict[str, Any] = {}
     if a.model is not None:
-        raise HeliosError("--model is the first edition's option (one model); the second edition compares "
-                          "candidates: --candidates A,B (or --edition 1 --model M)")
-    if a.candidates:
+        if a.candidates:
+            raise HeliosError("--model M is the one-model run (candidates = [M], chats only): give --model or "
+                              "--candidates, not both")
+        kw.update(fleet_serve.one_model(a.model))
+    elif a.candidates:
         kw["candidates"] = [c for c in a.candidates.split(",") if c]
     if a.systems:
         kw["systems"] = [s for s in a.systems.split(",") if s]
@@ -189,7 +179,18 @@ def _run_bench_serve2(a: argparse.Namespace) -> int:
             roomy_budget_mb=a.roomy_budget_mb, best_by=a.best_by, out_dir=a.out, **kw)
     except ValidationError as e:
         raise _invalid_options(e) from None
-    return _run_serve_config(a, cfg, fleet_serve.quick, fleet_run.bench_fleet, fleet_report.format_table)
+    if a.quick:
+        cfg = fleet_serve.quick(cfg)
+    with contextlib.redirect_stdout(sys.stderr):  # Ray's own messages must not mix into the JSON on stdout
+        res = fleet_run.bench_fleet(cfg, progress=not a.json)
+    _emit(res, a.json, fleet_report.format_table)
+    return 0
+
+
+def _invalid_options(e: Any) -> HeliosError:
+    """A pydantic ValidationError of the bench config as one CLI line."""
+    return HeliosError("invalid bench serve options: " + "; ".join(
+        f"{'.'.join(str(x) for x in err['loc'])}: {err['msg']}" for err in e.errors()))
 
 
 def run(a: argparse.Namespace) -> int:

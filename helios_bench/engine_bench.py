@@ -19,6 +19,7 @@ from typing import Any
 
 import torch
 
+from helios_bench.harness import pct
 from helios_ray.engine.engine import EngineConfig, LLMEngine
 from helios_ray.engine.sequence import SamplingParams
 from helios_ray.models.early_exit import EarlyExitLM
@@ -56,10 +57,10 @@ def run_engine(model: EarlyExitLM, reqs: list[tuple[list[int], int]], batch: int
     while eng.scheduler.has_work:
         eng.step()
     dt = time.perf_counter() - t0
-    ttft = sorted((s.first_token_at or 0) - t0 for s in seqs)
+    ttft = [(s.first_token_at or 0) - t0 for s in seqs]
     return dt, [s.output_ids for s in seqs], {"steps": eng.totals.steps, "preemptions": eng.totals.preemptions,
                                               "tokens_in": eng.totals.tokens_in,
-                                              "ttft_p50_s": round(ttft[len(ttft) // 2], 3)}
+                                              "ttft_p50_s": round(pct(ttft, 0.5, 0.0), 3)}
 
 
 def run_transformers(hf: Any, reqs: list[tuple[list[int], int]], batch: int, pad_id: int
@@ -201,7 +202,7 @@ def bench_engine(model_name: str, batches: list[int], requests_per_batch: int, m
         run = {
             "batch": b, "requests": len(reqs), "output_tokens": n_tokens,
             "prompt_tokens_mean": round(sum(len(p) for p, _ in reqs) / len(reqs), 1),
-            "output_tokens_min_median_max": [lens[0], lens[len(lens) // 2], lens[-1]],
+            "output_tokens_min_median_max": [lens[0], pct(lens, 0.5), lens[-1]],
             "static_batch_decode_slots_wasted": round(1 - n_tokens / padded, 3),
             "engine_tokens_per_s": round(n_tokens / t_en, 2),
             "transformers_tokens_per_s": round(n_tokens / t_hf, 2),

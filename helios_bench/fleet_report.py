@@ -1,4 +1,4 @@
-"""The text table and the combined PNG of ``helios-ray bench serve`` (second edition)."""
+"""The text table and the combined PNG of ``helios-ray bench serve``."""
 
 from __future__ import annotations
 

@@ -1,23 +1,23 @@
-"""The driver of ``helios-ray bench serve`` (second edition): runs every system at every measured budget on one
-cluster, scores the answers once the cluster is gone, and assembles the JSON (:mod:`fleet_serve` has the why).
+"""The driver of ``helios-ray bench serve``: runs every system at every measured budget on one cluster, scores
+the answers once the cluster is gone, and assembles the JSON (:mod:`fleet_serve` has the why).
 
-JSON: the first edition's keys keep their meaning - ``helios``, ``baseline`` (= the best single model at full
-depth with token-level exits), ``plain`` and ``ratios`` (helios vs baseline vs plain) - taken at the headline
-budget (tight when measured); plus ``best_single`` (every candidate), ``best_single_model``, per-class figures
-inside each system (``per_class``: chat / code speed and quality), ``budgets`` (the arithmetic), ``roomy`` (the
-roomy budget's systems when measured), ``ratios`` gains the four against the best single model at the tight
-budget, ``ratios_roomy`` the same four at the roomy budget, and ``routing_timeline`` the fleet's split.
+JSON: ``helios``, ``baseline`` (= the best single model at full depth with token-level exits), ``plain`` and
+``ratios`` (helios vs baseline vs plain, :func:`ratios`) - taken at the headline budget (tight when measured);
+plus ``best_single`` (every candidate), ``best_single_model``, per-class figures inside each system
+(``per_class``: chat / code speed and quality), ``budgets`` (the arithmetic), ``roomy`` (the roomy budget's
+systems when measured), ``ratios`` gains the four against the best single model at the tight budget,
+``ratios_roomy`` the same four at the roomy budget, and ``routing_timeline`` the fleet's split.  With one
+candidate (the one-model preset) the best single model is that model, so ``baseline`` is it at full depth.
 """
 
 from __future__ import annotations
 
 import contextlib
-import os
 import sys
 import time
 from typing import Any
 
-from helios_bench import serve_bench as sb
+from helios_bench import harness
 from helios_bench.fleet_serve import FleetBenchConfig, app_args, budget_plan, run_app, summarize
 from helios_bench.fleet_workload import describe, mixed_requests
 
@@ -41,6 +41,25 @@ def pick_best(singles: dict[str, dict[str, Any]], by: str) -> str | None:
     return max(ok, key=lambda m: ok[m]["output_throughput"] or 0.0)
 
 
+def ratios(res: dict[str, dict[str, Any]]) -> dict[str, float | None]:
+    """helios over the others (throughput, max concurrency) and the others over helios (latencies), so > 1 always
+    means helios is better; a pair is left out when either system did not run."""
+    h, b, p = res.get("helios"), res.get("baseline"), res.get("plain")
+    out: dict[str, float | None] = {}
+    if h and b:
+        out["throughput_helios_vs_baseline"] = harness.ratio(h["output_throughput"], b["output_throughput"])
+        out["tpot_p50_baseline_over_helios"] = harness.ratio(b["tpot_ms"]["p50"], h["tpot_ms"]["p50"])
+        out["ttft_p50_baseline_over_helios"] = harness.ratio(b["ttft_ms"]["p50"], h["ttft_ms"]["p50"])
+        out["max_concurrency_helios_vs_baseline"] = harness.ratio(h["max_concurrency"], b["max_concurrency"])
+    if h and p:
+        out["throughput_helios_vs_plain"] = harness.ratio(h["output_throughput"], p["output_throughput"])
+        out["tpot_p50_plain_over_helios"] = harness.ratio(p["tpot_ms"]["p50"], h["tpot_ms"]["p50"])
+        out["max_concurrency_helios_vs_plain"] = harness.ratio(h["max_concurrency"], p["max_concurrency"])
+    if b and p:
+        out["throughput_baseline_vs_plain"] = harness.ratio(b["output_throughput"], p["output_throughput"])
+    return out
+
+
 def vs_best(h: dict[str, Any] | None, b: dict[str, Any] | None, budget_mb: int | None = None) -> dict[str, Any]:
     """The four ratios against the best single model; ``budget_mb`` = arithmetic only at that budget (a budget
     whose runs were not measured: max concurrency from the replicas' sizes, the rest ``None``)."""
@@ -48,12 +67,12 @@ def vs_best(h: dict[str, Any] | None, b: dict[str, Any] | None, budget_mb: int |
         return {k: None for k in NEW_RATIOS}
     if budget_mb is not None:
         mc = lambda s: (s.get("max_concurrency_by_budget_mb") or {}).get(str(budget_mb))  # noqa: E731
-        return {NEW_RATIOS[0]: None, NEW_RATIOS[1]: None, NEW_RATIOS[2]: sb._ratio(mc(h), mc(b)),
+        return {NEW_RATIOS[0]: None, NEW_RATIOS[1]: None, NEW_RATIOS[2]: harness.ratio(mc(h), mc(b)),
                 NEW_RATIOS[3]: None, "measured": False}
     pa, pb = h.get("pass_at_1"), b.get("pass_at_1")
-    return {NEW_RATIOS[0]: sb._ratio(h["output_throughput"], b["output_throughput"]),
-            NEW_RATIOS[1]: sb._ratio(b["tpot_ms"]["p50"], h["tpot_ms"]["p50"]),
-            NEW_RATIOS[2]: sb._ratio(h["max_concurrency"], b["max_concurrency"]),
+    return {NEW_RATIOS[0]: harness.ratio(h["output_throughput"], b["output_throughput"]),
+            NEW_RATIOS[1]: harness.ratio(b["tpot_ms"]["p50"], h["tpot_ms"]["p50"]),
+            NEW_RATIOS[2]: harness.ratio(h["max_concurrency"], b["max_concurrency"]),
             NEW_RATIOS[3]: round(pa - pb, 4) if pa is not None and pb is not None else None, "measured": True}
 
 
@@ -83,7 +102,7 @@ def bench_fleet(cfg: FleetBenchConfig, progress: bool = True, log: Any = None, c
     for name in cfg.candidates:
         repo.checkpoint_dir(name)  # unknown/unprepared -> a clear error before any cluster starts
     t_start = time.perf_counter()
-    plan = budget_plan(cfg, serving_dtype("auto", sb._cuda()))
+    plan = budget_plan(cfg, serving_dtype("auto", harness.on_cuda()))
     wl_kw = dict(chat_share_first=cfg.chat_share_first, chat_share_second=cfg.chat_share_second,
                  max_prompt_tokens=cfg.max_prompt_tokens, chat_output_cap=cfg.chat_output_cap,
                  code_max_tokens=cfg.code_max_tokens)
@@ -98,7 +117,7 @@ def bench_fleet(cfg: FleetBenchConfig, progress: bool = True, log: Any = None, c
 
     raw: dict[tuple[str, str], dict[str, Any]] = {}
     best: dict[str, str] = {}
-    with (contextlib.nullcontext(cluster) if cluster is not None else sb.LocalCluster()) as cl:
+    with (contextlib.nullcontext(cluster) if cluster is not None else harness.LocalCluster()) as cl:
         def go(budget: str, key: str, system: str, model: str | None, n: int) -> None:
             mb = plan[f"{budget}_mb"]
             log(f"{t()} {budget} {mb} MiB: {key} deploying")
@@ -114,8 +133,8 @@ def bench_fleet(cfg: FleetBenchConfig, progress: bool = True, log: Any = None, c
                     go(budget, f"single:{c}", "single", c, n_single)
                 heads = {c: {"completed": raw[(budget, f"single:{c}")]["head"].summary["completed"],
                              "output_throughput": raw[(budget, f"single:{c}")]["head"].summary["output_throughput"],
-                             "tpot_ms": {"p50": sb._p(raw[(budget, f"single:{c}")]["head"].summary, "tpot_ms",
-                                                      "median")}} for c in cfg.candidates}
+                             "tpot_ms": {"p50": harness.stat(raw[(budget, f"single:{c}")]["head"].summary,
+                                                             "tpot_ms", "median")}} for c in cfg.candidates}
                 best[budget] = pick_best(heads, cfg.best_by) or cfg.candidates[0]
             if "plain" in cfg.systems and budget == cfg.budgets[0]:
                 go(budget, "plain", "plain", best.get(budget, cfg.candidates[0]), n_single)
@@ -150,15 +169,14 @@ def bench_fleet(cfg: FleetBenchConfig, progress: bool = True, log: Any = None, c
     head_budget = cfg.budgets[0]
     top = systems(head_budget)
     out: dict[str, Any] = {
-        "edition": 2, "config": cfg.model_dump(mode="json"),
-        "machine": {"cpus": os.cpu_count(), "device": "cuda" if sb._cuda() else "cpu"},
+        "config": cfg.model_dump(mode="json"), "machine": harness.machine(),
         "workload": {**describe(workload), "sweep_requests": len(sweep_wl), "warmup_requests": len(warm)},
         "budgets": plan, "headline_budget": head_budget, **top,
     }
-    ratios = sb.ratios({k: v for k, v in top.items() if k in ("helios", "baseline", "plain")})
+    rs = ratios({k: v for k, v in top.items() if k in ("helios", "baseline", "plain")})
     tight = systems("tight") if "tight" in cfg.budgets else {}
-    ratios.update({k: v for k, v in vs_best(tight.get("helios"), tight.get("baseline")).items() if k != "measured"})
-    out["ratios"] = ratios
+    rs.update({k: v for k, v in vs_best(tight.get("helios"), tight.get("baseline")).items() if k != "measured"})
+    out["ratios"] = rs
     if "roomy" in cfg.budgets:
         roomy = systems("roomy")
         out["roomy"] = roomy

@@ -1,5 +1,5 @@
-"""``helios-ray bench serve`` (second edition): the fleet on a mixed workload, against the best single model at
-full depth with token-level exits and against plain ``transformers``, with task quality next to speed.
+"""``helios-ray bench serve``: the fleet on a mixed workload, against the best single model at full depth with
+token-level exits and against plain ``transformers``, with task quality next to speed.
 
 One private Ray cluster (or the caller's), one machine, one workload (:mod:`helios_bench.fleet_workload`:
 ShareGPT chats then HumanEval code, the mix shifting half-way), one seed and one memory budget per replica.
@@ -12,7 +12,7 @@ Systems, deployed one after the other behind the same Router and HTTP API:
   exit card allows at the same threshold and guard (how EE-LLM frameworks serve), ``single_replicas`` replicas
   (default: as many as the fleet has groups, so both sides get the same replicas, threads and memory);
   the best of them for the SLO (``best_by``: output tokens/s or p50 TPOT of the closed-loop run) is *the best
-  single model* (the first edition's ``baseline`` key);
+  single model* (the JSON's ``baseline`` key);
 * ``plain`` - ``mode: plain`` (``generate()``) for that best candidate, the model a user would pick.
 
 Each system gets a short warm-up, the closed-loop saturation run (``concurrency`` clients over the mixed
@@ -21,6 +21,12 @@ Budgets: **tight** = the largest candidate's weights as the early-exit baseline 
 token-exit heads included) plus ``tight_headroom_mb``; **roomy** = ``roomy_budget_mb`` (default: the largest
 weights + 1 GiB).  ``budgets`` says which get measured runs; max concurrency is memory arithmetic over each
 system's replicas for every budget of the sweep, whatever was run.
+
+The one-model question - does helios beat the same model served at full depth with token exits, and plain
+``generate()``? - is a preset of the same run, :func:`one_model` (``bench serve --model M``): one candidate, so the
+fleet is one group, the best single model is that model, and a chat-only ShareGPT workload.
+
+Cluster lifecycle, readiness waits, scoring and the memory arithmetic are :mod:`helios_bench.harness`'s.
 """
 
 from __future__ import annotations
@@ -35,7 +41,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from helios_bench import serve_bench as sb
+from helios_bench import harness
 
 MIB = 1 << 20
 
@@ -71,9 +77,18 @@ class FleetBenchConfig(BaseModel):
     out_dir: Path | None = None
 
 
+def one_model(model: str) -> dict[str, Any]:
+    """The one-model preset (``bench serve --model M``), as config fields: ``candidates = [M]`` and a chat-only
+    ShareGPT workload (both phases' chat share 1.0).  helios (a one-group fleet: M at the depth its policy picks)
+    vs M at full depth with the token exits its exit card allows (``single:M``, the JSON's ``baseline``) vs plain
+    ``generate()`` of M - the question the first ``bench serve`` asked, now answered by the same code path."""
+    return {"candidates": [model], "chat_share_first": 1.0, "chat_share_second": 1.0}
+
+
 def quick(cfg: FleetBenchConfig) -> FleetBenchConfig:
-    """The < 4-minute variant on a 2-core host: SmolLM2 + Gemma 3 (Qwen2.5-Coder decodes at ~4 tokens/s here),
-    8 short requests, one sweep rate, the tight budget measured (roomy: arithmetic only)."""
+    """The short variant (~6.5 min on a 2-core host with the default candidates): SmolLM2 + Gemma 3 instead of
+    Qwen2.5-Coder (which decodes at ~4 tokens/s there), 8 short requests, one sweep rate, the tight budget
+    measured (roomy: arithmetic only).  Given candidates (e.g. the one-model preset's) are kept."""
     cands = cfg.candidates if cfg.candidates != FleetBenchConfig().candidates else ["smollm2-135m", "gemma3-270m"]
     return cfg.model_copy(update={"candidates": cands, "requests": 8, "concurrency": 4, "chat_output_cap": 16,
                                   "code_max_tokens": 16, "max_prompt_tokens": 256, "rates": [1.0],
@@ -117,7 +132,7 @@ def concurrency(replicas: list[dict[str, Any]], budget_bytes: int, seq: int, blo
     """Max concurrent ``seq``-token sequences over the system's replicas at ``budget_bytes`` each, with the sum."""
     parts, total = [], 0
     for r in replicas:
-        n = sb.max_concurrency(r, budget_bytes, seq, block)
+        n = harness.max_concurrency(r, budget_bytes, seq, block)
         total += n
         blocks = f", whole {block}-token blocks" if block else ""
         parts.append(f"{r.get('model')}@{r.get('depth')}: ({budget_bytes} - {r['weight_bytes']}) B / "
@@ -126,41 +141,36 @@ def concurrency(replicas: list[dict[str, Any]], budget_bytes: int, seq: int, blo
 
 
 # ------------------------------------------------------------------------------------------------ deploy
+MODES = {"helios": "helios", "single": "early_exit", "plain": "plain"}
+
+
 def app_args(cfg: FleetBenchConfig, system: str, budget_mb: int, model: str | None = None) -> dict[str, Any]:
-    base = sb.app_args(sb.ServeBenchConfig(
-        model=model or cfg.candidates[0], threshold=cfg.threshold, min_agreement=cfg.min_agreement,
-        exit_share=cfg.exit_share, memory_budget_mb=budget_mb, max_num_seqs=cfg.max_num_seqs,
-        max_prompt_tokens=cfg.max_prompt_tokens, max_output_tokens=max(cfg.chat_output_cap, cfg.code_max_tokens),
-        warmup_requests=cfg.warmup_requests), "helios" if system == "helios" else "plain")
+    """The application of one system at ``budget_mb`` per replica: the same policy, guard, engine limits and
+    budget for every system, so only the mode (and the fleet's groups) differ.  ``model``: the single model of
+    ``single`` / ``plain``."""
+    seq = seq_len(cfg)
+    args: dict[str, Any] = {
+        "mode": MODES[system], "candidates": list(cfg.candidates) if system == "helios" else [model],
+        "api_key_env": None, "mirror_fraction": 0.05,
+        "policy": {"confidence_threshold": cfg.threshold, "min_agreement": cfg.min_agreement,
+                   "exit_share": cfg.exit_share, "profile_prompts": max(1, cfg.warmup_requests),
+                   "typical_seq_len": seq},
+        "engine": {"max_num_seqs": cfg.max_num_seqs, "torch_threads": 1, "memory_budget": budget_mb * MIB,
+                   "max_model_len": max(1024, seq + 64)},
+    }
     if system == "helios":
-        base["candidates"] = list(cfg.candidates)
-        base["groups"] = [{"name": group_name(c), "candidates": [c], "initial": {"model": c}} for c in cfg.candidates]
+        args["groups"] = [{"name": group_name(c), "candidates": [c], "initial": {"model": c}} for c in cfg.candidates]
         if cfg.steering:
-            base["steering"] = dict(cfg.steering)
+            args["steering"] = dict(cfg.steering)
     else:
-        base["mode"] = "early_exit" if system == "single" else "plain"
-        base["candidates"] = [model]
-        base["replicas"] = cfg.single_replicas or len(cfg.candidates)
-    return base
+        args["replicas"] = cfg.single_replicas or len(cfg.candidates)
+    return args
 
 
 def _ready(base: str, n_replicas: int, timeout: float = 600) -> dict[str, Any]:
     """Health, then ``n_replicas`` replicas reporting (every group of a fleet up)."""
-    return sb._wait_ready(base, timeout, ready=lambda st: len(st.get("replicas") or []) >= n_replicas,
-                          what=f"have {n_replicas} replica(s) reporting")
-
-
-def _settle(base: str, timeout: float = 120) -> dict[str, Any]:
-    """helios after its warm-up: the profiler has drained the mirrored prompts."""
-    deadline = time.time() + timeout
-    st = sb._status(base)
-    while time.time() < deadline:
-        prof = st.get("profiler") or {}
-        if not prof.get("queued") and not prof.get("busy"):
-            return st
-        time.sleep(2)
-        st = sb._status(base)
-    return st
+    return harness.wait_ready(base, timeout, ready=lambda st: len(st.get("replicas") or []) >= n_replicas,
+                              what=f"have {n_replicas} replica(s) reporting")
 
 
 def run_app(cfg: FleetBenchConfig, cluster: Any, name: str, args: dict[str, Any], n_replicas: int,
@@ -191,7 +201,7 @@ def run_app(cfg: FleetBenchConfig, cluster: Any, name: str, args: dict[str, Any]
             asyncio.run(run_load(client(), short, Arrival(max_concurrency=len(short)), progress=False,
                                  status_client=None))
         if args["mode"] == "helios":
-            _settle(base)
+            harness.settle(base)
         lap("warmup")
         head = asyncio.run(run_load(client(), workload, Arrival(max_concurrency=cfg.concurrency),
                                     num_requests=len(workload), progress=progress, status_interval=2.0))
@@ -201,7 +211,7 @@ def run_app(cfg: FleetBenchConfig, cluster: Any, name: str, args: dict[str, Any]
             sw = asyncio.run(sweep(client(), sweep_wl, cfg.rates, seed=cfg.seed, num_requests=len(sweep_wl),
                                    progress=progress, status_interval=0))
         lap("sweep")
-        st = sb._status(base)
+        st = harness.status(base)
     finally:
         serve.delete(app)
     lap("teardown")
@@ -210,9 +220,10 @@ def run_app(cfg: FleetBenchConfig, cluster: Any, name: str, args: dict[str, Any]
 
 
 # ------------------------------------------------------------------------------------------------ summary
-def _pct(xs: list[float], q: float) -> float | None:
-    xs = sorted(x for x in xs if x is not None)
-    return round(1e3 * xs[min(len(xs) - 1, int(q * len(xs)))], 2) if xs else None
+def _ms(xs: list[float | None], q: float) -> float | None:
+    """The ``q`` quantile of per-request seconds, in milliseconds."""
+    v = harness.pct(xs, q)
+    return None if v is None else round(1e3 * v, 2)
 
 
 def class_speed(records: list[Any], duration_s: float) -> dict[str, dict[str, Any]]:
@@ -222,7 +233,7 @@ def class_speed(records: list[Any], duration_s: float) -> dict[str, dict[str, An
         toks = sum(r.output_tokens for r in rs)
         out[kind] = {"requests": sum(1 for r in records if r.kind == kind), "completed": len(rs),
                      "output_tokens": toks, "output_throughput": round(toks / duration_s, 2) if duration_s else None,
-                     "ttft_ms_p50": _pct([r.ttft_s for r in rs], 0.5), "tpot_ms_p50": _pct([r.tpot_s for r in rs], 0.5)}
+                     "ttft_ms_p50": _ms([r.ttft_s for r in rs], 0.5), "tpot_ms_p50": _ms([r.tpot_s for r in rs], 0.5)}
     return out
 
 
@@ -257,9 +268,9 @@ def summarize(cfg: FleetBenchConfig, mode: str, r: dict[str, Any], q: dict[str, 
                            "max_tokens": x.max_tokens, "finish_reason": x.finish_reason}
                           for x in r["head"].records if x.success and x.output_tokens < x.max_tokens],
         "output_throughput": round(s["output_throughput"], 2), "request_throughput": round(s["request_throughput"], 3),
-        "ttft_ms": {"p50": sb._p(s, "ttft_ms", "median"), "p99": sb._p(s, "ttft_ms", "p99")},
-        "tpot_ms": {"p50": sb._p(s, "tpot_ms", "median"), "p99": sb._p(s, "tpot_ms", "p99")},
-        "e2e_ms": {"p50": sb._p(s, "e2e_ms", "median"), "p99": sb._p(s, "e2e_ms", "p99")},
+        "ttft_ms": {"p50": harness.stat(s, "ttft_ms", "median"), "p99": harness.stat(s, "ttft_ms", "p99")},
+        "tpot_ms": {"p50": harness.stat(s, "tpot_ms", "median"), "p99": harness.stat(s, "tpot_ms", "p99")},
+        "e2e_ms": {"p50": harness.stat(s, "e2e_ms", "median"), "p99": harness.stat(s, "e2e_ms", "p99")},
         "exit_layer_histogram": (s.get("exit_layer") or {}).get("histogram"),
         "max_concurrency": mc["total"], "max_concurrency_arithmetic": mc["arithmetic"],
         "max_concurrency_by_budget_mb": {str(b): concurrency(reps, b * MIB, seq, block)["total"]

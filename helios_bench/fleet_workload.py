@@ -1,8 +1,8 @@
-"""The mixed workload of ``helios-ray bench serve`` (second edition): ShareGPT chats and HumanEval code prompts
-in one stream whose mix shifts half-way, chat-heavy then code-heavy.
+"""The mixed workload of ``helios-ray bench serve``: ShareGPT chats and HumanEval code prompts in one stream whose
+mix shifts half-way, chat-heavy then code-heavy (both chat shares 1.0: chats only, the one-model preset's).
 
 * chat requests are the first user turn of ShareGPT conversations (``/v1/chat/completions``), ``max_tokens`` =
-  the recorded reply's length capped at ``chat_output_cap`` (as in the first edition);
+  the recorded reply's length capped at ``chat_output_cap``;
 * code requests are HumanEval prompts sent as plain completions (``/v1/completions``), ``max_tokens`` =
   ``code_max_tokens`` (a cap).  Every system generates exactly ``max_tokens`` tokens (``ignore_eos``), so
   throughputs compare like with like; HumanEval's stop sequences are applied when the answer is *scored*

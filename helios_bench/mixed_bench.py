@@ -22,19 +22,13 @@ from typing import Any
 import torch
 
 from helios_bench.engine_bench import agreement, sharegpt_requests
+from helios_bench.harness import pct
 from helios_ray.engine.config import EngineConfig
 from helios_ray.engine.engine import LLMEngine
 from helios_ray.engine.kv_cache import PagedKVCache
 from helios_ray.engine.packed import PackedKV
 from helios_ray.engine.sequence import SamplingParams, Sequence
 from helios_ray.models.early_exit import EarlyExitLM
-
-
-def _pct(xs: list[float], q: float) -> float:
-    if not xs:
-        return 0.0
-    xs = sorted(xs)
-    return xs[min(len(xs) - 1, int(q * len(xs)))]
 
 
 # ------------------------------------------------------------------------------------------- prefill layouts
@@ -117,9 +111,9 @@ def run_arrivals(model: EarlyExitLM, reqs: list[tuple[list[int], int]], arrivals
     itl = [b - a for s in seqs for a, b in zip(times[s.seq_id], times[s.seq_id][1:])]
     ttft = [times[s.seq_id][0] - s.arrival for s in seqs]
     n_out = sum(len(s.output_ids) for s in seqs)
-    return {"outputs": [s.output_ids for s in seqs], "itl_p50_ms": round(1e3 * _pct(itl, 0.5), 1),
-            "itl_p99_ms": round(1e3 * _pct(itl, 0.99), 1), "itl_max_ms": round(1e3 * max(itl, default=0.0), 1),
-            "ttft_p50_s": round(_pct(ttft, 0.5), 3), "ttft_p99_s": round(_pct(ttft, 0.99), 3),
+    return {"outputs": [s.output_ids for s in seqs], "itl_p50_ms": round(1e3 * pct(itl, 0.5, 0.0), 1),
+            "itl_p99_ms": round(1e3 * pct(itl, 0.99, 0.0), 1), "itl_max_ms": round(1e3 * max(itl, default=0.0), 1),
+            "ttft_p50_s": round(pct(ttft, 0.5, 0.0), 3), "ttft_p99_s": round(pct(ttft, 0.99, 0.0), 3),
             "output_tokens_per_s": round(n_out / wall, 2), "wall_s": round(wall, 2), "steps": eng.totals.steps}
 
 

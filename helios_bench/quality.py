@@ -10,7 +10,8 @@
   (:func:`helios_ray.tuning.code_eval.check_program`); identical completions are run once.
 * **exit depths**: per serving model, the share of tokens that left at each depth.
 
-The scorers load each model at full depth in float32 after the cluster is gone (one process, all CPU threads).
+The scorers (:class:`helios_bench.harness.Scorer`) load each model at full depth in float32 after the cluster is
+gone (one process, all CPU threads).
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import math
 from collections import Counter, defaultdict
 from typing import Any
 
-from helios_bench.serve_bench import Scorer
+from helios_bench.harness import Scorer, perplexity
 
 
 class Scorers:
@@ -96,7 +97,7 @@ def score_records(scorers: Scorers, workload: list[Any], records: list[Any], def
         per_class[kind] = {
             "tokens_scored": int(a["n"]), "requests_unscored": int(a["unscored"]),
             "agreement": round(a["agree"] / a["n"], 4) if a["n"] else None,
-            "perplexity": round(math.exp(-a["lp"] / a["n"]), 4) if a["n"] else None,
+            "perplexity": perplexity(a["lp"], int(a["n"])),
         }
         if kind == "code":
             per_class[kind].update({"pass_at_1": round(a["passed"] / a["code"], 4) if a["code"] else None,
@@ -108,10 +109,10 @@ def score_records(scorers: Scorers, workload: list[Any], records: list[Any], def
 
 
 def overall(q: dict[str, Any]) -> dict[str, Any]:
-    """Token-weighted agreement and perplexity over all classes (the first edition's two figures)."""
+    """Token-weighted agreement and perplexity over all classes (the system's headline quality figures)."""
     n = sum(c["tokens_scored"] for c in q["per_class"].values())
     if not n:
         return {"agreement": None, "perplexity": None, "tokens_scored": 0}
     agree = sum((c["agreement"] or 0) * c["tokens_scored"] for c in q["per_class"].values())
     lp = sum(-math.log(c["perplexity"]) * c["tokens_scored"] for c in q["per_class"].values() if c["perplexity"])
-    return {"agreement": round(agree / n, 4), "perplexity": round(math.exp(-lp / n), 4), "tokens_scored": n}
+    return {"agreement": round(agree / n, 4), "perplexity": perplexity(lp, n), "tokens_scored": n}

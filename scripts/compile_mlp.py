@@ -6,7 +6,7 @@ dynamic shapes, against the same engine uncompiled, in one process, batch 16, bf
 
 Measured on the AMX host (1 thread, quiet): 4.45 s uncompiled vs 4.48 / 4.49 s compiled for 16 ShareGPT requests
 (<= 32 tokens each) after a 20.7 s compile (rerun, inductor's cache warm: 4.36 vs 4.45 / 4.75 s); token agreement 79% with the uncompiled run (other bf16 rounding in
-fused kernels).  Not kept: docs/benchmarks.md, "Engine speed (issue 13)".
+fused kernels).  Not kept: docs/benchmarks.md, "Engine speed".
 """
 
 from __future__ import annotations

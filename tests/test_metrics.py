@@ -15,7 +15,7 @@ from types import SimpleNamespace
 import pytest
 import torch
 
-from helios_ray import metrics
+from helios_ray.serve import metrics
 from helios_ray.serve.metrics import EnergyMeter, cuda_bus_id, normalize_bus_id, nvml_handle_for_bus_id
 
 

@@ -64,7 +64,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
 def run(args: argparse.Namespace) -> int:
     from pathlib import Path
 
-    from helios_ray.models import tuning
+    from helios_ray.tuning import run as tuning
     from helios_ray.tuning.config import TuneConfig, parse_exits
 
     tuning.environment_threads(args.threads)

@@ -6,7 +6,7 @@ import pytest
 
 from helios_ray import memory
 from helios_ray.dtypes import serving_dtype
-from helios_bench.serve_bench import max_concurrency
+from helios_bench.harness import max_concurrency
 from helios_ray.control.config import Hardware, PolicyConfig
 from helios_ray.control.costs import max_batch
 from helios_ray.engine.engine import EngineConfig, LLMEngine

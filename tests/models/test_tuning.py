@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from helios_ray.cli import main
-from helios_ray.models import tuning as T
+from helios_ray.tuning import run as T
 from helios_ray.tuning.calibration import TARGET_AGREEMENT, THRESHOLDS, calibration, recommend_threshold
 from helios_ray.tuning.config import ExitSpec, TuneConfig, parse_exits
 from helios_ray.tuning.train import build_head, train_head

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import tempfile
 import time
 from pathlib import Path
@@ -12,14 +11,10 @@ from pathlib import Path
 import pytest
 import yaml
 
+from helios_bench.harness import free_port
+
 ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "test-key-123"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")
@@ -33,11 +28,11 @@ def cluster():
     from helios_ray.serve.app import build_app
 
     tmp = tempfile.mkdtemp(prefix="hr", dir="/tmp")  # short: Ray's socket paths have a length limit
-    metrics_port = _free_port()
+    metrics_port = free_port()
     ray.init(num_cpus=4, _temp_dir=tmp, object_store_memory=100 * 2**20, include_dashboard=False,
              _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000},
              logging_level="WARNING", log_to_driver=False)  # worker logs stay in the temp dir
-    http_port, grpc_port = _free_port(), _free_port()
+    http_port, grpc_port = free_port(), free_port()
     # HeadOnly, as deployments/helios.yaml: test_two_nodes.py adds a second node on this same host, whose own proxy
     # would share the port and take connections with it when that node dies.
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": http_port},

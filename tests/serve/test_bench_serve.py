@@ -1,7 +1,7 @@
-"""``helios-ray bench serve``: the first edition end to end, small, on the session's cluster (three systems deployed
-one after the other behind the same API, every generated token scored under the full model, ratios computed); the
-second edition's pure parts (mixed workload, budgets, concurrency arithmetic, ratios, routing timeline, table and
-plot) as fast unit tests."""
+"""``helios-ray bench serve``: the one-model preset (``--model M``) end to end, small, on the session's cluster (three
+systems deployed one after the other behind the same API, every generated token scored under the full model,
+ratios computed) and a one-group fleet on the mixed workload; the pure parts (mixed workload, budgets,
+concurrency arithmetic, ratios, routing timeline, table and plot) as fast unit tests."""
 
 from __future__ import annotations
 
@@ -10,37 +10,50 @@ from types import SimpleNamespace
 
 import pytest
 
-from helios_bench.serve_bench import ServeBenchConfig, bench_serve, format_table
-
 
 @pytest.mark.slow
-def test_bench_serve_small_run(cluster):
-    cfg = ServeBenchConfig(requests=3, concurrency=3, max_prompt_tokens=128, max_output_tokens=8, rates=[4.0],
-                           sweep_requests=2, warmup_requests=1, memory_budget_mb=1024)
-    res = bench_serve(cfg, progress=False, log=lambda _: None, cluster=SimpleNamespace(base=cluster["base"]))
+def test_bench_serve_one_model_preset_end_to_end(cluster):
+    """``--model smollm2-135m``: helios vs the model at full depth with token exits, chats only, the tight budget.
+    Two deployments: the third system, plain ``generate()``, is served end to end by tests/serve/test_baselines.py
+    and its ratios are arithmetic (tests/bench), so deploying it here again would buy ~20 s of suite and no check."""
+    from helios_bench.fleet_report import format_table
+    from helios_bench.fleet_run import bench_fleet
+    from helios_bench.fleet_serve import FleetBenchConfig, one_model
+
+    cfg = FleetBenchConfig(**{**one_model("smollm2-135m"), "systems": ["single", "helios"]}, requests=3,
+                           concurrency=3, max_prompt_tokens=128,
+                           chat_output_cap=8, code_max_tokens=8, rates=[4.0], sweep_requests=2, warmup_requests=0,
+                           budgets=["tight"])
+    res = bench_fleet(cfg, progress=False, log=lambda _: None, cluster=SimpleNamespace(base=cluster["base"]))
     json.dumps(res)  # the --json object is plain JSON
-    for s in ("helios", "baseline", "plain"):
+    assert res["workload"]["phases"] == [{"chat": 1, "code": 0}, {"chat": 2, "code": 0}]  # chats only
+    assert res["best_single_model"] == "smollm2-135m" and list(res["best_single"]) == ["smollm2-135m"]
+    assert "plain" not in res
+    for s in ("helios", "baseline"):
         r = res[s]
         assert r["completed"] == r["requests"] == 3 and r["failed"] == 0
         assert r["output_tokens"] == 3 * 8  # ignore_eos + max_tokens = 8 each
-        assert r["tokens_scored"] == r["output_tokens"] > 0
+        assert r["tokens_scored"] == r["output_tokens"] > 0 and set(r["per_class"]) == {"chat"}
+        assert r["pass_at_1"] is None  # no code in the preset
         assert len(r["curve"]) == 1 and r["curve"][0]["completed"] == 2
         assert r["energy_j_per_token"] is None  # CPU: n/a
+        assert r["model"] == "smollm2-135m"
+    assert [res[s]["mode"] for s in ("helios", "baseline")] == ["helios", "early_exit"]
     # helios at the default guard keeps the full model for SmolLM2 (no exit reaches 90% agreement): exact.
     assert res["helios"]["depth"] == 30 and res["helios"]["agreement"] == 1.0
-    assert res["plain"]["agreement"] >= 0.95  # generate() in a left-padded static batch: float noise only
     assert set(res["baseline"]["exit_layer_histogram"]) <= {"20", "24", "30"}
     assert res["baseline"]["token_exits"] == [20, 24]
     # Two block exit heads cost the baseline weights and KV: helios (same depth, no exit heads) holds more.
     assert res["helios"]["max_concurrency"] > res["baseline"]["max_concurrency"] > 0
     r = res["ratios"]
     for key in ("throughput_helios_vs_baseline", "tpot_p50_baseline_over_helios",
-                "max_concurrency_helios_vs_baseline", "throughput_helios_vs_plain"):
+                "max_concurrency_helios_vs_baseline"):
         assert isinstance(r[key], float) and r[key] > 0
+    assert r["throughput_helios_vs_best_single"] == r["throughput_helios_vs_baseline"]  # one model: the same pair
     assert "throughput_helios_vs_baseline" in format_table(res)
 
 
-# ------------------------------------------------------------------------------------------ second edition
+# ------------------------------------------------------------------------------------------ the parts
 def test_mixed_workload_shifts_from_chat_to_code():
     from helios_bench.fleet_run import spread
     from helios_bench.fleet_workload import describe, mixed_requests, phase_counts
@@ -181,11 +194,11 @@ def test_cli_rejects_bad_options_before_any_cluster_starts():
 
     assert main(["bench", "serve", "--rates", "1,x"]) == 2
     assert main(["bench", "serve", "--budgets", "tight,huge"]) == 2
-    assert main(["bench", "serve", "--edition", "1", "--rates", "x"]) == 2
+    assert main(["bench", "serve", "--model", "smollm2-135m", "--rates", "x"]) == 2  # the preset: the same checks
 
 
 @pytest.mark.slow
-def test_bench_serve_second_edition_tiny_run(cluster):
+def test_bench_serve_fleet_tiny_run(cluster):
     """A one-group fleet alone (one deployment, to keep the suite fast), 2 requests of 4 tokens, tight budget, no
     sweep: deploys, scores per class and assembles the JSON on the session's cluster."""
     from helios_bench.fleet_report import format_table as table2

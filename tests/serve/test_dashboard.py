@@ -147,7 +147,7 @@ def test_grafana_dashboard_queries_only_exported_metrics(cluster):
     # them), a steering prediction error only in a fleet whose predictor is trusted (test_fleet.py checks it is
     # exported there); here they must at least be metrics the app defines.
     event_only = EVENT_ONLY - exported
-    source = (Path(__file__).resolve().parents[2] / "helios_ray" / "metrics.py").read_text()
+    source = (Path(__file__).resolve().parents[2] / "helios_ray" / "serve" / "metrics.py").read_text()
     assert all(f'"{n.removeprefix("ray_").removesuffix("_total").removesuffix("_sum").removesuffix("_count")}"'
                in source for n in event_only), event_only
     assert wanted - event_only <= exported, \

@@ -13,7 +13,6 @@ import json
 import math
 import re
 import threading
-import time
 
 import httpx
 import pytest

@@ -3,12 +3,12 @@
 from __future__ import annotations
 
 import json
-import socket
 import threading
 from http.server import BaseHTTPRequestHandler, HTTPServer
 
 import pytest
 
+from helios_bench.harness import free_port
 from helios_ray.cli import main
 from helios_ray.serve.status_cli import render
 from helios_ray.serve.timeline import Timeline
@@ -108,14 +108,8 @@ class _Server:
         self.httpd.server_close()
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def test_unreachable_server_is_one_line_and_exit_2(capsys):
-    url = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    url = f"http://127.0.0.1:{free_port()}"  # nothing listens there
     assert main(["status", "--url", url, "--timeout", "3"]) == 2
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and err.startswith("helios-ray status: error: cannot reach ")
