@@ -24,29 +24,33 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19helios_proto/helios.proto\x12\thelios.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xa6\x02\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12(\n\x08messages\x18\x03 \x03(\x0b\x32\x16.helios.v1.ChatMessage\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x17\n\nignore_eos\x18\n \x01(\x08H\x04\x88\x01\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\r\n\x0b_ignore_eos\"`\n\tTokenInfo\x12\r\n\x05token\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x12\n\nexit_layer\x18\x03 \x01(\x05\x12\x12\n\nconfidence\x18\x04 \x01(\x02\x12\x0e\n\x06\x62reach\x18\x05 \x01(\x08\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"\xa8\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05\x64\x65pth\x18\x03 \x01(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.helios.v1.Usage\x12$\n\x06tokens\x18\x07 \x03(\x0b\x32\x14.helios.v1.TokenInfo\"\x96\x01\n\rGenerateChunk\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05\x64\x65pth\x18\x03 \x01(\x05\x12#\n\x05token\x18\x04 \x01(\x0b\x32\x14.helios.v1.TokenInfo\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.helios.v1.Usage\"\x0f\n\rStatusRequest\"\x1e\n\x0eStatusResponse\x12\x0c\n\x04json\x18\x01 \x01(\t2\xdd\x01\n\rHeliosService\x12\x43\n\x08Generate\x12\x1a.helios.v1.GenerateRequest\x1a\x1b.helios.v1.GenerateResponse\x12H\n\x0eGenerateStream\x12\x1a.helios.v1.GenerateRequest\x1a\x18.helios.v1.GenerateChunk0\x01\x12=\n\x06Status\x12\x18.helios.v1.StatusRequest\x1a\x19.helios.v1.StatusResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x19helios_proto/helios.proto\x12\thelios.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\x93\x03\n\x0fGenerateRequest\x12\r\n\x05model\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12(\n\x08messages\x18\x03 \x03(\x0b\x32\x16.helios.v1.ChatMessage\x12\x12\n\nmax_tokens\x18\x04 \x01(\x05\x12\x18\n\x0btemperature\x18\x05 \x01(\x02H\x00\x88\x01\x01\x12\x12\n\x05top_p\x18\x06 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x07 \x01(\x05H\x02\x88\x01\x01\x12\x11\n\x04seed\x18\x08 \x01(\x03H\x03\x88\x01\x01\x12\x0c\n\x04stop\x18\t \x03(\t\x12\x17\n\nignore_eos\x18\n \x01(\x08H\x04\x88\x01\x01\x12:\n\x08metadata\x18\x0b \x03(\x0b\x32(.helios.v1.GenerateRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\r\n\x0b_ignore_eos\"`\n\tTokenInfo\x12\r\n\x05token\x18\x01 \x01(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\x12\x12\n\nexit_layer\x18\x03 \x01(\x05\x12\x12\n\nconfidence\x18\x04 \x01(\x02\x12\x0e\n\x06\x62reach\x18\x05 \x01(\x08\"O\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x14\n\x0ctotal_tokens\x18\x03 \x01(\x05\"\xa8\x01\n\x10GenerateResponse\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05\x64\x65pth\x18\x03 \x01(\x05\x12\x0c\n\x04text\x18\x04 \x01(\t\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.helios.v1.Usage\x12$\n\x06tokens\x18\x07 \x03(\x0b\x32\x14.helios.v1.TokenInfo\"\x96\x01\n\rGenerateChunk\x12\n\n\x02id\x18\x01 \x01(\t\x12\r\n\x05model\x18\x02 \x01(\t\x12\r\n\x05\x64\x65pth\x18\x03 \x01(\x05\x12#\n\x05token\x18\x04 \x01(\x0b\x32\x14.helios.v1.TokenInfo\x12\x15\n\rfinish_reason\x18\x05 \x01(\t\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.helios.v1.Usage\"\x0f\n\rStatusRequest\"\x1e\n\x0eStatusResponse\x12\x0c\n\x04json\x18\x01 \x01(\t2\xdd\x01\n\rHeliosService\x12\x43\n\x08Generate\x12\x1a.helios.v1.GenerateRequest\x1a\x1b.helios.v1.GenerateResponse\x12H\n\x0eGenerateStream\x12\x1a.helios.v1.GenerateRequest\x1a\x18.helios.v1.GenerateChunk0\x01\x12=\n\x06Status\x12\x18.helios.v1.StatusRequest\x1a\x19.helios.v1.StatusResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'helios_proto.helios_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
+  _globals['_GENERATEREQUEST_METADATAENTRY']._loaded_options = None
+  _globals['_GENERATEREQUEST_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_CHATMESSAGE']._serialized_start=40
   _globals['_CHATMESSAGE']._serialized_end=84
   _globals['_GENERATEREQUEST']._serialized_start=87
-  _globals['_GENERATEREQUEST']._serialized_end=381
-  _globals['_TOKENINFO']._serialized_start=383
-  _globals['_TOKENINFO']._serialized_end=479
-  _globals['_USAGE']._serialized_start=481
-  _globals['_USAGE']._serialized_end=560
-  _globals['_GENERATERESPONSE']._serialized_start=563
-  _globals['_GENERATERESPONSE']._serialized_end=731
-  _globals['_GENERATECHUNK']._serialized_start=734
-  _globals['_GENERATECHUNK']._serialized_end=884
-  _globals['_STATUSREQUEST']._serialized_start=886
-  _globals['_STATUSREQUEST']._serialized_end=901
-  _globals['_STATUSRESPONSE']._serialized_start=903
-  _globals['_STATUSRESPONSE']._serialized_end=933
-  _globals['_HELIOSSERVICE']._serialized_start=936
-  _globals['_HELIOSSERVICE']._serialized_end=1157
+  _globals['_GENERATEREQUEST']._serialized_end=490
+  _globals['_GENERATEREQUEST_METADATAENTRY']._serialized_start=383
+  _globals['_GENERATEREQUEST_METADATAENTRY']._serialized_end=430
+  _globals['_TOKENINFO']._serialized_start=492
+  _globals['_TOKENINFO']._serialized_end=588
+  _globals['_USAGE']._serialized_start=590
+  _globals['_USAGE']._serialized_end=669
+  _globals['_GENERATERESPONSE']._serialized_start=672
+  _globals['_GENERATERESPONSE']._serialized_end=840
+  _globals['_GENERATECHUNK']._serialized_start=843
+  _globals['_GENERATECHUNK']._serialized_end=993
+  _globals['_STATUSREQUEST']._serialized_start=995
+  _globals['_STATUSREQUEST']._serialized_end=1010
+  _globals['_STATUSRESPONSE']._serialized_start=1012
+  _globals['_STATUSRESPONSE']._serialized_end=1042
+  _globals['_HELIOSSERVICE']._serialized_start=1045
+  _globals['_HELIOSSERVICE']._serialized_end=1266
 # @@protoc_insertion_point(module_scope)

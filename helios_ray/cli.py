@@ -181,13 +181,14 @@ COMMANDS: list[Command] = [
 
 #: Subcommands that live next to their feature: (name, help, module exposing configure_parser() and run()).
 #: The module is imported only when the parser is built, and must not import torch/ray at module level.
-PLUGGED: list[tuple[str, str, str]] = [
+PLUGGED: list[tuple[str, str | None, str]] = [
     ("serve", "deploy a Serve config (default deployments/helios.yaml) like `serve run`, until Ctrl-C",
      "helios_ray.serve.launch"),
     ("profile", "profile candidates on real prompts (all exits) and show the PHT and the policy's choice",
      "helios_ray.tuning.profile_cli"),
     ("tune-exits", "train exit heads on a frozen backbone (self-distillation)", "helios_ray.tuning.cli"),
     ("eval-exits", "measure exit agreement/calibration on a prompt file", "helios_ray.tuning.cli:eval"),
+    ("quality", None, "helios_ray.tuning.quality_cli"),
     ("simulate", "replay a recorded per-token trace through the HELIOS policy (or steering over groups: --fleet)",
      "helios_ray.control.simulate_cli"),
     ("status", "the fleet, breach counter and last decisions of a running server", "helios_ray.serve.status_cli"),

@@ -224,6 +224,11 @@ class CandidateInfo(_Strict):
     flops_per_token_per_layer: int | None = Field(None, ge=0)
     head_flops_per_token: int | None = Field(None, ge=0)
     load_seconds_per_layer: float | None = Field(None, ge=0.0)
+    quality: dict[int, dict[str, float]] = Field(
+        default_factory=dict,
+        description="Measured quality per depth and request class ({depth: {'code': pass@1, 'chat': score}}), "
+                    "comparable across models (helios-ray quality); what the quality floors are checked against.")
+    chat_capable: bool = Field(True, description="Whether it may answer chats (a base model only when declared).")
 
     @model_validator(mode="after")
     def _normalise_exits(self) -> "CandidateInfo":

@@ -37,6 +37,7 @@ from .decision import Action, Decision, DepthChoice, Estimate, NoFeasiblePlaceme
 from .depth import evaluate_depth, profile_entry
 from .pht import PHT
 from .policy import choose, estimate_numbers, score_placements, shortlist
+from .quality import QualityGate
 from .storm import CostModel, on_storm
 from .trace import TraceRequest, TraceToken
 
@@ -64,6 +65,7 @@ class Controller:
         cost_model: CostModel | None = None,
         pht: PHT | None = None,
         clock: Callable[[], float] | None = None,
+        quality: QualityGate | None = None,
     ) -> None:
         if not candidates:
             raise ValueError("the controller needs at least one candidate")
@@ -89,11 +91,14 @@ class Controller:
         self._quiet_until: int | None = None
         self._planned = False
         self._profile_targets: list[str] = []
+        #: The quality floors every decision must meet for the traffic this placement serves (None: no floors).
+        #: The owner updates it as the traffic's mix of request classes changes (:meth:`set_quality`).
+        self.quality = quality
 
     # ------------------------------------------------------------------ helpers
     def _refresh_shortlist(self) -> list[str]:
         chosen = shortlist(
-            list(self.candidates.values()), self.slo, self.hardware, self.pht, self.config
+            list(self.candidates.values()), self.slo, self.hardware, self.pht, self.config, gate=self.quality
         )
         self.shortlisted = [c.name for c in chosen]
         return self.shortlisted
@@ -145,7 +150,7 @@ class Controller:
         if self.current is not None:
             raise RuntimeError("controller already started")
         self._refresh_shortlist()
-        decision = choose(self._pool(), self.slo, self.hardware, self.pht, self.config)
+        decision = choose(self._pool(), self.slo, self.hardware, self.pht, self.config, gate=self.quality)
         decision = decision.model_copy(
             update={"reason": f"initial deployment before profiling; {decision.reason}"}
         )
@@ -227,6 +232,7 @@ class Controller:
             self.config,
             hardware=self.hardware,
             breach_rate=self.breaches.rate,
+            gate=self.quality,
         )
         decision.numbers["breaches"] = self.breaches.breaches
         decision.numbers["window_tokens"] = self.breaches.tokens
@@ -283,6 +289,28 @@ class Controller:
         self._refresh_shortlist()
         return self._replan("hardware_change")
 
+    def set_quality(self, gate: QualityGate | None) -> None:
+        """New floors or a new traffic mix; takes effect at the next decision (a re-plan when the current
+        placement no longer meets them is the owner's call: :meth:`quality_breached`)."""
+        self.quality = gate
+
+    def quality_verdict(self) -> Any:
+        """Whether the current placement meets the quality gate (None without a gate or a placement)."""
+        if self.quality is None or self.current is None:
+            return None
+        return self.quality.check(self.candidates[self.current.model], self.current.depth)
+
+    def quality_breached(self, request: int | None = None) -> Decision | None:
+        """Re-plan now if the current placement misses its floors (the traffic's mix moved, or a measured score
+        fell) - answered like a breach storm, hysteresis included; None when it meets them or is quiet."""
+        verdict = self.quality_verdict()
+        if verdict is None or verdict.ok or self.in_quiet_period():
+            return None
+        decision = self._replan("quality", request=request)
+        if decision.action != "keep":
+            self._quiet_until = self.requests_done + self.config.hysteresis_requests
+        return decision
+
     def reassess(self) -> Decision:
         """Re-plan now as a periodic re-assessment would (hysteresis and margin apply)."""
         return self._replan("reassess")
@@ -292,7 +320,7 @@ class Controller:
         prev_model = previous.model if previous else None
         prev_depth = previous.depth if previous else None
         try:
-            best = choose(self._pool(), self.slo, self.hardware, self.pht, self.config)
+            best = choose(self._pool(), self.slo, self.hardware, self.pht, self.config, gate=self.quality)
         except NoFeasiblePlacement as exc:
             decision = Decision(
                 action="keep",
@@ -396,6 +424,16 @@ class Controller:
         by_key = {(e.model, e.depth): e for e in estimates}
         return by_key.get((cand.name, here.depth)), by_key.get((best_cand.name, there.depth))
 
+    def placement_tokens_per_s(self) -> float | None:
+        """A request's decoding speed at the current placement as profiled (1 / seconds per token from the PHT),
+        or None before it was measured: the prior the router's steering starts from."""
+        if self.current is None:
+            return None
+        cand = self.candidates[self.current.model]
+        here = evaluate_depth(cand, profile_entry(self.pht, cand).entry, self.config, self.current.depth)
+        spt = score_placements([(cand, here)], self.slo, self.hardware, self.pht, self.config)[0].seconds_per_token
+        return round(1.0 / spt, 3) if spt else None
+
     # ------------------------------------------------------------------ status
     def status(self, last: int = 20) -> dict[str, Any]:
         """What ``/v1/helios/status`` shows: placement, breach window, PHT, recent decisions."""
@@ -417,6 +455,8 @@ class Controller:
             "requests_done": self.requests_done,
             "quiet_until_request": self._quiet_until,
             "suppressed_storm_tokens": self.suppressed_storm_tokens,
+            "quality": ({**self.quality.snapshot(), "current": v.model_dump() if (v := self.quality_verdict()) else None}
+                        if self.quality is not None else None),
             "pht": self.pht.summary(),
             "decisions": [d.model_dump(mode="json") for d in self.decisions[-last:]],
         }

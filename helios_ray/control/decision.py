@@ -25,7 +25,7 @@ __all__ = [
 ]
 
 Action = Literal["deploy", "extend", "switch", "keep"]
-Trigger = Literal["start", "profile", "reassess", "storm", "slo_change", "hardware_change", "plan"]
+Trigger = Literal["start", "profile", "reassess", "storm", "slo_change", "hardware_change", "plan", "quality"]
 EvidenceSource = Literal["pht", "prior", "none", "full"]
 """Where a depth's exit statistics came from: the PHT, the exit card's priors, nowhere, or the full
 depth (which needs no evidence: it *is* the full model)."""

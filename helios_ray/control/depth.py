@@ -12,6 +12,7 @@ from typing import NamedTuple
 
 from .config import CandidateInfo, PolicyConfig
 from .decision import DepthChoice, EvidenceSource
+from .quality import QualityGate
 from .pht import PHT
 from .pht_entry import PHTEntry
 
@@ -154,6 +155,7 @@ def choose_depth(
     config: PolicyConfig,
     *,
     optimistic: bool = False,
+    gate: QualityGate | None = None,
 ) -> DepthChoice:
     """The smallest exit depth D where at least ``exit_share`` of tokens exit confidently at or
     before D and the accuracy guard holds (agreement >= min_agreement, perplexity increase <=
@@ -161,7 +163,10 @@ def choose_depth(
 
     Evidence comes from the PHT entry when it has enough samples at D, else the exit card priors.
     ``optimistic=True`` treats unknown evidence as passing (used to shortlist what is worth
-    profiling); known evidence must still pass.
+    profiling); known evidence must still pass.  ``gate``: a truncated depth must also meet the quality floors
+    of the traffic it would serve (measured per depth; unmeasured never passes), so truncation never buys speed
+    below a floor.  The full depth is returned whatever the gate says: whether the *model* meets the floors is
+    the caller's comparison across candidates.
     """
     rejected: list[str] = []
     for depth in candidate.exits:
@@ -172,6 +177,11 @@ def choose_depth(
                 candidate, depth, evidence, f"full depth {depth} (always safe): {why}"
             )
         verdict = accuracy_guard(evidence, config, need_share=True, optimistic=optimistic)
+        if verdict.ok and gate is not None:
+            quality = gate.check(candidate, depth)
+            if not quality.ok:
+                rejected.append(f"{depth}: quality {quality.describe()}")
+                continue
         if verdict.ok:
             parts = [f"smallest exit meeting the guard ({evidence.source} evidence"]
             if evidence.share is not None:

@@ -31,6 +31,7 @@ from .costs import (
 from .decision import Decision, DepthChoice, Estimate, NoFeasiblePlacement, Number
 from .depth import choose_depth, profile_entry
 from .pht import PHT
+from .quality import QualityGate, QualityVerdict
 
 __all__ = [
     "score_placements",
@@ -144,13 +145,31 @@ def evaluate_candidates(
     config: PolicyConfig,
     *,
     optimistic: bool = False,
+    gate: QualityGate | None = None,
 ) -> list[Estimate]:
-    """Each candidate at its chosen depth (:func:`choose_depth`), scored and sorted best first."""
+    """Each candidate at its chosen depth (:func:`choose_depth`, under the quality ``gate``), scored and sorted
+    best first."""
     placements = []
     for cand in candidates:
         entry = profile_entry(pht, cand).entry
-        placements.append((cand, choose_depth(cand, entry, config, optimistic=optimistic)))
+        placements.append((cand, choose_depth(cand, entry, config, optimistic=optimistic, gate=gate)))
     return score_placements(placements, slo, hardware, pht, config)
+
+
+def quality_first(
+    ranked: Sequence[Estimate], candidates: Sequence[CandidateInfo], gate: QualityGate | None
+) -> tuple[list[Estimate], dict[str, QualityVerdict]]:
+    """``ranked`` reordered so that placements meeting the quality floors come first (best score first among
+    them), then the near misses by how little traffic and quality they miss, then by score: quality first, then
+    speed.  Without a gate (or floors) the order is unchanged."""
+    if gate is None:
+        return list(ranked), {}
+    by_name = {c.name: c for c in candidates}
+    verdicts = {e.key: gate.check(by_name[e.model], e.depth) for e in ranked}
+    order = sorted(range(len(ranked)), key=lambda i: (not verdicts[ranked[i].key].ok,
+                                                      verdicts[ranked[i].key].failed_share,
+                                                      verdicts[ranked[i].key].deficit, i))
+    return [ranked[i] for i in order], verdicts
 
 
 def shortlist(
@@ -159,15 +178,20 @@ def shortlist(
     hardware: Hardware,
     pht: PHT | None,
     config: PolicyConfig,
+    *,
+    gate: QualityGate | None = None,
 ) -> list[CandidateInfo]:
     """Top-K candidates worth profiling for this SLO and hardware.
 
     Each is scored at its *minimum useful depth*: the smallest exit that the evidence does not rule
     out (unknown evidence counts as possible: this is what profiling is for). Candidates whose
     weights at that depth leave no room for one sequence are excluded. Ties go to the smaller name.
+    Candidates that meet the quality floors come before those that do not (profiling a model the floors
+    exclude is wasted while another could be chosen).
     """
     by_name = {c.name: c for c in candidates}
-    ranked = evaluate_candidates(candidates, slo, hardware, pht, config, optimistic=True)
+    ranked = evaluate_candidates(candidates, slo, hardware, pht, config, optimistic=True, gate=gate)
+    ranked, _ = quality_first(ranked, candidates, gate)
     return [by_name[e.model] for e in ranked if e.fits][: config.top_k]
 
 
@@ -210,13 +234,18 @@ def choose(
     hardware: Hardware,
     pht: PHT | None,
     config: PolicyConfig,
+    *,
+    gate: QualityGate | None = None,
 ) -> Decision:
-    """The best (model, depth) for the SLO under the accuracy guard, as a ``deploy`` decision.
+    """The best (model, depth) for the SLO under the accuracy guard, as a ``deploy`` decision: among the
+    placements that meet the quality ``gate`` (the floors of the classes the traffic holds), the best score; when
+    none meets it, the one that misses the least (traffic share, then quality deficit), said in the reason.
 
     Raises :class:`NoFeasiblePlacement` when no candidate fits the memory budget.
     """
     slo = SLO(slo)
-    ranked = evaluate_candidates(candidates, slo, hardware, pht, config)
+    ranked = evaluate_candidates(candidates, slo, hardware, pht, config, gate=gate)
+    ranked, verdicts = quality_first(ranked, candidates, gate)
     feasible = [e for e in ranked if e.fits]
     if not feasible:
         raise NoFeasiblePlacement(
@@ -227,10 +256,22 @@ def choose(
     numbers = estimate_numbers(best)
     numbers["candidates_considered"] = len(ranked)
     numbers["candidates_fitting"] = len(feasible)
+    verdict = verdicts.get(best.key)
+    if verdict is not None:
+        for cls, value in verdict.values.items():
+            numbers[f"quality_{cls}"] = value
+        for cls, floor in (gate.floors if gate else {}).items():
+            numbers[f"floor_{cls}"] = floor.value
+        numbers["meets_floors"] = verdict.ok
+        numbers["candidates_meeting_floors"] = sum(1 for e in feasible if verdicts[e.key].ok)
     stale = sorted({s for e in ranked for s in e.stale})
     if stale:
         numbers["stale_ignored"] = ",".join(stale)
     reason = f"{slo.value}: {best.key} scores {_fmt_score(slo, best)}"
+    if verdict is not None:
+        reason = (f"quality: {best.key} {verdict.describe()}; " if verdict.ok else
+                  f"quality: no placement meets the floors, {best.key} misses the least ({verdict.describe()}); "
+                  ) + reason
     if len(feasible) > 1:
         runner = feasible[1]
         numbers["runner_up"] = runner.key

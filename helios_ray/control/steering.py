@@ -29,6 +29,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from .config import SLO
+from .steering_model import PlacementModel, _dot
 from .request_features import RequestFeatures, code_score, request_features  # re-exported: the router's one import
 
 __all__ = [
@@ -39,7 +40,6 @@ __all__ = [
 MAX_KEYS = 64          # placements remembered (least recently used forgotten first)
 MAX_GROUPS = 64        # groups in the split counters
 RECENT_ROUTES = 20     # routes shown by snapshot()
-ERROR_WINDOW = 100     # prediction errors per placement behind the reported mean absolute error
 _MIN_TPS = 1e-3        # floor of tokens/s before the log (a request that produced nothing)
 
 
@@ -71,6 +71,11 @@ class GroupView(_Strict):
     total_layers: int = Field(ge=1)
     slots: int = Field(ge=0, description="sequences its live replicas can run at once (sum of max_num_seqs)")
     busy: int = Field(ge=0, description="running + waiting across its live replicas")
+    quality: dict[str, float] = Field(default_factory=dict, description="measured quality of its placement per "
+                                      "request class (helios-ray quality): what the floors are checked against")
+    chat_capable: bool = Field(True, description="whether its model may answer chats (requests with messages)")
+    prior_tps: float | None = Field(None, ge=0.0, description="tokens/s its placement is expected to decode at "
+                                    "before this router has observed it (the brain's profiled estimate)")
 
     @property
     def key(self) -> str:
@@ -118,102 +123,21 @@ class Prediction(_Strict):
 
 
 class Route(_Strict):
-    """The choice for one request, with every group's prediction (for the status page and the log)."""
+    """The choice for one request, with every group's prediction (for the status page and the log).
+
+    ``below_floor``: no group's placement meets the quality floor of the request's class (or none may answer a
+    chat), so it went to the best-quality one - counted and shown, never silent."""
 
     group: str
     kind: str
-    reason: Literal["only", "predicted", "explore", "capacity"]
+    reason: Literal["only", "predicted", "explore", "capacity", "below_floor"]
+    eligible: list[str] = Field(default_factory=list, description="groups meeting the request's floor")
     predictions: list[Prediction]
     value: float | None = Field(description="the chosen group's predicted value when its prediction is trusted")
 
     def predicted(self) -> Prediction | None:
         """The chosen group's prediction: what ``observe`` compares the outcome with."""
         return next((p for p in self.predictions if p.group == self.group), None)
-
-
-# ------------------------------------------------------------------------------------------ online regression
-def _invert(matrix: list[list[float]]) -> list[list[float]]:
-    """Gauss-Jordan inverse with partial pivoting (the matrix is symmetric positive definite: ridge > 0)."""
-    n = len(matrix)
-    aug = [row[:] + [1.0 if i == j else 0.0 for j in range(n)] for i, row in enumerate(matrix)]
-    for col in range(n):
-        pivot = max(range(col, n), key=lambda r: abs(aug[r][col]))
-        aug[col], aug[pivot] = aug[pivot], aug[col]
-        p = aug[col][col]
-        aug[col] = [v / p for v in aug[col]]
-        for r in range(n):
-            if r != col and aug[r][col] != 0.0:
-                f = aug[r][col]
-                aug[r] = [a - f * b for a, b in zip(aug[r], aug[col])]
-    return [row[n:] for row in aug]
-
-
-def _matvec(m: list[list[float]], v: list[float]) -> list[float]:
-    return [sum(a * b for a, b in zip(row, v)) for row in m]
-
-
-def _dot(a: list[float], b: list[float]) -> float:
-    return sum(x * y for x, y in zip(a, b))
-
-
-class _Placement:
-    """Three ridge regressions (breach rate, exit fraction, log tokens/s) sharing one decayed design matrix.
-
-    A = ridge*I + S with S = decay*S + x x^T; b_t = decay*b_t + y_t x.  The prior is centred on the placement's
-    own decayed mean of each target (on the intercept), not on 0, so shrinkage does not pull tokens/s towards
-    exp(0) = 1 for a placement seen only a few times; the prior itself never decays, so A stays invertible.
-    """
-
-    def __init__(self, dim: int, config: SteeringConfig) -> None:
-        self.cfg = config
-        self.s = [[0.0] * dim for _ in range(dim)]
-        self.b = [[0.0] * dim for _ in range(3)]
-        self.weight = 0.0
-        self.sums = [0.0, 0.0, 0.0]
-        self.n: dict[str, int] = {}
-        self.by_kind: dict[str, list[float]] = {}  # kind -> decayed [weight, breach rate, tokens/s, value] sums
-        self.errors: deque[tuple[float, float, float]] = deque(maxlen=ERROR_WINDOW)
-        self._inv: list[list[float]] | None = None
-        self._w: list[list[float]] | None = None
-
-    def update(self, x: list[float], targets: tuple[float, float, float], kind: str) -> None:
-        d = self.cfg.decay
-        for i, xi in enumerate(x):
-            row = self.s[i]
-            for j, xj in enumerate(x):
-                row[j] = d * row[j] + xi * xj
-        for t, y in enumerate(targets):
-            self.b[t] = [d * bi + y * xi for bi, xi in zip(self.b[t], x)]
-            self.sums[t] = d * self.sums[t] + y
-        self.weight = d * self.weight + 1.0
-        self.n[kind] = self.n.get(kind, 0) + 1
-        tps = math.exp(targets[2])
-        obs = self.by_kind.setdefault(kind, [0.0, 0.0, 0.0, 0.0])
-        for i, y in enumerate((1.0, targets[0], tps, tps * (1.0 - targets[0]))):
-            obs[i] = d * obs[i] + y
-        self._inv = self._w = None
-
-    def _solve(self) -> tuple[list[list[float]], list[list[float]]]:
-        if self._inv is None or self._w is None:
-            r = self.cfg.ridge
-            a = [[v + (r if i == j else 0.0) for j, v in enumerate(row)] for i, row in enumerate(self.s)]
-            self._inv = _invert(a)
-            self._w = []
-            for t in range(3):
-                mean = self.sums[t] / self.weight if self.weight > 0 else 0.0
-                rhs = self.b[t][:]
-                rhs[0] += r * mean
-                self._w.append(_matvec(self._inv, rhs))
-        return self._inv, self._w
-
-    def predict(self, x: list[float]) -> tuple[float, float, float, float]:
-        """(breach rate, exit fraction, tokens/s, uncertainty) for features ``x``."""
-        inv, w = self._solve()
-        unc = math.sqrt(max(0.0, _dot(x, _matvec(inv, x))))
-        breach = min(1.0, max(0.0, _dot(w[0], x)))
-        exit_frac = min(1.0, max(0.0, _dot(w[1], x)))
-        tps = math.exp(min(50.0, _dot(w[2], x)))
-        return breach, exit_frac, tps, unc
 
 
 # ------------------------------------------------------------------------------------------------ steering
@@ -232,10 +156,29 @@ class Steering:
         self.slo = SLO(slo)
         self.config = config or SteeringConfig()
         self.rng = rng or random.Random()
-        self._placements: OrderedDict[str, _Placement] = OrderedDict()
+        self._placements: OrderedDict[str, PlacementModel] = OrderedDict()
         self._split: OrderedDict[str, dict[str, int]] = OrderedDict()
-        self._reasons: dict[str, int] = {"only": 0, "predicted": 0, "explore": 0, "capacity": 0}
+        self._reasons: dict[str, int] = {"only": 0, "predicted": 0, "explore": 0, "capacity": 0, "below_floor": 0}
         self._recent: deque[dict[str, Any]] = deque(maxlen=RECENT_ROUTES)
+        self.floors: dict[str, float] = {}
+        self._below: dict[str, int] = {}  # requests per class that no placement could serve at its floor
+
+    def set_floors(self, floors: dict[str, float]) -> None:
+        """The resolved quality floor per request class (absolute values; :mod:`.quality` resolves them)."""
+        self.floors = dict(floors)
+
+    def eligible(self, feats: RequestFeatures, groups: list[GroupView]) -> list[GroupView]:
+        """Groups that may serve this request: chat-capable for a chat, and at or above its class's floor (a
+        class without a floor: every group; an unmeasured placement never meets a floor)."""
+        out = []
+        floor = self.floors.get(feats.kind)
+        for g in groups:
+            if feats.chat and not g.chat_capable:
+                continue
+            if floor is not None and (g.quality.get(feats.kind) is None or g.quality[feats.kind] < floor - 1e-12):
+                continue
+            out.append(g)
+        return out
 
     # ---------------------------------------------------------------- prediction
     def predict(self, feats: RequestFeatures, group: GroupView) -> Prediction:
@@ -259,10 +202,13 @@ class Steering:
     def choose(self, feats: RequestFeatures, groups: list[GroupView]) -> Route:
         """Pick the group for one request.
 
-        One group: ``only``.  Groups at or above ``full_load`` are skipped while another has room (all full:
-        the least loaded, ``capacity``).  If any remaining group's prediction is untrusted, the least loaded
-        untrusted one (``explore``): this both learns it and balances load while the predictor knows little.
-        Otherwise the highest predicted value (``predicted``).  Ties are broken with ``rng``.
+        Quality first: only groups that meet the floor of the request's class (and may answer a chat) are
+        candidates; none: the best-quality group (``below_floor``, counted).  One candidate: ``only``.  Groups
+        at or above ``full_load`` are skipped while another has room (all full: the least loaded, ``capacity``).
+        If a remaining group's prediction is untrusted and it could still win (its prior speed is not far below
+        the best trusted prediction), the least loaded such group (``explore``): this both learns it and
+        balances load while the predictor knows little.  Otherwise the highest predicted value (``predicted``;
+        untrusted groups enter with their prior speed).  Ties are broken with ``rng``.
         """
         if not groups:
             raise ValueError("steering needs at least one group")
@@ -270,27 +216,54 @@ class Steering:
         if len(set(names)) != len(names):
             raise ValueError(f"group names must be unique, got {names}")
         preds = {g.group: self.predict(feats, g) for g in groups}
-        if len(groups) == 1:
-            pick, reason = groups[0], "only"
+        eligible = self.eligible(feats, groups)
+        room: list[GroupView] = []
+        if not eligible:
+            # Nothing meets the floor (or may answer this chat): the best quality there is for the class, among
+            # the groups allowed to answer it at all - counted and shown, never silent.
+            capable = [g for g in groups if not feats.chat or g.chat_capable] or groups
+            top = max(g.quality.get(feats.kind, -1.0) for g in capable)
+            pick, reason = self._least_loaded([g for g in capable if g.quality.get(feats.kind, -1.0) == top]), \
+                "below_floor"
+            self._below[feats.kind] = self._below.get(feats.kind, 0) + 1
+        elif len(eligible) == 1:
+            pick, reason = eligible[0], "only"
         else:
-            room = [g for g in groups if g.load < self.config.full_load]
-            untrusted = [g for g in room if not preds[g.group].trusted]
+            room = [g for g in eligible if g.load < self.config.full_load]
+            untrusted = [g for g in room if not preds[g.group].trusted and self._could_win(g, preds, room)]
             if not room:
-                pick, reason = self._least_loaded(groups), "capacity"
+                pick, reason = self._least_loaded(eligible), "capacity"
             elif untrusted:
                 pick, reason = self._least_loaded(untrusted), "explore"
             else:
-                best = max(preds[g.group].value for g in room)
-                pick, reason = self.rng.choice([g for g in room if preds[g.group].value == best]), "predicted"
+                scored = [g for g in room if preds[g.group].trusted] or room
+                best = max(self._value(g, preds) for g in scored)
+                pick, reason = self.rng.choice([g for g in scored if self._value(g, preds) == best]), "predicted"
         chosen = preds[pick.group]
         self._reasons[reason] += 1
         # "values": what every candidate was predicted to deliver when the router chose by prediction - so the
         # status page (and a test) can see why a request went where it did, without replaying the predictor.
-        values = ({g.group: round(preds[g.group].value, 6) for g in room} if reason == "predicted" else None)
+        values = ({g.group: round(self._value(g, preds), 6) for g in room} if reason == "predicted" else None)
         self._recent.append({"group": pick.group, "key": pick.key, "kind": feats.kind, "reason": reason,
+                             "eligible": [g.group for g in eligible],
                              "predicted": _brief(chosen) if chosen.n else None, "values": values, "observed": None})
         return Route(group=pick.group, kind=feats.kind, reason=reason, predictions=list(preds.values()),
-                     value=chosen.value if chosen.trusted else None)
+                     value=chosen.value if chosen.trusted else None, eligible=[g.group for g in eligible])
+
+    @staticmethod
+    def _value(g: GroupView, preds: dict[str, Prediction]) -> float:
+        """A group's predicted value; before its prediction is trusted, its prior speed (the brain's profiled
+        tokens/s, no breaches assumed) stands in, so steering starts from what is known instead of cold."""
+        p = preds[g.group]
+        return p.value if p.trusted or g.prior_tps is None else g.prior_tps
+
+    def _could_win(self, g: GroupView, preds: dict[str, Prediction], room: list[GroupView]) -> bool:
+        """Worth exploring: no prior says it is slow, or its prior (an optimistic value: no breaches) is at least
+        half the best trusted prediction.  A placement known to be far slower is not explored blindly."""
+        if g.prior_tps is None:
+            return True
+        trusted = [preds[o.group].value for o in room if preds[o.group].trusted]
+        return not trusted or g.prior_tps >= 0.5 * max(trusted)
 
     # ---------------------------------------------------------------- learning
     def observe(self, feats: RequestFeatures, group: GroupView, outcome: Outcome,
@@ -317,7 +290,7 @@ class Steering:
             return
         state = self._placements.get(group.key)
         if state is None:
-            state = self._placements[group.key] = _Placement(len(feats.vector()), self.config)
+            state = self._placements[group.key] = PlacementModel(len(feats.vector()), self.config.ridge, self.config.decay)
         self._placements.move_to_end(group.key)
         while len(self._placements) > MAX_KEYS:
             self._placements.popitem(last=False)
@@ -360,6 +333,10 @@ class Steering:
             "value": "confident tokens/s = tokens_per_s * (1 - breach_rate)",
             "config": self.config.model_dump(),
             "routes": dict(self._reasons),
+            "exploration_share": round(self._reasons["explore"] / total, 4) if (total := sum(self._reasons.values()))
+            else None,
+            "floors": dict(self.floors),
+            "below_floor": dict(self._below),
             "split": self.split(),
             "placements": {key: {"n": dict(state.n), "mae": self.mae(key), "observed": self.observed(key)}
                            for key, state in self._placements.items()},

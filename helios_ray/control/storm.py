@@ -23,6 +23,7 @@ from .costs import effective_batch, max_batch
 from .decision import Decision, Number
 from .depth import accuracy_guard, choose_depth, exit_evidence, profile_entry
 from .pht import PHT
+from .quality import QualityGate
 
 __all__ = ["CostModel", "LayerSeconds", "StormOption", "seconds_per_layer", "on_storm"]
 
@@ -122,6 +123,7 @@ def on_storm(
     *,
     hardware: Hardware | None = None,
     breach_rate: float | None = None,
+    gate: QualityGate | None = None,
 ) -> Decision:
     """Answer a breach storm with the cheaper of *extend* and *switch* (or *keep*).
 
@@ -133,7 +135,8 @@ def on_storm(
       to exceed the confident share observed now (``1 - breach_rate``).
     * keep: nothing qualifies (full depth and no better candidate).
 
-    ``hardware``, when given, excludes placements that do not fit the memory budget.
+    ``hardware``, when given, excludes placements that do not fit the memory budget; ``gate``, when given,
+    excludes placements below the quality floors of the traffic (a storm is never answered by lowering quality).
     """
     costs = measured_costs or CostModel()
     by_name = {c.name: c for c in candidates}
@@ -151,11 +154,11 @@ def on_storm(
         "breach_rate": breach_rate,
     }
     options: list[StormOption] = []
-    extend = _extend_option(current, current_depth, pht, costs, config, fits, numbers)
+    extend = _extend_option(current, current_depth, pht, costs, config, fits, numbers, gate)
     if extend is not None:
         options.append(extend)
     options += _switch_options(
-        current, current_depth, candidates, pht, costs, config, fits, 1.0 - breach_rate, numbers
+        current, current_depth, candidates, pht, costs, config, fits, 1.0 - breach_rate, numbers, gate
     )
 
     if not options:
@@ -211,6 +214,7 @@ def _extend_option(
     config: PolicyConfig,
     fits: Callable[[CandidateInfo, int], bool],
     numbers: dict[str, Number],
+    gate: QualityGate | None = None,
 ) -> StormOption | None:
     """The next deeper exit of the current model whose guard holds and that fits, if any; why the
     shallower ones were skipped goes to ``numbers``."""
@@ -221,7 +225,8 @@ def _extend_option(
     for depth in current.exits_above(current_depth):
         evidence = exit_evidence(current, entry, config, depth)
         verdict = accuracy_guard(evidence, config, need_share=False, optimistic=False)
-        if verdict.ok and fits(current, depth):
+        below = (gate is not None and depth < current.num_layers and not gate.check(current, depth).ok)
+        if verdict.ok and not below and fits(current, depth):
             load = (depth - current_depth) * costs.load_seconds(current)
             run = costs.horizon_tokens * depth * layer.seconds
             numbers.update(
@@ -236,7 +241,8 @@ def _extend_option(
             detail = f"load {depth - current_depth} layers {load:.3g}s + run {run:.3g}s"
             option = StormOption("extend", current.name, depth, load, run, detail)
             break
-        skipped.append(f"{depth}: {verdict.reason if not verdict.ok else 'does not fit memory'}")
+        skipped.append(f"{depth}: " + (verdict.reason if not verdict.ok else
+                                         "below the quality floors" if below else "does not fit memory"))
     if skipped:
         numbers["extend_skipped"] = "; ".join(skipped)
     return option
@@ -252,6 +258,7 @@ def _switch_options(
     fits: Callable[[CandidateInfo, int], bool],
     observed_confident: float,
     numbers: dict[str, Number],
+    gate: QualityGate | None = None,
 ) -> list[StormOption]:
     """Every other candidate at its own depth that fits and would not storm too (and, when the
     current model is already at full depth, is better); why the others were skipped goes to
@@ -261,8 +268,11 @@ def _switch_options(
         if cand.name == current.name:
             continue
         c_entry = profile_entry(pht, cand).entry
-        choice = choose_depth(cand, c_entry, config)
+        choice = choose_depth(cand, c_entry, config, gate=gate)
         key = f"switch[{cand.name}@{choice.depth}]"
+        if gate is not None and not (quality := gate.check(cand, choice.depth)).ok:
+            numbers[f"{key}_skipped"] = f"quality: {quality.describe()}"
+            continue
         if not fits(cand, choice.depth):
             numbers[f"{key}_skipped"] = "does not fit memory"
             continue

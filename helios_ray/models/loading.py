@@ -23,7 +23,7 @@ from helios_ray.models.decoder import Block, DecoderLM
 from helios_ray.models.families import ArchSpec, global_names, layer_names, spec_from_config
 from helios_ray.models.prepack import enabled as prepack_enabled, prepack_block, prepack_decoder
 from helios_ray.models.quant import quantize_block, quantize_decoder
-from helios_ray.models.repository import resolve_name
+from helios_ray.models.model_info import resolve_name
 
 #: Called with {layer index: float32 block} before a load casts or quantizes them (see ``load_decoder``).
 PrepareLayers = Callable[[dict[int, Block]], None]

@@ -64,7 +64,8 @@ class ModelSpec(StrictModel):
     exits_path: Path | None = Field(
         default=None, description="Safetensors file of trained exit heads (an exit card JSON sits beside it)."
     )
-    chat: bool | None = Field(default=None, description="Override: whether the model has a chat template.")
+    chat: bool | None = Field(default=None, description="Whether the model serves chat requests (default: whether it "
+                               "has a chat template). A base model answers chats only when declared chat-capable.")
     description: str = ""
     license: str = ""
 

@@ -23,6 +23,7 @@ import random
 import time
 from typing import Any
 
+from helios_ray.serve.brain_quality import FleetQuality
 from helios_ray.serve.config import DEFAULT_GROUP, ServeConfig
 from helios_ray.errors import HeliosError, UnknownModelError
 from helios_ray.serve import brain_store
@@ -65,7 +66,9 @@ class Brain:
         budget = self.cfg.engine.memory_budget_bytes or (16384 << 20)
         hw = Hardware(device="cuda" if gpu else "cpu", memory_budget_bytes=budget)
         self.pinned = self.cfg.mode != "helios"  # a baseline: never moved by the policy
-        self.groups: dict[str, Group] = {g.name: Group(g, self.cfg, self.candidates, hw, self.pinned)
+        self.quality = FleetQuality(self.cfg, repo, self.candidates)
+        self.floors = self.quality.floors
+        self.groups: dict[str, Group] = {g.name: Group(g, self.cfg, self.candidates, hw, self.pinned, self.floors)
                                          for g in self.cfg.fleet()}
         self._cond = asyncio.Condition()
         self._rng = random.Random(0)
@@ -279,21 +282,33 @@ class Brain:
         for name, g in self.groups.items():
             live = self._live(now, name)
             total = g.by_name[g.placement["model"]].num_layers
+            cand = g.by_name[g.placement["model"]]
             out.append({"group": name, **g.snapshot(), "total_layers": total, "live_replicas": len(live),
                         # none reported yet (starting): the configured replicas' slots
                         "slots": self.cfg.engine.max_num_seqs * (len(live) or g.spec.replicas),
-                        "busy": sum(r.running + r.waiting for r in live)})
+                        "busy": sum(r.running + r.waiting for r in live),
+                        # what steering needs for quality first: this placement's measured quality per class,
+                        # whether it may answer chats, the floors, and the profiled speed it starts from
+                        "quality": cand.quality.get(int(g.placement["depth"]), {}),
+                        "chat_capable": cand.chat_capable,
+                        "floors": {c: f.value for c, f in self.floors.items()},
+                        "prior_tps": g.controller.placement_tokens_per_s()})
         return out
 
     # ----------------------------------------------------------------------------------- telemetry
-    async def begin_request(self, group: str = DEFAULT_GROUP) -> list[str]:
+    async def begin_request(self, group: str = DEFAULT_GROUP, kind: str | None = None,
+                            chat: bool | None = None) -> list[str]:
         """Called per admitted request: the candidates to mirror it to (the group's profiling windows, plus a
-        random ``mirror_fraction`` of traffic that keeps every candidate of the group's profile fresh)."""
+        random ``mirror_fraction`` of traffic that keeps every candidate of the group's profile fresh).  ``kind``
+        and ``chat`` (the request's class, whether it is a chat) keep the group's traffic mix, which sets the
+        quality floors its placement must meet; a mix that its placement no longer meets re-plans the group."""
         self.requests += 1
         self._dirty = True
         g = self.groups.get(group)
         if self.pinned or g is None:
             return []
+        if kind is not None and g.observe_class(kind, bool(chat)) and not g.operator_pin:
+            await self._maybe_apply(g, g.controller.quality_breached())
         targets = g.controller.begin_request()
         if not targets and self._rng.random() < self.cfg.mirror_fraction:
             targets = [c.name for c in g.candidates]
@@ -336,6 +351,18 @@ class Brain:
             else:
                 g.controller.observe_profile_token(rec)
 
+    async def observe_quality(self, model: str, depth: int, cls: str, value: float,
+                              group: str = DEFAULT_GROUP) -> None:
+        """One served answer scored online (the profiler, under the chat reference).  Once the placement has enough
+        scores, its online value replaces the offline record for the floors, and every group serving it re-plans if
+        it now misses a floor - as it would on a breach storm."""
+        self._dirty = True
+        if not self.quality.observe(model, depth, cls, value):
+            return
+        for g in self.groups.values():
+            if g.placement == {"model": model, "depth": int(depth)} and not g.operator_pin:
+                await self._maybe_apply(g, g.controller.quality_breached())
+
     def _live(self, now: float, group: str | None = None) -> list[ReplicaStats]:
         """Replicas (of ``group``, or all) that reported in the last 10 s: the ones the status and plans count."""
         return [r for r in self.replicas.values()
@@ -352,7 +379,7 @@ class Brain:
         groups = [{"name": n, "placement": g.snapshot(), "pinned": g.pinned, "candidates": [c.name for c in g.candidates],
                    "replicas_configured": g.spec.replicas, "max_replicas": g.spec.max_replicas,
                    "replicas_planned": self.sizes[n], "replicas": [r["replica"] for r in live if r["group"] == n],
-                   "controller": g.controller.status()} for n, g in self.groups.items()]
+                   "quality": g.quality_view(), "controller": g.controller.status()} for n, g in self.groups.items()]
         return {
             "placement": d.snapshot(), "changed_at": d.changed_at, "changes": self.changes[-20:],
             "groups": groups, "switching": self.gate.snapshot(),
@@ -362,6 +389,7 @@ class Brain:
             "requests": self.requests, "tokens_observed": self.tokens_observed,
             "profile_records": self.profile_records, "slo": self.cfg.slo.value, "candidates": self.cfg.candidates,
             "mode": self.cfg.mode, "pinned": d.pinned,
+            "quality": self.quality.status(),
             "brain": {"pid": os.getpid(), "started_at": self.started_at, "restarts": self.restarts},
             "controller": groups[list(self.groups).index(d.name)]["controller"],  # the one-group view (dashboard)
             "timeline": self.timeline.snapshot(now, self.changes),

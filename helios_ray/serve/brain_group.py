@@ -18,7 +18,13 @@ from helios_ray.control import checkpoint
 from helios_ray.control.config import CandidateInfo, Hardware
 from helios_ray.control.controller import Controller, Placement
 from helios_ray.control.decision import NoFeasiblePlacement
+from helios_ray.control.quality import QualityGate, ResolvedFloor
 from helios_ray.errors import InvalidRequestError, UnknownModelError
+
+
+#: A request class below this share of a group's recent traffic no longer binds its placement (a stray request
+#: must not pin a group to a slower model; the router still sends it only where its floor is met).
+MIN_CLASS_SHARE = 0.05
 
 
 class GroupCheckpoint(BaseModel):
@@ -35,12 +41,17 @@ class Group:
     """A replica group: ``placement`` {model, depth} at ``version``; replicas long-poll the version."""
 
     def __init__(self, spec: GroupSpec, cfg: ServeConfig, candidates: list[CandidateInfo], hw: Hardware,
-                 baseline: bool) -> None:
+                 baseline: bool, floors: dict[str, ResolvedFloor] | None = None) -> None:
         self.name = spec.name
         self.spec = spec
         self.candidates = [c for c in candidates if c.name in (spec.candidates or [])]
         self.by_name = {c.name: c for c in self.candidates}
-        self.controller = Controller(self.candidates, cfg.slo, hw, cfg.policy)
+        # Until traffic shows what this group serves, its placement must meet every floor (the conservative start).
+        self.floors = floors or {}
+        self.mix: dict[str, float] = {}  # decayed requests per class steered here
+        self.chats = 0.0  # decayed chats (requests with messages) among them
+        self.controller = Controller(self.candidates, cfg.slo, hw, cfg.policy,
+                                     quality=QualityGate(floors=self.floors) if self.floors else None)
         self.baseline = baseline  # early_exit/plain modes: the first candidate at full depth, never moved
         self.operator_pin = False
         self.version = 1
@@ -69,6 +80,36 @@ class Group:
             assert first is not None
             self.placement = {"model": first.model, "depth": int(first.depth)}
         self.controller.current = Placement(**self.placement)
+
+    def observe_class(self, kind: str, chat: bool, decay: float = 0.98) -> bool:
+        """One request steered here; returns True when the traffic's classes changed enough that the gate was
+        renewed (a class appeared or faded out, or chats started or stopped)."""
+        for k in self.mix:
+            self.mix[k] *= decay
+        self.mix[kind] = self.mix.get(kind, 0.0) + 1.0
+        self.chats = decay * self.chats + (1.0 if chat else 0.0)
+        if not self.floors:
+            return False
+        total = sum(self.mix.values())
+        serves = {k: v / total for k, v in self.mix.items() if v / total >= MIN_CLASS_SHARE}
+        chats = self.chats / total >= MIN_CLASS_SHARE
+        old = self.controller.quality
+        if old is not None and set(old.mix) == set(serves) and old.chat == chats:
+            return False
+        self.controller.set_quality(QualityGate(floors=self.floors, mix=serves, chat=chats))
+        return True
+
+    def quality_view(self) -> dict[str, Any]:
+        """Per request class: the current placement's measured value against the floor, and the traffic share."""
+        cand = self.by_name[self.placement["model"]]
+        values = cand.quality.get(int(self.placement["depth"]), {})
+        total = sum(self.mix.values()) or 1.0
+        classes = sorted(set(values) | set(self.floors) | set(self.mix))
+        return {"chat_capable": cand.chat_capable, "chat_share": round(self.chats / total, 3),
+                "classes": {c: {"value": values.get(c), "floor": self.floors[c].value if c in self.floors else None,
+                                "meets": (c not in self.floors or (values.get(c) is not None
+                                                                  and values[c] >= self.floors[c].value - 1e-12)),
+                                "traffic_share": round(self.mix.get(c, 0.0) / total, 3)} for c in classes}}
 
     @property
     def pinned(self) -> bool:

@@ -15,6 +15,8 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from helios_ray.control.config import SLO, PolicyConfig
+from helios_ray.control.quality import QualityFloors
+from helios_ray.control.request_features import ClassRule
 from helios_ray.control.steering import SteeringConfig
 from helios_ray.engine.config import EngineConfig
 from helios_ray.models.spec import ModelSpec, StrictModel
@@ -165,6 +167,28 @@ class ServeConfig(StrictModel):
                                         "resizes groups with max_replicas; default: the sum of the groups' replicas.")
     steering: SteeringConfig = Field(default_factory=SteeringConfig,
                                      description="How the router learns which group serves a request best.")
+    quality: QualityFloors = Field(
+        default_factory=QualityFloors,
+        description="A quality floor per request class (`{code: 'best - 0.05', chat: 0.6}`), checked against each "
+                    "placement's measured record (helios-ray quality): the policy and the router choose the fastest "
+                    "placement that meets the floor of what it serves.  Default: code 'best - 0.05', chat "
+                    "'best - 0.10' (docs/quality.md).")
+    classes: list[ClassRule] = Field(
+        default_factory=list,
+        description="Operator request classes, first match wins (endpoint, metadata or pattern); unmatched "
+                    "requests keep the built-in class: code, chat or text.")
+
+    @model_validator(mode="after")
+    def _check_classes(self) -> "ServeConfig":
+        known = ["code", "chat", "text", *(r.name for r in self.classes)]
+        dup = sorted({n for n in known if known.count(n) > 1})
+        if dup:
+            raise ValueError(f"classes: {', '.join(dup)} named twice (code, chat and text are built in)")
+        unknown = sorted(set(self.quality.floors) - set(known))
+        if unknown:
+            raise ValueError(f"quality: a floor for {', '.join(unknown)}, which names no request class "
+                             f"(known: {', '.join(known)})")
+        return self
 
     @model_validator(mode="after")
     def _check_groups(self) -> "ServeConfig":

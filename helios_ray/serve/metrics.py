@@ -45,7 +45,8 @@ class RouterMetrics:
         self.exit_depth = Histogram("helios_exit_depth", "Layer at which tokens exit",
                                     boundaries=[float(b) for b in range(2, 65, 2)], tag_keys=("model",))
         self.routed = Counter("helios_routed_requests", "Requests steered to a replica group (kind: the request's "
-                              "class; reason: predicted, explore, capacity or only)",
+                              "class; reason: predicted, explore, capacity, only, or below_floor - no placement met "
+                              "the class's quality floor, so the best-quality one served it)",
                               tag_keys=("group", "kind", "reason"))
         self.route_error = Histogram("helios_route_prediction_error", "|predicted - observed| breach rate of a "
                                      "request steered by a trusted prediction",
@@ -53,6 +54,9 @@ class RouterMetrics:
         self.group_depth = Gauge("helios_group_placement_depth", "Layers the group's placement loads, tagged with "
                                  "its model (moves when the policy or an operator moves the group)",
                                  tag_keys=("group", "model"))
+        self.group_quality = Gauge("helios_group_placement_quality", "Measured quality of the group's placement per "
+                                   "request class (code: HumanEval pass@1; chat: the score under the reference)",
+                                   tag_keys=("group", "model", "class"))
 
 
 class ReplicaMetrics:

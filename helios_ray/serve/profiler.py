@@ -7,6 +7,10 @@ folds them into the PHT.  Models are loaded lazily, once, at full depth with all
 
 Its CPU cost is real on a small host - it shares cores with the replicas - which is why only a few percent of
 traffic is mirrored and each profile is capped at ``profile_max_tokens`` tokens.
+
+It also scores a sample of *served* chat answers (``quality.online_sample``) under the chat reference - the model
+the placements' quality records were measured against - and reports each score to the brain, which replaces a
+placement's offline chat score with the online one once it has enough of them (docs/quality.md).
 """
 
 from __future__ import annotations
@@ -33,6 +37,13 @@ class Profiler:
         self.repo = ModelRepository(extra=self.cfg.models, models_file=self.cfg.models_file)
         self.models: dict[str, Any] = {}
         self.queue: asyncio.Queue[tuple[dict[str, Any], list[str]]] = asyncio.Queue(maxsize=self.cfg.profile_queue)
+        self.scores: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=self.cfg.profile_queue)
+        self.scored = self.scores_dropped = 0
+        self._scorer: asyncio.Task | None = None
+        self._reference: Any = None
+        self.reference = next((ref for n in self.cfg.candidates
+                               if (ref := (((self.repo.quality(n) or {}).get("protocol") or {}).get("chat") or {})
+                                   .get("reference"))), None)
         self.done = self.dropped = self.failed = 0
         self.busy_seconds = 0.0
         self.active = False
@@ -78,6 +89,49 @@ class Profiler:
             self.dropped += 1
             return False
 
+    def _score(self, item: dict[str, Any]) -> float | None:
+        from helios_data import Conversation
+        from helios_ray.tuning.quality import reference_scores
+
+        if self._reference is None:
+            from helios_ray.models.early_exit import load_model
+
+            # float32 and the shared head: the reference exactly as the offline records were judged
+            self._reference = load_model(self.reference, repo=self.repo, dtype="float32", exits="shared")
+        conv = Conversation(id="served", messages=tuple(item["messages"]))
+        return reference_scores(self._reference, [conv], {"served": item["text"]})["score"]
+
+    async def _score_worker(self) -> None:
+        while True:
+            item = await self.scores.get()
+            t0 = time.perf_counter()
+            try:
+                score = await asyncio.to_thread(self._score, item)
+                if score is not None:
+                    await self.brain.observe_quality.remote(item["model"], item["depth"], "chat", score,
+                                                            group=item.get("group", DEFAULT_GROUP))
+                    self.scored += 1
+            except Exception:
+                self.failed += 1
+                log.exception("helios profiler: scoring a served answer failed")
+            self.busy_seconds += time.perf_counter() - t0
+
+    async def score_answer(self, item: dict[str, Any]) -> bool:
+        """Enqueue a served chat answer ``{messages, text, model, depth, group}`` to be scored under the chat
+        reference; never waits (a full queue drops it).  False when dropped or when no reference is known."""
+        if self.reference is None:
+            return False
+        if self._scorer is None or self._scorer.done():
+            self._scorer = asyncio.get_running_loop().create_task(self._score_worker())
+        try:
+            self.scores.put_nowait(item)
+            return True
+        except asyncio.QueueFull:
+            self.scores_dropped += 1
+            return False
+
     async def stats(self) -> dict[str, Any]:
-        return {"queued": self.queue.qsize(), "busy": self.active, "profiled": self.done, "dropped": self.dropped, "failed": self.failed,
-                "busy_seconds": round(self.busy_seconds, 2), "loaded": sorted(self.models)}
+        return {"queued": self.queue.qsize(), "busy": self.active, "profiled": self.done, "dropped": self.dropped,
+                "failed": self.failed, "busy_seconds": round(self.busy_seconds, 2), "loaded": sorted(self.models),
+                "chat_reference": self.reference, "answers_scored": self.scored,
+                "answers_dropped": self.scores_dropped}

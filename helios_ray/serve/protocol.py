@@ -38,7 +38,20 @@ class _Req(BaseModel):
     frequency_penalty: float = Field(default=0.0, ge=0.0, le=0.0)
     logprobs: bool | int | None = Field(default=None)
     user: str | None = None
+    metadata: dict[str, str] | None = Field(
+        default=None, description="Up to 16 key-value pairs (OpenAI's metadata): operator request classes may match "
+                                  "on them (the serve config's `classes`)")
     ignore_eos: bool = False
+
+    @field_validator("metadata")
+    @classmethod
+    def _metadata(cls, v: dict[str, str] | None) -> dict[str, str] | None:
+        if v is not None:
+            if len(v) > 16:
+                raise ValueError("at most 16 metadata pairs")
+            if any(len(k) > 64 or len(x) > 512 for k, x in v.items()):
+                raise ValueError("metadata keys are at most 64 characters, values at most 512")
+        return v
 
     @field_validator("logprobs")
     @classmethod
@@ -194,8 +207,9 @@ def to_call(req: Request, prefix: str | None = None) -> GenerateCall:
         raise APIError(400, validation_message(e)[0]) from None
     if isinstance(req, ChatCompletionRequest):
         msgs = [{"role": m.role, "content": m.content} for m in req.messages]
-        return GenerateCall(request_id=new_id(prefix or "chatcmpl"), messages=msgs, params=params)
-    return GenerateCall(request_id=new_id(prefix or "cmpl"), prompt=req.prompt, params=params)
+        return GenerateCall(request_id=new_id(prefix or "chatcmpl"), messages=msgs, params=params,
+                            metadata=req.metadata)
+    return GenerateCall(request_id=new_id(prefix or "cmpl"), prompt=req.prompt, params=params, metadata=req.metadata)
 
 
 def body_from_grpc(request: Any, default_model: str) -> tuple[dict[str, Any], bool]:
@@ -219,4 +233,6 @@ def body_from_grpc(request: Any, default_model: str) -> tuple[dict[str, Any], bo
             body[f] = getattr(request, f)
     if request.stop:
         body["stop"] = list(request.stop)
+    if "metadata" in request.DESCRIPTOR.fields_by_name and len(request.metadata):
+        body["metadata"] = dict(request.metadata)
     return body, has_msgs

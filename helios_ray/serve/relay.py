@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 import time
 from dataclasses import dataclass, field
 from typing import Any, AsyncIterator
@@ -89,6 +90,7 @@ class Relay:
 
     def __post_init__(self) -> None:
         self.steering = Steering(self.cfg.slo, self.cfg.steering)
+        self._rng = random.Random()  # which served chats are scored online
         self._inflight = {g: 0 for g in self.groups}
         self._viewed = asyncio.Event()
 
@@ -101,7 +103,13 @@ class Relay:
                 for v in views:
                     self._views[v["group"]] = GroupView(group=v["group"], model=v["model"], depth=v["depth"],
                                                         total_layers=v["total_layers"], slots=v["slots"],
-                                                        busy=v["busy"])
+                                                        busy=v["busy"], quality=v.get("quality") or {},
+                                                        chat_capable=v.get("chat_capable", True),
+                                                        prior_tps=v.get("prior_tps"))
+                    self.steering.set_floors(v.get("floors") or {})
+                    for cls, value in (v.get("quality") or {}).items():
+                        self.metrics.group_quality.set(value, tags={"group": v["group"], "model": v["model"],
+                                                                    "class": cls})
                     self._versions[v["group"]] = v["version"]
                     was = self._shown.get(v["group"])
                     if was is not None and was != v["model"]:  # the group moved off a model: zero its series
@@ -126,7 +134,7 @@ class Relay:
         """The group to serve ``call``: among the groups serving ``requested`` (any, for the served model name),
         the one the steering predictor expects to serve it best.  Busy counts this router's own in-flight
         requests too, so a burst is spread before the replicas' next report."""
-        feats = request_features(call.prompt, call.messages)
+        feats = request_features(call.prompt, call.messages, metadata=call.metadata, rules=self.cfg.classes)
         if self._gauges is None:
             self._gauges = asyncio.get_running_loop().create_task(self._refresh())
         if not self._viewed.is_set():
@@ -161,7 +169,7 @@ class Relay:
         t0 = time.perf_counter()
         self.check_model(requested)
         group, feats, route, view = await self._route(call, requested)
-        fire(self._begin(call, group))  # never awaited: no user request waits on the brain (it may be restarting)
+        fire(self._begin(call, group, feats))  # never awaited: no user request waits on the brain (it may be restarting)
         self._hold(group)
         try:
             return await self._open_on(call, requested, group, feats, route, view, t0)
@@ -194,10 +202,11 @@ class Relay:
                            param="model", code="model_not_deployed")
         return Opened(start=first, gen=gen, t0=t0, group=group, features=feats, route=route, view=view)
 
-    async def _begin(self, call: GenerateCall, group: str) -> None:
-        """Tell the brain a request started on ``group`` and mirror it to the candidates that group's policy asks
-        for (its profiling windows see the traffic steered to it)."""
-        targets = await self.brain.begin_request.remote(group)
+    async def _begin(self, call: GenerateCall, group: str, feats: RequestFeatures) -> None:
+        """Tell the brain a request of this class started on ``group`` (the group's traffic mix sets the floors its
+        placement must meet) and mirror it to the candidates that group's policy asks for (its profiling windows
+        see the traffic steered to it)."""
+        targets = await self.brain.begin_request.remote(group, feats.kind, feats.chat)
         if targets and self.profiler is not None:
             await self.profiler.mirror.remote({"prompt": call.prompt, "messages": call.messages, "kind": "mirrored",
                                                "group": group}, targets)
@@ -289,11 +298,18 @@ class Relay:
         confs: list[float] = []
         exits: list[int] = []
         n = breaches = exit_sum = 0
+        # a sample of served chat answers is scored under the chat reference, online (docs/quality.md)
+        scored: list[str] | None = ([] if self.profiler is not None and call.messages and not call.resume_ids
+                                    and opened.features.kind == "chat"
+                                    and self._rng.random() < self.cfg.quality.online_sample else None)
+        ended = False
         events = self._resilient(call, opened)
         try:
             async for ev in events:
                 if isinstance(ev, StreamToken):
                     n += 1
+                    if scored is not None:
+                        scored.append(ev.text)
                     if first_at is None:
                         first_at = time.perf_counter()
                     confs.append(ev.confidence)
@@ -306,12 +322,16 @@ class Relay:
                         confs, exits = [], []
                 elif isinstance(ev, StreamEnd):
                     self.metrics.requests.inc(tags={"model": model, "finish_reason": ev.finish_reason})
+                    ended = not ev.error
                 yield ev
         finally:
             self._release(opened)
             await events.aclose()  # we stopped early: cancels the replica side (Serve also propagates disconnects)
             if confs:
                 fire(self.brain.observe_tokens.remote(model, depth, confs, exit_layers=exits, group=group))
+        if scored is not None and ended and n:
+            fire(self.profiler.score_answer.remote({"messages": call.messages, "text": "".join(scored), "model": model,
+                                                    "depth": depth, "group": group}))
         e2e = time.perf_counter() - t0
         ttft = (first_at - t0) if first_at is not None else None
         tags = {"model": model}

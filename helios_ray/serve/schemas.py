@@ -25,6 +25,8 @@ class GenerateCall(_Msg):
     prompt: str | None = None
     messages: list[dict[str, str]] | None = None
     params: SamplingParams
+    metadata: dict[str, str] | None = Field(default=None, description="the request's metadata object (operator "
+                                            "request classes may match on it)")
     resume_ids: list[int] = Field(
         default_factory=list, description="Tokens already streamed to the client by a replica that died: the "
                                           "replica continues after them (they count towards max_tokens).")

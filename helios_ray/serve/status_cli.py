@@ -125,6 +125,7 @@ def render(doc: dict[str, Any], url: str = "", now: float | None = None, decisio
                      changed, share])
     out += _table(["group", "model", "depth", "of", "version", "replicas", "changed" if len(groups) == 1 else "pin",
                    "steered"], rows)
+    out += _quality(doc, groups, split)
     out += ["", "REPLICAS"]
     if reps:
         out += _table(["replica", "group", "pid", "model@depth", "version", "running", "waiting", "KV blocks", "KV %",
@@ -170,6 +171,35 @@ def render(doc: dict[str, Any], url: str = "", now: float | None = None, decisio
     else:
         out.append("  (none yet)")
     return "\n".join(out)
+
+
+def _quality(doc: dict[str, Any], groups: list[dict[str, Any]], split: dict[str, dict[str, int]]) -> list[str]:
+    """Per group and request class: the placement's measured quality against the floor, and where that class's
+    requests went - which placement serves which class, and why."""
+    q = doc.get("quality") or {}
+    floors = q.get("floors") or {}
+    below = ((doc.get("routing") or {}).get("steering") or {}).get("below_floor") or {}
+    if not floors and not any(g.get("quality") for g in groups):
+        return []
+    head = ", ".join(f"{c} >= {f.get('value'):.3f} ({f.get('source')})" for c, f in sorted(floors.items()))
+    out = ["", f"QUALITY  floors: {head or 'none'}" + (f"; chat judged by {q['reference']}" if q.get("reference")
+                                                       else "")]
+    rows = []
+    for g in groups:
+        gq = g.get("quality") or {}
+        for cls, c in sorted((gq.get("classes") or {}).items()):
+            value = "-" if c.get("value") is None else f"{c['value']:.3f}"
+            floor = "-" if c.get("floor") is None else f"{c['floor']:.3f}"
+            rows.append([g["name"], cls, value, floor, "yes" if c.get("meets") else "NO",
+                         (split.get(g["name"]) or {}).get(cls, 0), f"{100 * (c.get('traffic_share') or 0):.0f}%"])
+        if gq and not gq.get("chat_capable", True):
+            rows.append([g["name"], "(chats)", "-", "-", "NO: not chat-capable", "-", "-"])
+    if rows:
+        out += _table(["group", "class", "quality", "floor", "meets", "requests", "traffic"], rows)
+    if below:
+        out.append("  below floor (no placement met it; served by the best quality): "
+                   + ", ".join(f"{k} {v}" for k, v in sorted(below.items())))
+    return out
 
 
 # ---------------------------------------------------------------------------------------------------- run

@@ -29,7 +29,7 @@ from helios_ray.models.prompts import encode_conversation
 from helios_ray.errors import HeliosError
 from helios_ray.tuning.calibration import calibration
 
-__all__ = ["evaluate_exits", "report_table", "update_card"]
+__all__ = ["evaluate_exits", "pass_at_1", "report_table", "update_card"]
 
 
 def _prompt_ids(conv: Conversation, tokenizer: Any) -> list[int]:
@@ -49,7 +49,7 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
-def _pass_at_1(m: Any, problems: list[Conversation], max_tokens: int, timeout: float, progress: bool,
+def pass_at_1(m: Any, problems: list[Conversation], max_tokens: int, timeout: float, progress: bool,
                desc: str, batch: int = 16) -> dict[str, Any]:
     """Greedy completions of every problem at the model's loaded depth, generated ``batch`` at a time by the
     serving engine (continuous batching; the stop sequences end each completion there), each then tested in the
@@ -140,7 +140,7 @@ def evaluate_exits(model: str, prompts: str, max_tokens: int = 16, limit: int | 
         from helios_data import load_humaneval
 
         problems = load_humaneval(limit=humaneval)
-    pass_at_1: dict[str, Any] = {}
+    measured: dict[str, Any] = {}
     card: dict[str, Any] = {}
     hp = Path(heads_path) if heads_path else repo.exits_path(model)
     if hp is not None and hp.with_suffix(".json").exists():
@@ -165,7 +165,7 @@ def evaluate_exits(model: str, prompts: str, max_tokens: int = 16, limit: int | 
     if not refs:
         raise HeliosError(f"{prompts}: every prompt is empty or longer than the model's context")
     if problems:
-        pass_at_1[str(L)] = {"head": "final", **_pass_at_1(full, problems, humaneval_max_tokens, humaneval_timeout,
+        measured[str(L)] = {"head": "final", **pass_at_1(full, problems, humaneval_max_tokens, humaneval_timeout,
                                                           progress, f"humaneval depth {L}")}
     del full
 
@@ -198,15 +198,15 @@ def evaluate_exits(model: str, prompts: str, max_tokens: int = 16, limit: int | 
             entry["at_card_threshold"] = {"coverage": round(float(sel.mean()), 4),
                                           "agreement": round(float(agree[sel].mean()), 4) if sel.any() else None}
         if problems and d in he_depths:
-            pass_at_1[str(d)] = {"head": m.exit_head.kind, **_pass_at_1(m, problems, humaneval_max_tokens,
+            measured[str(d)] = {"head": m.exit_head.kind, **pass_at_1(m, problems, humaneval_max_tokens,
                                                                        humaneval_timeout, progress, f"humaneval depth {d}")}
-            entry["pass_at_1"] = pass_at_1[str(d)]["pass_at_1"]
+            entry["pass_at_1"] = measured[str(d)]["pass_at_1"]
         out_exits[str(d)] = entry
         del m
     for d in he_depths:  # depths asked for pass@1 only
-        if str(d) not in pass_at_1:
+        if str(d) not in measured:
             m = load_model(model, depth=d, repo=repo, device="cpu", heads_file=heads_file)
-            pass_at_1[str(d)] = {"head": m.exit_head.kind, **_pass_at_1(m, problems, humaneval_max_tokens,
+            measured[str(d)] = {"head": m.exit_head.kind, **pass_at_1(m, problems, humaneval_max_tokens,
                                                                        humaneval_timeout, progress, f"humaneval depth {d}")}
             del m
     humaneval_report = None
@@ -215,7 +215,7 @@ def evaluate_exits(model: str, prompts: str, max_tokens: int = 16, limit: int | 
             "problems": len(problems), "max_tokens": humaneval_max_tokens, "timeout_s": humaneval_timeout,
             "protocol": "raw completion of the prompt (no chat template), greedy, HumanEval stop sequences; "
                         "prompt + completion + test + check(entry_point) in a sandboxed subprocess",
-            "depths": {k: pass_at_1[k] for k in sorted(pass_at_1, key=int)},
+            "depths": {k: measured[k] for k in sorted(measured, key=int)},
         }
     return {
         "model": model, "prompts": prompts, "split": split, "num_prompts": len(refs), "skipped": skipped,

@@ -108,7 +108,24 @@ def candidate_info(repo: Any, name: str, dtype: str = "float32") -> CandidateInf
         exits=exits, exit_prior=prior, free_exits=sorted(d for d, k in kinds.items() if k == "healed"),
         flops_per_token_per_layer=2 * (info.layer_params or info.layer_bytes // memory.dtype_bytes(dtype)),
         head_flops_per_token=2 * info.hidden_size * info.vocab_size,
+        quality=quality_values(repo.quality(name)), chat_capable=bool(info.chat_capable),
     )
+
+
+#: The value each request class's floor is checked against in a quality record (helios_ray.tuning.quality).
+QUALITY_METRICS = {"code": "pass_at_1", "chat": "score"}
+
+
+def quality_values(record: dict[str, Any] | None) -> dict[int, dict[str, float]]:
+    """``{depth: {class: value}}`` from a stored quality record (``quality.json``): pass@1 for code, the reference
+    score for chat; what :class:`~helios_ray.control.config.CandidateInfo` carries to the floors."""
+    out: dict[int, dict[str, float]] = {}
+    for depth, rec in ((record or {}).get("placements") or {}).items():
+        vals = {cls: float(rec[cls][metric]) for cls, metric in QUALITY_METRICS.items()
+                if isinstance(rec.get(cls), dict) and rec[cls].get(metric) is not None}
+        if vals:
+            out[int(depth)] = vals
+    return out
 
 
 def token_exits_from_card(repo: Any, name: str, threshold: float, min_agreement: float, depth: int | None = None

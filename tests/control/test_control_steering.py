@@ -10,8 +10,9 @@ import time
 
 import pytest
 
+from helios_ray.control.steering_model import _invert
 from helios_ray.control.steering import (
-    MAX_KEYS, RECENT_ROUTES, GroupView, Outcome, RequestFeatures, Steering, SteeringConfig, _invert, code_score,
+    MAX_KEYS, RECENT_ROUTES, GroupView, Outcome, RequestFeatures, Steering, SteeringConfig, code_score,
     request_features,
 )
 

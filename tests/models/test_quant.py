@@ -12,7 +12,7 @@ from helios_ray.dtypes import serving_dtype, split_dtype
 from helios_ray.models import quant
 from helios_ray.models.decoder import DenseKVCache
 from helios_ray.models.loading import load_decoder, param_bytes, pick_dtype, weight_format
-from helios_ray.models.repository import _static_info
+from helios_ray.models.model_info import _static_info
 
 QUESTIONS = ["What is the capital of France?", "Write a haiku about the sea.",
              "Explain recursion in one sentence.", "List three uses of copper and why it is chosen for each."]

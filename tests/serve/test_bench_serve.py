@@ -1,7 +1,7 @@
-"""``helios-ray bench serve``: the one-model preset (``--model M``) end to end, small, on the session's cluster (three
-systems deployed one after the other behind the same API, every generated token scored under the full model,
-ratios computed) and a one-group fleet on the mixed workload; the pure parts (mixed workload, budgets,
-concurrency arithmetic, ratios, routing timeline, table and plot) as fast unit tests."""
+"""``helios-ray bench serve``: the one-model preset (``--model M``) end to end, small, on the session's cluster (two
+systems deployed one after the other behind the same API on a chat-then-code workload, every generated token
+scored under the full model, ratios computed); the pure parts (mixed workload, budgets, concurrency arithmetic,
+ratios, routing timeline, table and plot) as fast unit tests."""
 
 from __future__ import annotations
 
@@ -12,35 +12,38 @@ import pytest
 
 
 @pytest.mark.slow
-def test_bench_serve_one_model_preset_end_to_end(cluster):
-    """``--model smollm2-135m``: helios vs the model at full depth with token exits, chats only, the tight budget.
-    Two deployments: the third system, plain ``generate()``, is served end to end by tests/serve/test_baselines.py
-    and its ratios are arithmetic (tests/bench), so deploying it here again would buy ~20 s of suite and no check."""
+def test_bench_serve_one_model_end_to_end(cluster):
+    """The one-model preset (``--model smollm2-135m``: helios vs the model at full depth with token exits) on a
+    small mixed workload - chats, then one code task in the second phase - so one run covers what the bench does
+    end to end: deploy each system behind the same API, drive it, score every token under the full model per class
+    (pass@1 for the code), the sweep, the routing timeline across the shift, the ratios and the table.  Two
+    deployments: the third system, plain ``generate()``, is served end to end by tests/serve/test_baselines.py and
+    its ratios are arithmetic (tests/bench)."""
     from helios_bench.fleet_report import format_table
     from helios_bench.fleet_run import bench_fleet
     from helios_bench.fleet_serve import FleetBenchConfig, one_model
 
-    cfg = FleetBenchConfig(**{**one_model("smollm2-135m"), "systems": ["single", "helios"]}, requests=3,
-                           concurrency=3, max_prompt_tokens=128,
-                           chat_output_cap=8, code_max_tokens=8, rates=[4.0], sweep_requests=2, warmup_requests=0,
-                           budgets=["tight"])
+    cfg = FleetBenchConfig(**{**one_model("smollm2-135m"), "systems": ["single", "helios"], "chat_share_second": 0.5},
+                           requests=4, concurrency=3, max_prompt_tokens=128, chat_output_cap=8, code_max_tokens=8,
+                           rates=[4.0], sweep_requests=2, warmup_requests=0, budgets=["tight"])
     res = bench_fleet(cfg, progress=False, log=lambda _: None, cluster=SimpleNamespace(base=cluster["base"]))
     json.dumps(res)  # the --json object is plain JSON
-    assert res["workload"]["phases"] == [{"chat": 1, "code": 0}, {"chat": 2, "code": 0}]  # chats only
+    assert res["workload"]["phases"] == [{"chat": 2, "code": 0}, {"chat": 1, "code": 1}]
     assert res["best_single_model"] == "smollm2-135m" and list(res["best_single"]) == ["smollm2-135m"]
-    assert "plain" not in res
+    assert "plain" not in res and res["budgets"]["tight_mb"] < 400
     for s in ("helios", "baseline"):
         r = res[s]
-        assert r["completed"] == r["requests"] == 3 and r["failed"] == 0
-        assert r["output_tokens"] == 3 * 8  # ignore_eos + max_tokens = 8 each
-        assert r["tokens_scored"] == r["output_tokens"] > 0 and set(r["per_class"]) == {"chat"}
-        assert r["pass_at_1"] is None  # no code in the preset
+        assert r["completed"] == r["requests"] == 4 and r["failed"] == 0
+        assert r["output_tokens"] == 4 * 8  # ignore_eos + max_tokens = 8 each
+        assert r["tokens_scored"] > 0 and set(r["per_class"]) == {"chat", "code"}
+        assert r["per_class"]["code"]["problems"] == 1 and r["per_class"]["chat"]["tokens_scored"] > 0
         assert len(r["curve"]) == 1 and r["curve"][0]["completed"] == 2
         assert r["energy_j_per_token"] is None  # CPU: n/a
-        assert r["model"] == "smollm2-135m"
+        assert r["model"] == "smollm2-135m" and r["served_by_model"] == {"smollm2-135m": {"chat": 3, "code": 1}}
+        assert r["replicas"][0]["model"] == "smollm2-135m" and r["replicas"][0]["weight_bytes"] > 0
     assert [res[s]["mode"] for s in ("helios", "baseline")] == ["helios", "early_exit"]
     # helios at the default guard keeps the full model for SmolLM2 (no exit reaches 90% agreement): exact.
-    assert res["helios"]["depth"] == 30 and res["helios"]["agreement"] == 1.0
+    assert res["helios"]["depth"] == 30 and res["helios"]["per_class"]["chat"]["agreement"] == 1.0
     assert set(res["baseline"]["exit_layer_histogram"]) <= {"20", "24", "30"}
     assert res["baseline"]["token_exits"] == [20, 24]
     # Two block exit heads cost the baseline weights and KV: helios (same depth, no exit heads) holds more.
@@ -50,7 +53,16 @@ def test_bench_serve_one_model_preset_end_to_end(cluster):
                 "max_concurrency_helios_vs_baseline"):
         assert isinstance(r[key], float) and r[key] > 0
     assert r["throughput_helios_vs_best_single"] == r["throughput_helios_vs_baseline"]  # one model: the same pair
-    assert "throughput_helios_vs_baseline" in format_table(res)
+    assert sorted(row[3] for row in res["routing_timeline"]["rows"]) == [0, 0, 1, 1]  # before / after the shift
+    table = format_table(res)
+    assert "throughput_helios_vs_baseline" in table and "helios (fleet)" in table
+
+
+def test_the_one_model_preset_is_the_current_bench_on_chats():
+    from helios_bench.fleet_serve import FleetBenchConfig, one_model
+
+    cfg = FleetBenchConfig(**one_model("gemma3-270m"))
+    assert cfg.candidates == ["gemma3-270m"] and cfg.chat_share_first == cfg.chat_share_second == 1.0
 
 
 # ------------------------------------------------------------------------------------------ the parts
@@ -195,28 +207,3 @@ def test_cli_rejects_bad_options_before_any_cluster_starts():
     assert main(["bench", "serve", "--rates", "1,x"]) == 2
     assert main(["bench", "serve", "--budgets", "tight,huge"]) == 2
     assert main(["bench", "serve", "--model", "smollm2-135m", "--rates", "x"]) == 2  # the preset: the same checks
-
-
-@pytest.mark.slow
-def test_bench_serve_fleet_tiny_run(cluster):
-    """A one-group fleet alone (one deployment, to keep the suite fast), 2 requests of 4 tokens, tight budget, no
-    sweep: deploys, scores per class and assembles the JSON on the session's cluster."""
-    from helios_bench.fleet_report import format_table as table2
-    from helios_bench.fleet_run import bench_fleet
-    from helios_bench.fleet_serve import FleetBenchConfig
-
-    cfg = FleetBenchConfig(candidates=["smollm2-135m"], systems=["helios"], requests=2, concurrency=2,
-                           chat_share_first=1.0, chat_share_second=0.0, max_prompt_tokens=128, chat_output_cap=4,
-                           code_max_tokens=4, rates=[], warmup_requests=0, budgets=["tight"])
-    res = bench_fleet(cfg, progress=False, log=lambda _: None, cluster=SimpleNamespace(base=cluster["base"]))
-    json.dumps(res)
-    assert res["budgets"]["tight_mb"] < 400 and "baseline" not in res
-    r = res["helios"]
-    assert r["completed"] == r["requests"] == 2 and set(r["per_class"]) == {"chat", "code"}
-    assert r["per_class"]["code"]["problems"] == 1 and r["per_class"]["chat"]["tokens_scored"] > 0
-    assert r["per_class"]["chat"]["agreement"] >= 0.5 and r["max_concurrency"] > 0 and r["energy_j_per_token"] is None
-    assert r["served_by_model"] == {"smollm2-135m": {"chat": 1, "code": 1}}
-    assert r["replicas"][0]["model"] == "smollm2-135m" and r["replicas"][0]["weight_bytes"] > 0
-    assert res["ratios"]["throughput_helios_vs_best_single"] is None  # no single model ran
-    assert sorted(row[3] for row in res["routing_timeline"]["rows"]) == [0, 1]  # before / after the shift
-    assert "helios (fleet)" in table2(res)

@@ -110,6 +110,7 @@
     setText("slo", doc.slo ? "SLO " + doc.slo : "");
     renderPlacement(doc, now);
     renderBreaches(ctl.breaches || {});
+    renderQuality(doc);
     renderReplicas(doc.replicas || []);
     renderCharts(tl.series || []);
     renderExits(tl.exit_layers || {}, doc.replicas || [], doc.placement || {});
@@ -138,6 +139,47 @@
     $("breach-storm").hidden = !b.storm;
     setText("breach-detail", "confidence < " + fmtNum(b.threshold, 2) + " in the last " + fmtInt(b.tokens) +
       " of " + fmtInt(b.window) + " tokens · all-time " + fmtInt(b.total_breaches) + " / " + fmtInt(b.total_tokens));
+  }
+
+  // Per group and request class: the placement's measured quality against the class's floor, and the group's
+  // share of that traffic - which placement serves which class, and why (quality first, then speed).
+  function renderQuality(doc) {
+    const q = doc.quality || {};
+    const floors = q.floors || {};
+    const names = Object.keys(floors).sort();
+    setText("quality-floors", names.length
+      ? "floors: " + names.map((c) => c + " ≥ " + fmtNum(floors[c].value, 3) + " (" + floors[c].source + ")").join(" · ") +
+        (q.reference ? " · chat judged by " + q.reference : "")
+      : "no quality floors (no placement has a measured quality record)");
+    const body = $("quality-rows");
+    body.replaceChildren();
+    for (const g of doc.groups || []) {
+      const gq = g.quality || {};
+      const p = g.placement || {};
+      const classes = gq.classes || {};
+      for (const c of Object.keys(classes).sort()) {
+        const v = classes[c];
+        const tr = el("tr");
+        tr.dataset.group = g.name;
+        tr.dataset.cls = c;
+        const meets = el("td", v.meets ? null : "bad", v.meets ? "yes" : "no");
+        tr.append(el("td", null, g.name), el("td", null, p.model + " @ " + p.depth), el("td", null, c),
+          el("td", null, v.value == null ? "–" : fmtNum(v.value, 3)),
+          el("td", null, v.floor == null ? "–" : fmtNum(v.floor, 3)), meets,
+          el("td", null, fmtNum(100 * (v.traffic_share || 0), 0) + "%"));
+        body.append(tr);
+      }
+      if (gq.chat_capable === false) {
+        const tr = el("tr");
+        tr.append(el("td", null, g.name), el("td", null, p.model + " @ " + p.depth), el("td", null, "chats"),
+          el("td", null, "–"), el("td", null, "–"), el("td", "bad", "not chat-capable"), el("td", null, "–"));
+        body.append(tr);
+      }
+    }
+    const below = ((doc.routing || {}).steering || {}).below_floor || {};
+    const bk = Object.keys(below);
+    setText("quality-below", bk.length ? "served below the floor (no placement met it): " +
+      bk.map((k) => k + " " + below[k]).join(", ") : "");
   }
 
   function renderReplicas(reps) {
