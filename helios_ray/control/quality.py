@@ -31,10 +31,10 @@ __all__ = ["QualityFloor", "QualityFloors", "ResolvedFloor", "QualityGate", "Qua
 _RELATIVE = re.compile(r"^\s*best\s*(?:-\s*(?P<delta>\d*\.?\d+))?\s*$")
 
 #: Conservative defaults, used when a deployment names no floors: a placement may lose at most 5 points of
-#: HumanEval pass@1 (8 of 164 problems) against the best registered placement for code, and 10 points of the
-#: chat score against the best chat-capable placement other than the reference's own answers (docs/quality.md has
-#: the arithmetic on the bundled models).  ``text`` (plain completions that are not code) has no floor.
-DEFAULT_FLOORS: dict[str, str] = {"code": "best - 0.05", "chat": "best - 0.10"}
+#: HumanEval pass@1 (8 of 164 problems) against the best registered placement for code, and 0.05 of the chat score
+#: against the best chat-capable placement other than the reference model's own (docs/quality.md has the arithmetic
+#: on the bundled models).  ``text`` (plain completions that are not code) has no floor.
+DEFAULT_FLOORS: dict[str, str] = {"code": "best - 0.05", "chat": "best - 0.05"}
 
 
 class _Strict(BaseModel):
@@ -88,12 +88,14 @@ class QualityFloors(_Strict):
                                  "under the chat reference, online (0: offline records only).")
     online_min_samples: int = Field(8, ge=1, description="Scored answers of a placement before its online chat "
                                     "score replaces the offline record.")
+    online_max_tokens: int = Field(64, ge=1, description="Length of the reference's answer an online score compares "
+                                   "with (the offline records use 64).")
 
     @model_validator(mode="before")
     @classmethod
     def _shorthand(cls, v: Any) -> Any:
         # `quality: {code: 0.3, chat: best - 0.1}` is the floors themselves; `quality: {floors: {...}}` is explicit.
-        knobs = {"reference_excluded", "online_sample", "online_min_samples"}
+        knobs = {"reference_excluded", "online_sample", "online_min_samples", "online_max_tokens"}
         if isinstance(v, Mapping) and "floors" not in v and not set(v) <= knobs:
             out: dict[str, Any] = {"floors": {k: x for k, x in v.items() if k not in knobs}}
             out.update({k: x for k, x in v.items() if k in knobs})

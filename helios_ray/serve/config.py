@@ -172,7 +172,7 @@ class ServeConfig(StrictModel):
         description="A quality floor per request class (`{code: 'best - 0.05', chat: 0.6}`), checked against each "
                     "placement's measured record (helios-ray quality): the policy and the router choose the fastest "
                     "placement that meets the floor of what it serves.  Default: code 'best - 0.05', chat "
-                    "'best - 0.10' (docs/quality.md).")
+                    "'best - 0.05' (docs/quality.md).")
     classes: list[ClassRule] = Field(
         default_factory=list,
         description="Operator request classes, first match wins (endpoint, metadata or pattern); unmatched "

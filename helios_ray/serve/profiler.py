@@ -8,9 +8,10 @@ folds them into the PHT.  Models are loaded lazily, once, at full depth with all
 Its CPU cost is real on a small host - it shares cores with the replicas - which is why only a few percent of
 traffic is mirrored and each profile is capped at ``profile_max_tokens`` tokens.
 
-It also scores a sample of *served* chat answers (``quality.online_sample``) under the chat reference - the model
-the placements' quality records were measured against - and reports each score to the brain, which replaces a
-placement's offline chat score with the online one once it has enough of them (docs/quality.md).
+It also scores a sample of *served* chat answers (``quality.online_sample``) against the chat reference - the model
+the placements' quality records were measured against answers the same messages, and the score is the overlap of
+the two answers - and reports each score to the brain, which replaces a placement's offline chat score with the
+online one once it has enough of them (docs/quality.md).
 """
 
 from __future__ import annotations
@@ -90,16 +91,19 @@ class Profiler:
             return False
 
     def _score(self, item: dict[str, Any]) -> float | None:
+        """The chat score of one served answer, as the offline records define it: word-overlap F1 with the
+        reference's own answer to the same messages (greedy, at the serving dtype, as long as the records')."""
         from helios_data import Conversation
-        from helios_ray.tuning.quality import reference_scores
+        from helios_ray.tuning.quality import answer_overlap, chat_answers
 
         if self._reference is None:
             from helios_ray.models.early_exit import load_model
 
-            # float32 and the shared head: the reference exactly as the offline records were judged
-            self._reference = load_model(self.reference, repo=self.repo, dtype="float32", exits="shared")
+            self._reference = load_model(self.reference, repo=self.repo, dtype=self.cfg.dtype
+                                         if self.cfg.dtype in ("auto", "float32", "bfloat16") else "auto")
         conv = Conversation(id="served", messages=tuple(item["messages"]))
-        return reference_scores(self._reference, [conv], {"served": item["text"]})["score"]
+        ref = chat_answers(self._reference, [conv], max_tokens=self.cfg.quality.online_max_tokens, batch=1)
+        return answer_overlap(item["text"], ref["served"]) if "served" in ref else None
 
     async def _score_worker(self) -> None:
         while True:

@@ -9,7 +9,7 @@ import json
 import pytest
 
 from helios_data import Conversation
-from helios_ray.tuning.quality import chat_answers, reference_scores, write_quality
+from helios_ray.tuning.quality import answer_overlap, chat_answers, chat_score, reference_scores, write_quality
 
 pytestmark = pytest.mark.slow
 
@@ -22,11 +22,28 @@ def test_the_reference_agrees_with_its_own_answers_and_not_with_noise(smollm2_fu
     assert set(answers) == {"a", "b"} and all(answers.values())
     own = reference_scores(smollm2_full, PROMPTS, answers)
     # its own greedy answers, re-tokenized and teacher-forced: (nearly) every token is its top-1 choice
-    assert own["score"] >= 0.9 and own["tokens_scored"] > 10
+    assert own["agreement"] >= 0.9 and own["tokens_scored"] > 10
     noise = reference_scores(smollm2_full, PROMPTS, {"a": "zebra quantum lantern; 7 7 7 purple", "b": "???? ok ok"})
-    assert noise["score"] < own["score"] - 0.5 and noise["perplexity"] > 10 * own["perplexity"]
+    assert noise["agreement"] < own["agreement"] - 0.5 and noise["perplexity"] > 10 * own["perplexity"]
     silent = reference_scores(smollm2_full, PROMPTS, {"a": "", "b": "   "})
-    assert silent["score"] == 0.0 and silent["empty_answers"] == 2  # saying nothing is not an answer
+    assert silent["agreement"] == 0.0 and silent["empty_answers"] == 2  # saying nothing is not an answer
+    # the chat score: overlap with the reference's own answer - its own answers score 1, noise and silence 0
+    assert chat_score(answers, answers) == 1.0
+    assert chat_score({"a": "zebra lantern", "b": ""}, answers) == 0.0
+
+
+def test_the_chat_score_ranks_an_answer_above_an_echo_and_small_talk():
+    """What teacher-forced agreement got wrong on the bundled models (docs/quality.md): a base model that echoes
+    the prompt or talks about something else is what a language model predicts best; the overlap with the
+    reference's own answer ranks a real answer above both."""
+    ref = ("Quantum computing is a type of computing that uses quantum bits, or qubits, to perform calculations. "
+           "Unlike classical computers, which use bits, quantum computers use qubits that can be 0 and 1 at once.")
+    answer = ("Quantum computing is a field of computer science that leverages the principles of quantum mechanics "
+              "to perform calculations faster than classical computers.")
+    echo = "Explain quantum computing in simple terms"
+    small_talk = "I'm going to be a little late, but I'll be back in a few minutes."
+    assert answer_overlap(answer, ref) > answer_overlap(echo, ref) > answer_overlap(small_talk, ref)
+    assert answer_overlap(ref, ref) == 1.0 and answer_overlap("", ref) == 0.0
 
 
 def test_base_model_answers_stop_at_the_next_turn(tmp_path):
@@ -94,16 +111,16 @@ def test_online_chat_scores_below_the_floor_move_the_group(tmp_path):
     from helios_ray.tuning.profiling import candidate_info
 
     cfg = ServeConfig(candidates=["smollm2-135m", "qwen2.5-coder-0.5b"],
-                      quality={"chat": 0.3, "online_min_samples": 4}, policy={"hysteresis_requests": 0})
+                      quality={"chat": 0.15, "online_min_samples": 4}, policy={"hysteresis_requests": 0})
     repo = ModelRepository()
     cands = [candidate_info(repo, n) for n in cfg.candidates]
     fq = FleetQuality(cfg, repo, cands)
-    assert fq.reference == "qwen2.5-coder-0.5b" and fq.floors["chat"].value == 0.3
+    assert fq.reference == "qwen2.5-coder-0.5b" and fq.floors["chat"].value == 0.15
     ctl = Controller(cands, cfg.slo, Hardware(device="cpu", memory_budget_bytes=6 << 30), cfg.policy,
                      quality=QualityGate(floors=fq.floors, mix={"chat": 1.0}))
     ctl.start()
     first = ctl.current.model
-    assert first == "smollm2-135m"  # its offline chat score meets 0.3 and it is the faster
+    assert first == "smollm2-135m"  # its offline chat score (0.19) meets 0.15 and it is the faster
     assert [fq.observe(first, 30, "chat", 0.05) for _ in range(4)] == [False, False, False, True]
     assert fq.status()["online"][f"{first}@30"]["in_use"] is True
     decision = ctl.quality_breached()

@@ -17,6 +17,13 @@ ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "test-key-123"
 
 
+def pytest_collection_modifyitems(config, items):
+    """Every test on the session's cluster runs in one xdist worker (``--dist loadgroup``): one cluster per run."""
+    for item in items:
+        if "cluster" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.xdist_group("ray-cluster"))
+
+
 @pytest.fixture(scope="session")
 def cluster():
     os.environ["RAY_AUTH_MODE"] = "disabled"

@@ -81,6 +81,13 @@ def test_dashboard_page_in_a_real_browser(cluster):
                          "the exit-depth histogram")
         browser.wait_for("!!document.querySelector('#chart-tps path')", 30, "the tokens/s chart")
         assert re.fullmatch(r"\d+", _text(browser, "breach-limit")), _text(browser, "breach-limit")
+        # quality first on the page: the floors with where they come from, and per class the placement's record
+        # against its floor (SmolLM2 passes no code task; its chat score is the chat floor's "best")
+        browser.wait_for("document.querySelectorAll('#quality-rows tr[data-cls]').length >= 2", 30, "quality rows")
+        floors = _text(browser, "quality-floors")
+        assert "chat ≥" in floors and "(smollm2-135m@30) - 0.05" in floors and "(gemma3-270m@18) - 0.05" in floors, floors
+        chat_row = browser.evaluate("document.querySelector('#quality-rows tr[data-cls=\"chat\"]').textContent")
+        assert "smollm2-135m @ 30" in chat_row and "yes" in chat_row, chat_row
         browser.evaluate("window.__sameDocument = 'yes'")  # lost if the page ever reloads
 
         placed = _shift(cluster, SHIFTED)
