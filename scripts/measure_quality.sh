@@ -13,5 +13,5 @@ q() { "$PY" -m helios_ray.cli quality "$1" --depths "$2" --code 164 --code-max-t
         --chat-max-tokens 64 --threads 1 --no-progress --out "$OUT/$1" --answers "/tmp/quality-answers-$1-$2.json"; }
 q qwen2.5-coder-0.5b 24,22
 q smollm2-135m 30,24,20,16,12
-q gemma3-270m 18,16,14
+q gemma3-270m 18,16,14,12
 q qwen2.5-coder-0.5b 20,18
