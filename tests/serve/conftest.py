@@ -6,6 +6,7 @@ import os
 import shutil
 import tempfile
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,27 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.xdist_group("ray-cluster"))
 
 
+def _start_ray(ray) -> tuple[str, int]:
+    """The session's local cluster.  Ray gives a starting raylet a fixed 30 s to register, and the other test worker
+    (or a port taken between choosing it and Ray binding it) can make a start fail on a loaded 2-core host: one more
+    try, in a fresh temp dir with fresh ports, after shutting the failed start down through the API."""
+    for attempt in (1, 2):
+        tmp = tempfile.mkdtemp(prefix="hr", dir="/tmp")  # short: Ray's socket paths have a length limit
+        metrics_port = free_port()
+        try:
+            ray.init(num_cpus=4, _temp_dir=tmp, object_store_memory=100 * 2**20, include_dashboard=False,
+                     _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000},
+                     logging_level="WARNING", log_to_driver=False)  # worker logs stay in the temp dir
+            return tmp, metrics_port
+        except Exception as e:  # noqa: BLE001 - any failed start gets the one retry; the second one raises
+            if attempt == 2:
+                raise
+            warnings.warn(f"the test cluster did not start ({e}); retrying once", stacklevel=1)
+            ray.shutdown()
+            shutil.rmtree(tmp, ignore_errors=True)
+    raise AssertionError("unreachable")
+
+
 @pytest.fixture(scope="session")
 def cluster():
     os.environ["RAY_AUTH_MODE"] = "disabled"
@@ -34,11 +56,7 @@ def cluster():
 
     from helios_ray.serve.app import build_app
 
-    tmp = tempfile.mkdtemp(prefix="hr", dir="/tmp")  # short: Ray's socket paths have a length limit
-    metrics_port = free_port()
-    ray.init(num_cpus=4, _temp_dir=tmp, object_store_memory=100 * 2**20, include_dashboard=False,
-             _metrics_export_port=metrics_port, _system_config={"metrics_report_interval_ms": 1000},
-             logging_level="WARNING", log_to_driver=False)  # worker logs stay in the temp dir
+    tmp, metrics_port = _start_ray(ray)
     http_port, grpc_port = free_port(), free_port()
     # HeadOnly, as deployments/helios.yaml: test_two_nodes.py adds a second node on this same host, whose own proxy
     # would share the port and take connections with it when that node dies.
