@@ -49,7 +49,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     e.add_argument("--batches", default="1,8,16", help="comma-separated batch sizes")
     e.add_argument("--requests", type=int, default=32, help="requests per batched run (batch 1 uses a quarter)")
     e.add_argument("--quick", action="store_true",
-                   help="batches 1,8; 8 requests (2 at batch 1); 64 output tokens (~2 min on an idle 2-core host)")
+                   help="batches 1,8; 8 requests (2 at batch 1); 64 output tokens (~2 min on 2 cores)")
     e.add_argument("--max-prompt-tokens", type=int, default=256)
     e.add_argument("--max-output-tokens", type=int, default=128)
     e.add_argument("--repeats", type=int, default=2, choices=[1, 2], help="2 = A-B-B-A order, times averaged")
@@ -108,7 +108,7 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     x = sub.add_parser("mixed", help="chunked prefill vs prefill-first: prefill layouts and inter-token latency "
                                      "under Poisson arrivals, side by side")
     x.add_argument("--model", default="smollm2-135m")
-    x.add_argument("--quick", action="store_true", help="2 and 4 prompts; 8 arrivals x 24 tokens (~2 min)")
+    x.add_argument("--quick", action="store_true", help="2 and 4 prompts; 8 arrivals x 24 tokens (~1.5 min on 2 cores)")
     x.add_argument("--chunk-tokens", type=int, default=128, help="max_num_batched_tokens of the chunked side")
     x.add_argument("--budget-mb", type=int, default=2048)
     x.add_argument("--threads", type=int, default=1)
