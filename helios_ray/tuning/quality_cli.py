@@ -8,7 +8,7 @@ import json
 import shlex
 import sys
 
-HELP = "measure a model's quality per depth and request class (HumanEval pass@1, chat score under a reference)"
+HELP = "measure a model's quality per depth and request class (HumanEval pass@1, chat answers vs a reference's)"
 
 
 def _depths(text: str | None) -> list[int] | None:
@@ -29,7 +29,8 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     p.add_argument("--code-max-tokens", type=int, default=384, help="room for a body to finish (default 384)")
     p.add_argument("--chat", type=int, default=40, help="held-out ShareGPT prompts for the chat score (0: skip)")
     p.add_argument("--chat-max-tokens", type=int, default=64)
-    p.add_argument("--reference", help="the chat judge (default: the largest prepared chat-capable model)")
+    p.add_argument("--reference", help="the model whose answers chat answers are compared with (default: the largest "
+                                        "prepared chat-capable model)")
     p.add_argument("--dtype", default="auto", help="serving dtype of the measured placements (default auto)")
     p.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     p.add_argument("--update-card", action="store_true",
