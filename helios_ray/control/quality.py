@@ -26,7 +26,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 __all__ = ["QualityFloor", "QualityFloors", "ResolvedFloor", "QualityGate", "QualityVerdict", "resolve_floors",
-           "quality_of", "DEFAULT_FLOORS", "OnlineQuality"]
+           "quality_of", "meets_floor", "DEFAULT_FLOORS", "OnlineQuality"]
 
 _RELATIVE = re.compile(r"^\s*best\s*(?:-\s*(?P<delta>\d*\.?\d+))?\s*$")
 
@@ -118,6 +118,12 @@ class ResolvedFloor(_Strict):
     source: str
 
 
+def meets_floor(value: float | None, floor: float | None) -> bool:
+    """The one rule: no floor is met by anything; a floor is met by a measured value at or above it (unmeasured
+    never meets one)."""
+    return floor is None or (value is not None and value >= floor - 1e-12)
+
+
 def quality_of(record: Mapping[int, Mapping[str, float]] | None, depth: int, cls: str) -> float | None:
     """A placement's measured value for ``cls`` at ``depth``, or None when it was not measured there."""
     if not record:
@@ -196,7 +202,7 @@ class QualityGate(_Strict):
             v = quality_of(candidate.quality, depth, cls)
             values[cls] = v
             floor = self.floors[cls].value
-            if v is None or v < floor - 1e-12:
+            if not meets_floor(v, floor):
                 failed.append(f"{cls} {'unmeasured' if v is None else f'{v:.3f}'} < {floor:.3f}")
                 share += weight
                 deficit += floor - (v or 0.0)

@@ -29,6 +29,7 @@ from typing import Any, Literal
 from pydantic import BaseModel, ConfigDict, Field
 
 from .config import SLO
+from .quality import meets_floor
 from .steering_model import PlacementModel, _dot
 from .request_features import RequestFeatures, code_score, request_features  # re-exported: the router's one import
 
@@ -175,7 +176,7 @@ class Steering:
         for g in groups:
             if feats.chat and not g.chat_capable:
                 continue
-            if floor is not None and (g.quality.get(feats.kind) is None or g.quality[feats.kind] < floor - 1e-12):
+            if not meets_floor(g.quality.get(feats.kind), floor):
                 continue
             out.append(g)
         return out

@@ -281,9 +281,8 @@ class Brain:
         out = []
         for name, g in self.groups.items():
             live = self._live(now, name)
-            total = g.by_name[g.placement["model"]].num_layers
             cand = g.by_name[g.placement["model"]]
-            out.append({"group": name, **g.snapshot(), "total_layers": total, "live_replicas": len(live),
+            out.append({"group": name, **g.snapshot(), "total_layers": cand.num_layers, "live_replicas": len(live),
                         # none reported yet (starting): the configured replicas' slots
                         "slots": self.cfg.engine.max_num_seqs * (len(live) or g.spec.replicas),
                         "busy": sum(r.running + r.waiting for r in live),
@@ -351,8 +350,7 @@ class Brain:
             else:
                 g.controller.observe_profile_token(rec)
 
-    async def observe_quality(self, model: str, depth: int, cls: str, value: float,
-                              group: str = DEFAULT_GROUP) -> None:
+    async def observe_quality(self, model: str, depth: int, cls: str, value: float) -> None:
         """One served answer scored online (the profiler, under the chat reference).  Once the placement has enough
         scores, its online value replaces the offline record for the floors, and every group serving it re-plans if
         it now misses a floor - as it would on a breach storm."""

@@ -18,7 +18,7 @@ from helios_ray.control import checkpoint
 from helios_ray.control.config import CandidateInfo, Hardware
 from helios_ray.control.controller import Controller, Placement
 from helios_ray.control.decision import NoFeasiblePlacement
-from helios_ray.control.quality import QualityGate, ResolvedFloor
+from helios_ray.control.quality import QualityGate, ResolvedFloor, meets_floor
 from helios_ray.errors import InvalidRequestError, UnknownModelError
 
 
@@ -104,12 +104,12 @@ class Group:
         cand = self.by_name[self.placement["model"]]
         values = cand.quality.get(int(self.placement["depth"]), {})
         total = sum(self.mix.values()) or 1.0
-        classes = sorted(set(values) | set(self.floors) | set(self.mix))
-        return {"chat_capable": cand.chat_capable, "chat_share": round(self.chats / total, 3),
-                "classes": {c: {"value": values.get(c), "floor": self.floors[c].value if c in self.floors else None,
-                                "meets": (c not in self.floors or (values.get(c) is not None
-                                                                  and values[c] >= self.floors[c].value - 1e-12)),
-                                "traffic_share": round(self.mix.get(c, 0.0) / total, 3)} for c in classes}}
+        rows = {}
+        for c in sorted(set(values) | set(self.floors) | set(self.mix)):
+            floor = self.floors[c].value if c in self.floors else None
+            rows[c] = {"value": values.get(c), "floor": floor, "meets": meets_floor(values.get(c), floor),
+                       "traffic_share": round(self.mix.get(c, 0.0) / total, 3)}
+        return {"chat_capable": cand.chat_capable, "chat_share": round(self.chats / total, 3), "classes": rows}
 
     @property
     def pinned(self) -> bool:

@@ -13,15 +13,13 @@ from typing import Any
 from helios_ray.control.config import CandidateInfo
 from helios_ray.control.quality import OnlineQuality, ResolvedFloor, resolve_floors
 from helios_ray.serve.config import ServeConfig
+from helios_ray.tuning.quality import recorded_reference
 
 
 class FleetQuality:
     def __init__(self, cfg: ServeConfig, repo: Any, candidates: list[CandidateInfo]) -> None:
         self.cfg, self.candidates = cfg, candidates
-        # the chat reference the records were judged by (the first record that names one)
-        self.reference: str | None = next(
-            (ref for n in cfg.candidates
-             if (ref := (((repo.quality(n) or {}).get("protocol") or {}).get("chat") or {}).get("reference"))), None)
+        self.reference = recorded_reference(repo, cfg.candidates)
         self.floors: dict[str, ResolvedFloor] = resolve_floors(cfg.quality, candidates, self.reference)
         self.online = OnlineQuality(cfg.quality.online_min_samples)
         self.offline = {c.name: {d: dict(v) for d, v in c.quality.items()} for c in candidates}

@@ -42,9 +42,9 @@ class Profiler:
         self.scored = self.scores_dropped = 0
         self._scorer: asyncio.Task | None = None
         self._reference: Any = None
-        self.reference = next((ref for n in self.cfg.candidates
-                               if (ref := (((self.repo.quality(n) or {}).get("protocol") or {}).get("chat") or {})
-                                   .get("reference"))), None)
+        from helios_ray.tuning.quality import recorded_reference
+
+        self.reference = recorded_reference(self.repo, self.cfg.candidates)
         self.done = self.dropped = self.failed = 0
         self.busy_seconds = 0.0
         self.active = False
@@ -112,8 +112,7 @@ class Profiler:
             try:
                 score = await asyncio.to_thread(self._score, item)
                 if score is not None:
-                    await self.brain.observe_quality.remote(item["model"], item["depth"], "chat", score,
-                                                            group=item.get("group", DEFAULT_GROUP))
+                    await self.brain.observe_quality.remote(item["model"], item["depth"], "chat", score)
                     self.scored += 1
             except Exception:
                 self.failed += 1

@@ -29,7 +29,7 @@ from helios_ray.models.prompts import encode_conversation
 from helios_ray.errors import HeliosError
 from helios_ray.tuning.calibration import calibration
 
-__all__ = ["evaluate_exits", "pass_at_1", "report_table", "update_card"]
+__all__ = ["evaluate_exits", "generate_greedy", "pass_at_1", "report_table", "update_card"]
 
 
 def _prompt_ids(conv: Conversation, tokenizer: Any) -> list[int]:
@@ -49,12 +49,33 @@ def _common_prefix(a: list[int], b: list[int]) -> int:
     return n
 
 
+def generate_greedy(m: Any, requests: dict[str, tuple[list[int], Any]], batch: int = 16, progress: bool = False,
+                    desc: str = "generate") -> dict[str, Any]:
+    """Run ``{key: (prompt ids, SamplingParams)}`` through the serving engine ``batch`` at a time (continuous
+    batching, as replicas serve) with a progress bar; the finished sequences by key.  The budget is the one memory
+    model's: room for ``batch`` of the longest requests next to the weights."""
+    from helios_ray.engine.engine import EngineConfig, LLMEngine
+
+    if not requests:
+        return {}
+    longest = max(len(ids) + params.max_tokens for ids, params in requests.values())
+    fp = m.footprint
+    budget = fp.weight_bytes + (batch + 1) * (longest + 32) * fp.kv_bytes_per_token
+    eng = LLMEngine(m, EngineConfig(memory_budget=budget, max_num_seqs=batch, max_model_len=m.spec.max_positions,
+                                    torch_threads=torch.get_num_threads()))
+    seqs = {k: eng.add_request(ids, params) for k, (ids, params) in requests.items()}
+    bar = tqdm(total=len(seqs), desc=desc, disable=not progress, file=sys.stderr)
+    while eng.scheduler.has_work:
+        bar.update(sum(1 for ev in eng.step() if ev.finished))
+    bar.close()
+    return seqs
+
+
 def pass_at_1(m: Any, problems: list[Conversation], max_tokens: int, timeout: float, progress: bool,
-               desc: str, batch: int = 16) -> dict[str, Any]:
+              desc: str, batch: int = 16) -> dict[str, Any]:
     """Greedy completions of every problem at the model's loaded depth, generated ``batch`` at a time by the
     serving engine (continuous batching; the stop sequences end each completion there), each then tested in the
     sandbox."""
-    from helios_ray.engine.engine import EngineConfig, LLMEngine
     from helios_ray.engine.sequence import SamplingParams
     from helios_ray.tuning.code_eval import STOP_SEQUENCES, check_program, humaneval_program
 
@@ -62,19 +83,9 @@ def pass_at_1(m: Any, problems: list[Conversation], max_tokens: int, timeout: fl
     per: dict[str, str] = {}
     ctx = m.spec.max_positions
     prompts = {c.id: m.encode(prompt=c.text) for c in problems}
-    fits = {k: ids for k, ids in prompts.items() if len(ids) < ctx}
-    longest = max((len(ids) + min(max_tokens, ctx - len(ids)) for ids in fits.values()), default=1)
-    fp = m.footprint  # the one memory model: room for `batch` of the longest problems next to the weights
-    budget = fp.weight_bytes + (batch + 1) * (longest + 32) * fp.kv_bytes_per_token
-    eng = LLMEngine(m, EngineConfig(memory_budget=budget, max_num_seqs=batch, max_model_len=ctx,
-                                    torch_threads=torch.get_num_threads()))
-    seqs = {k: eng.add_request(ids, SamplingParams(max_tokens=min(max_tokens, ctx - len(ids)), temperature=0.0,
-                                                   stop=list(STOP_SEQUENCES)))
-            for k, ids in fits.items()}
-    bar = tqdm(total=len(seqs), desc=desc, disable=not progress, file=sys.stderr)
-    while eng.scheduler.has_work:
-        bar.update(sum(1 for ev in eng.step() if ev.finished))
-    bar.close()
+    seqs = generate_greedy(m, {k: (ids, SamplingParams(max_tokens=min(max_tokens, ctx - len(ids)), temperature=0.0,
+                                                       stop=list(STOP_SEQUENCES)))
+                               for k, ids in prompts.items() if len(ids) < ctx}, batch, progress, desc)
     tokens = sum(len(s.output_ids) for s in seqs.values())
     for conv in problems:
         assert conv.text is not None

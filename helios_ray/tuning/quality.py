@@ -31,32 +31,21 @@ import json
 import math
 import platform
 import re
-import sys
 import time
 from collections import Counter
 from pathlib import Path
 from typing import Any
 
 import torch
-from tqdm import tqdm
 
 from helios_data import Conversation
 from helios_ray.errors import HeliosError
 
 __all__ = ["CLASSES", "QUALITY_FILE", "measure_quality", "read_quality", "write_quality", "chat_answers",
-           "reference_scores", "answer_overlap", "chat_score"]
+           "reference_scores", "answer_overlap", "chat_score", "recorded_reference"]
 
 QUALITY_FILE = "quality.json"
 CLASSES = ("code", "chat")
-
-
-def _engine(m: Any, batch: int, longest: int):
-    from helios_ray.engine.engine import EngineConfig, LLMEngine
-
-    fp = m.footprint  # the one memory model: room for `batch` of the longest requests next to the weights
-    budget = fp.weight_bytes + (batch + 1) * (longest + 32) * fp.kv_bytes_per_token
-    return LLMEngine(m, EngineConfig(memory_budget=budget, max_num_seqs=batch, max_model_len=m.spec.max_positions,
-                                     torch_threads=torch.get_num_threads()))
 
 
 def chat_answers(m: Any, convs: list[Conversation], max_tokens: int, progress: bool = False, desc: str = "chat",
@@ -64,18 +53,12 @@ def chat_answers(m: Any, convs: list[Conversation], max_tokens: int, progress: b
     """Greedy answers of the loaded placement to each conversation's first user turn, as a replica serves them."""
     from helios_ray.engine.sequence import SamplingParams
 
+    from helios_ray.tuning.exit_eval import generate_greedy
+
     ctx = m.spec.max_positions
     encoded = {c.id: m.encode_request(messages=list(c.prompt_messages)) for c in convs}
-    fits = {k: e for k, e in encoded.items() if len(e.ids) + max_tokens < ctx}
-    if not fits:
-        return {}
-    eng = _engine(m, batch, max(len(e.ids) for e in fits.values()) + max_tokens)
-    seqs = {k: eng.add_request(e.ids, SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=list(e.stop)))
-            for k, e in fits.items()}
-    bar = tqdm(total=len(seqs), desc=desc, disable=not progress, file=sys.stderr)
-    while eng.scheduler.has_work:
-        bar.update(sum(1 for ev in eng.step() if ev.finished))
-    bar.close()
+    seqs = generate_greedy(m, {k: (e.ids, SamplingParams(max_tokens=max_tokens, temperature=0.0, stop=list(e.stop)))
+                               for k, e in encoded.items() if len(e.ids) + max_tokens < ctx}, batch, progress, desc)
     return {k: s.text for k, s in seqs.items()}
 
 
@@ -143,6 +126,16 @@ def reference_scores(ref: Any, convs: list[Conversation], answers: dict[str, str
     return {"agreement": round(agree / scored, 4) if scored else None,
             "perplexity": round(math.exp(-logp / n_tokens), 3) if n_tokens else None,
             "answers": len(answers), "empty_answers": empty, "tokens_scored": n_tokens}
+
+
+def recorded_reference(repo: Any, names: list[str]) -> str | None:
+    """The chat reference the quality records of ``names`` were measured against (the first record naming one):
+    the model whose answers an online score must compare with, and whose own placements "best" leaves out."""
+    for n in names:
+        ref = (((repo.quality(n) or {}).get("protocol") or {}).get("chat") or {}).get("reference")
+        if ref:
+            return ref
+    return None
 
 
 def default_reference(repo: Any) -> str:
