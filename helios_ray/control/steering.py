@@ -219,6 +219,7 @@ class Steering:
         preds = {g.group: self.predict(feats, g) for g in groups}
         eligible = self.eligible(feats, groups)
         room: list[GroupView] = []
+        scored: list[GroupView] = []  # the groups a prediction chose among (their values are logged)
         if not eligible:
             # Nothing meets the floor (or may answer this chat): the best quality there is for the class, among
             # the groups allowed to answer it at all - counted and shown, never silent.
@@ -244,7 +245,7 @@ class Steering:
         self._reasons[reason] += 1
         # "values": what every candidate was predicted to deliver when the router chose by prediction - so the
         # status page (and a test) can see why a request went where it did, without replaying the predictor.
-        values = ({g.group: round(self._value(g, preds), 6) for g in room} if reason == "predicted" else None)
+        values = ({g.group: round(self._value(g, preds), 6) for g in scored} if reason == "predicted" else None)
         self._recent.append({"group": pick.group, "key": pick.key, "kind": feats.kind, "reason": reason,
                              "eligible": [g.group for g in eligible],
                              "predicted": _brief(chosen) if chosen.n else None, "values": values, "observed": None})
