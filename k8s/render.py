@@ -26,7 +26,8 @@ Pod-specific overrides (the only differences from the source; documented in docs
 
 * ``http_options.host: 0.0.0.0`` - the source binds loopback for laptops.  In a pod the proxy must listen on
   the pod IP: KubeRay health-checks ``<pod IP>:8000/-/healthz`` to put the head pod behind the serve Service,
-  and Services only reach the pod IP.  Exposure is decided by Services/Ingress instead (docs/kubernetes.md).
+  and Services only reach the pod IP.  Exposure is decided by Services/Ingress instead (docs/kubernetes.md); that
+  is why both checks also require every helios application's users' and admin keys from a required Secret.
 * ``proxy_location: EveryNode`` - the source runs one proxy on the head.  KubeRay's readiness probe on the
   worker pods of a RayService requires a healthy Serve proxy on port 8000, so with ``HeadOnly`` the workers
   would never become Ready; with ``EveryNode`` Serve runs a proxy on the head and on every node that hosts a
@@ -328,13 +329,46 @@ def fleet_problems(rayservice: dict[str, Any], cfg: dict[str, Any], where: str =
     return problems
 
 
+def exposure_problems(rayservice: dict[str, Any], cfg: dict[str, Any], where: str = "") -> list[str]:
+    """Why the RayService exposes a helios application without keys (empty: it does not).
+
+    Pods bind ``0.0.0.0``, so every helios application must get its users' key (``api_key_env``) and its
+    operators' key (``admin_key_env``) in every Ray container from a Secret that is *required* (not
+    ``optional: true``: an absent Secret then keeps the pod from starting instead of serving without a key) -
+    unless its args say ``allow_unauthenticated: true`` (helios_ray/serve/auth.py decides the same at start)."""
+    name = where or rayservice["metadata"].get("name", "?")
+    if str((cfg.get("http_options") or {}).get("host", "127.0.0.1")) in ("127.0.0.1", "localhost", "::1"):
+        return []
+    rc = rayservice["spec"]["rayClusterConfig"]
+    pods = [("head", rc["headGroupSpec"])] + [(w["groupName"], w) for w in rc.get("workerGroupSpecs") or []]
+    out = []
+    for app in cfg.get("applications") or []:
+        args = app.get("args") or {}
+        if app.get("import_path") != APP_IMPORT_PATH or args.get("allow_unauthenticated"):
+            continue
+        for field, default in (("api_key_env", "HELIOS_API_KEY"), ("admin_key_env", "HELIOS_ADMIN_KEY")):
+            var = args.get(field, default)
+            if not var:
+                out.append(f"{name}: application {app.get('name')!r} is exposed on 0.0.0.0 with {field} unset: "
+                           "name the env var that holds the key, or set allow_unauthenticated: true")
+                continue
+            for pod, group in pods:
+                env = {e["name"]: e for e in group["template"]["spec"]["containers"][0].get("env") or []}
+                ref = ((env.get(var) or {}).get("valueFrom") or {}).get("secretKeyRef") or {}
+                if not (ref.get("name") and ref.get("key")) or ref.get("optional"):
+                    out.append(f"{name}: {pod}: {var} must come from a required Secret (secretKeyRef without "
+                               f"optional: true): application {app.get('name')!r} is exposed on 0.0.0.0")
+    return out
+
+
 def manifest_problems(text: str, where: str = "") -> list[str]:
-    """fleet_problems of every RayService in a manifest, each against its source's (pod) Serve config."""
+    """fleet_problems and exposure_problems of every RayService in a manifest, against its source's pod config."""
     out = []
     for doc in yaml.safe_load_all(text):
         if isinstance(doc, dict) and doc.get("kind") == "RayService":
             source = (doc["metadata"].get("annotations") or {})[SOURCE_ANNOTATION]
-            out += fleet_problems(doc, pod_config(source), where or doc["metadata"].get("name", "?"))
+            cfg, here = pod_config(source), where or doc["metadata"].get("name", "?")
+            out += fleet_problems(doc, cfg, here) + exposure_problems(doc, cfg, here)
     return out
 
 

@@ -155,7 +155,16 @@ class ServeConfig(StrictModel):
     profile_queue: int = Field(default=8, ge=1, description="Mirrored prompts waiting beyond this are dropped.")
     telemetry_every_tokens: int = Field(default=16, ge=1)
     api_key_env: str | None = Field(default="HELIOS_API_KEY",
-                                    description="Env var holding the API key; unset or empty = no key needed.")
+                                    description="Env var holding the users' API key; unset or empty = no key, and "
+                                                "then only callers on this host are answered (docs/security.md).")
+    admin_key_env: str | None = Field(
+        default="HELIOS_ADMIN_KEY",
+        description="Env var holding the operators' key for /v1/helios/placements; a users' key gets 403 there.  "
+                    "Unset: the operator endpoints answer only a keyless server's own host.")
+    allow_unauthenticated: bool = Field(
+        default=False,
+        description="Serve callers on other hosts without a users' key (an HTTP host off the loopback without a key "
+                    "refuses to start otherwise); the status and the live page then say so.")
     max_ongoing_requests: int = Field(default=256, ge=1, description="Requests one router replica handles at once.")
     admission: AdmissionConfig = Field(default_factory=AdmissionConfig)
     groups: list[GroupSpec] | None = Field(

@@ -6,7 +6,8 @@
     helios-ray fleet unpin                                  # hand the group back to the policy
 
 A thin client of ``POST /v1/helios/placements`` and ``GET /v1/helios/status`` (same URL, key and error rules as
-``helios-ray status``).  An application without ``groups`` in its config has one group, ``default``; a fleet
+``helios-ray status``); ``set`` and ``unpin`` send the operators' admin key (``--admin-key`` or
+``$HELIOS_ADMIN_KEY``), which the placements endpoint requires whenever the server has one (docs/security.md).  An application without ``groups`` in its config has one group, ``default``; a fleet
 (``deployments/helios-fleet.yaml``) names its groups, and ``show`` prints each with the router's share of the
 requests it steered there.
 """
@@ -31,6 +32,9 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     for q in (show, move, unpin):
         add_connection_options(q)
         q.add_argument("--group", default="default", help="the replica group (default: default)")
+    for q in (move, unpin):
+        q.add_argument("--admin-key", default=None,
+                       help="the operators' key the placements endpoint takes (default: $HELIOS_ADMIN_KEY)")
 
 
 def _groups(doc: dict[str, Any]) -> list[dict[str, Any]]:
@@ -51,11 +55,12 @@ def run(a: argparse.Namespace) -> int:
     import os
 
     key = a.api_key or os.environ.get("HELIOS_API_KEY") or None
+    admin = (getattr(a, "admin_key", None) or os.environ.get("HELIOS_ADMIN_KEY") or None) if a.fleet != "show" else None
     if a.fleet == "set":
-        out = call_api(a.url, "/v1/helios/placements", key, a.timeout,
+        out = call_api(a.url, "/v1/helios/placements", admin, a.timeout,
                        body={"group": a.group, "model": a.model, "depth": a.depth, "pin": not a.no_pin})
     elif a.fleet == "unpin":
-        out = call_api(a.url, "/v1/helios/placements/unpin", key, a.timeout, body={"group": a.group})
+        out = call_api(a.url, "/v1/helios/placements/unpin", admin, a.timeout, body={"group": a.group})
     else:
         out = {"groups": _groups(fetch(a.url, key, a.timeout))}
     if a.json:

@@ -18,7 +18,7 @@ def fail(grpc_context: Any, e: APIError) -> None:
     import grpc
 
     code = {400: grpc.StatusCode.INVALID_ARGUMENT, 401: grpc.StatusCode.UNAUTHENTICATED,
-            404: grpc.StatusCode.NOT_FOUND, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
+            403: grpc.StatusCode.PERMISSION_DENIED, 404: grpc.StatusCode.NOT_FOUND, 429: grpc.StatusCode.RESOURCE_EXHAUSTED,
             503: grpc.StatusCode.UNAVAILABLE}.get(e.status, grpc.StatusCode.INTERNAL)
     if e.code == "overloaded":  # shed by admission control, not a broken server
         code = grpc.StatusCode.RESOURCE_EXHAUSTED

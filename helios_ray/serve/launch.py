@@ -53,7 +53,13 @@ def load_deploy_config(path: Path) -> Any:
         if app.import_path == BUILDER:
             from helios_ray.serve.app import load_config
 
-            load_config(app.args)
+            from helios_ray.serve.auth import Access, exposure_problem
+
+            cfg = load_config(app.args)
+            access = Access.from_env(cfg.api_key_env, cfg.admin_key_env, cfg.allow_unauthenticated)
+            problem = exposure_problem(config.http_options.host, access)
+            if problem:  # the router would refuse too, minutes later, as a failed deployment
+                raise HeliosError(f"{path}: application {app.name!r}: {problem}")
     return config
 
 

@@ -22,6 +22,8 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from ray import serve
 
+from helios_ray.errors import HeliosError
+from helios_ray.serve.auth import Access, exposure_problem
 from helios_ray.serve.config import ServeConfig
 from helios_ray.serve import dashboard, grpc_api
 from helios_ray.serve.openai_format import ChunkWriter, completion_body, sse_stream
@@ -60,6 +62,19 @@ async def _json_body(request: Request) -> Any:
         raise APIError(400, "the request body is not valid JSON") from None
 
 
+def _http_host() -> str | None:
+    """The host Serve's HTTP proxy binds, from the controller (None when it cannot be asked: the per-request
+    check of the caller's address still holds)."""
+    try:
+        import ray
+        from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        return ray.get(controller.get_http_config.remote(), timeout=30).host
+    except Exception:  # noqa: BLE001 - a private API: a changed one must not stop the router
+        return None
+
+
 def _key_from_headers(headers: Any) -> str | None:
     auth = headers.get("authorization") or ""
     if auth.lower().startswith("bearer "):
@@ -76,15 +91,20 @@ class Router:
 
         self.cfg = ServeConfig.model_validate(config)
         self.brain, self.profiler = brain, profiler
-        key = os.environ.get(self.cfg.api_key_env or "", "") if self.cfg.api_key_env else ""
-        self.api_key = key or None
+        self.access = Access.from_env(self.cfg.api_key_env, self.cfg.admin_key_env, self.cfg.allow_unauthenticated)
+        problem = exposure_problem(_http_host(), self.access)
+        if problem:  # the deployment fails with this line (`serve run`, KubeRay); `helios-ray serve` checks first
+            raise HeliosError(problem)
         self.metrics = RouterMetrics()
         self.relay = Relay(self.cfg, groups, brain, profiler, self.metrics,
                            model_ids=[self.cfg.served_model_name] + list(self.cfg.candidates))
 
-    def _check_key(self, presented: str | None) -> None:
-        if self.api_key is not None and presented != self.api_key:
-            raise APIError(401, "invalid or missing API key", "invalid_request_error", code="invalid_api_key")
+    def _check_http(self, request: Request, admin: bool = False) -> None:
+        self.access.check(_key_from_headers(request.headers), request.client.host if request.client else None, admin)
+
+    def _check_grpc(self, grpc_context: Any) -> None:
+        peer = grpc_context.peer() if grpc_context is not None else None
+        self.access.check(_key_from_headers(grpc_api.metadata(grpc_context)), peer)
 
     def _count_error(self, e: APIError) -> None:
         if 400 <= e.status < 500:
@@ -93,6 +113,7 @@ class Router:
     async def status_doc(self) -> dict[str, Any]:
         st = await self.brain.status.remote()
         st["routing"] = self.relay.routing_status()
+        st["access"] = self.access.summary()
         if self.profiler is not None:
             try:
                 st["profiler"] = await asyncio.wait_for(self.profiler.stats.remote(), 5)
@@ -103,7 +124,7 @@ class Router:
     # -------------------------------------------------------------------------------------- HTTP
     async def _http_generate(self, request: Request, chat: bool) -> Any:
         try:
-            self._check_key(_key_from_headers(request.headers))
+            self._check_http(request)
             req = parse_request(await _json_body(request), chat)
             call = to_call(req)
             if req.stream:
@@ -124,7 +145,7 @@ class Router:
     @app.get("/v1/models")
     async def models(self, request: Request) -> Any:
         try:
-            self._check_key(_key_from_headers(request.headers))
+            self._check_http(request)
         except APIError as e:
             return _error_response(e)
         return {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "helios-ray"}
@@ -146,7 +167,7 @@ class Router:
     # ------------------------------------------------------------------------------------ admin
     async def _admin(self, request: Request, schema: type, call: Any) -> Any:
         try:
-            self._check_key(_key_from_headers(request.headers))
+            self._check_http(request, admin=True)
             req = validate(schema, await _json_body(request))
             groups = [g.name for g in self.cfg.fleet()]
             if req.group not in groups:
@@ -165,7 +186,7 @@ class Router:
 
     @app.post("/v1/helios/placements")
     async def placements(self, request: Request) -> Any:
-        """Move a group live (operators; API key required when one is set)."""
+        """Move a group live (operators: the admin key, :mod:`.auth`)."""
         return await self._admin(request, PlacementRequest,
                                  lambda r: self.brain.place.remote(r.model, r.depth, pin=r.pin, group=r.group))
 
@@ -176,7 +197,7 @@ class Router:
     @app.get("/v1/helios/status")
     async def status(self, request: Request) -> Any:
         try:
-            self._check_key(_key_from_headers(request.headers))
+            self._check_http(request)
         except APIError as e:
             return _error_response(e)
         return JSONResponse(await self.status_doc())
@@ -184,7 +205,7 @@ class Router:
     # -------------------------------------------------------------------------------------- gRPC
     async def _grpc_call(self, request: Any, grpc_context: Any) -> tuple[Any, str]:
         try:
-            self._check_key(_key_from_headers(grpc_api.metadata(grpc_context)))
+            self._check_grpc(grpc_context)
             body, chat = body_from_grpc(request, self.cfg.served_model_name)
             req = parse_request(body, chat)
             self.relay.check_model(req.model)
@@ -220,7 +241,7 @@ class Router:
 
     async def Status(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
         try:
-            self._check_key(_key_from_headers(grpc_api.metadata(grpc_context)))
+            self._check_grpc(grpc_context)
         except APIError as e:
             grpc_api.fail(grpc_context, e)
             raise

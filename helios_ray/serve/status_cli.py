@@ -54,7 +54,7 @@ def call_api(url: str, path: str, api_key: str | None, timeout: float = 10.0, bo
         raise HeliosError(f"{target}: no answer within {timeout:g} s") from None
     except httpx.HTTPError as e:
         raise HeliosError(f"cannot reach {target}: {e or type(e).__name__} (is the server running? --url)") from None
-    if r.status_code == 401:
+    if r.status_code == 401 and "admin" not in r.text:
         how = "the API key was rejected" if api_key else "the server requires an API key"
         raise HeliosError(f"{target}: 401 unauthorized: {how} (--api-key or $HELIOS_API_KEY)")
     try:
@@ -107,6 +107,8 @@ def render(doc: dict[str, Any], url: str = "", now: float | None = None, decisio
     reps = doc.get("replicas") or []
     out = ["helios-ray" + (f" {url}" if url else "") + f"  mode {doc.get('mode', '-')}  SLO {doc.get('slo', '-')}  "
            f"requests {doc.get('requests', 0):,}  tokens observed {doc.get('tokens_observed', 0):,}", ""]
+    if (doc.get("access") or {}).get("open_to_other_hosts"):
+        out[-1:] = ["WARNING: no API key and allow_unauthenticated: anyone who reaches this server may call it", ""]
     groups = doc.get("groups") or [{"name": "default", "placement": p, "pinned": doc.get("pinned")}]
     split = ((doc.get("routing") or {}).get("steering") or {}).get("split") or {}
     steered = sum(sum(k.values()) for k in split.values())

@@ -284,9 +284,10 @@ def test_cluster_layout(path):
         assert env["HELIOS_CACHE_DIR"]["value"] == _dockerfile_env("HELIOS_CACHE_DIR"), \
             f"{name}: HELIOS_CACHE_DIR must be where k8s/Dockerfile puts the converted models"
         assert env["HF_HUB_OFFLINE"]["value"] == "1"
-        key = env.get(api_key_env, {}).get("valueFrom", {}).get("secretKeyRef")
-        assert key and key.get("optional") is True and key.get("name") and key.get("key"), \
-            f"{name}: {api_key_env} must come from a Secret, optional: true"
+        for var in (api_key_env, app["args"].get("admin_key_env", "HELIOS_ADMIN_KEY")):
+            key = env.get(var, {}).get("valueFrom", {}).get("secretKeyRef")
+            assert key and not key.get("optional") and key.get("name") and key.get("key"), \
+                f"{name}: {var} must come from a required Secret"
         assert not {"RAY_AUTH_MODE", "RAY_AUTH_TOKEN"} & set(env), "authOptions sets Ray's auth env vars"
 
         volumes = {v["name"]: v for v in group["template"]["spec"].get("volumes", [])}
@@ -665,3 +666,29 @@ def test_bad_serve_configs_are_rejected():
     del bad["applications"][0]["import_path"]
     with pytest.raises(ValidationError):
         ServeDeploySchema.model_validate(bad)
+
+
+def test_render_check_fails_on_a_manifest_that_exposes_the_api_without_a_required_key(render, tmp_path,
+                                                                                        monkeypatch, capsys):
+    """An optional Secret (the old manifests' way: absent Secret = open API) or a missing admin key is refused;
+    `allow_unauthenticated: true` in the source is the one way to mean it."""
+    (tmp_path / "k8s").mkdir()
+    (tmp_path / "deployments").mkdir()
+    src = yaml.safe_load((ROOT / "deployments" / "helios.yaml").read_text())
+    (tmp_path / "deployments" / "helios.yaml").write_text(yaml.safe_dump(src, sort_keys=False))
+    text = (K8S / "rayservice-cpu.yaml").read_text()
+    optional = re.sub(r"^( *)key: api-key\n", r"\1key: api-key\n\1optional: true\n", text, count=1, flags=re.M)
+    assert optional != text
+    (tmp_path / "k8s" / "rayservice-cpu.yaml").write_text(optional)
+    monkeypatch.setattr(render, "ROOT", tmp_path)
+    monkeypatch.setattr(render, "K8S_DIR", tmp_path / "k8s")
+    assert render.main(["--check"]) == 1
+    err = capsys.readouterr().err
+    assert "head: HELIOS_API_KEY must come from a required Secret" in err and "up to date" in err
+    no_admin = re.sub(r"\n *- name: HELIOS_ADMIN_KEY[^\n]*(\n {20,}[^\n]*)+", "", text)
+    (tmp_path / "k8s" / "rayservice-cpu.yaml").write_text(no_admin)
+    assert render.main(["--check"]) == 1
+    assert "HELIOS_ADMIN_KEY must come from a required Secret" in capsys.readouterr().err
+    src["applications"][0]["args"]["allow_unauthenticated"] = True
+    (tmp_path / "deployments" / "helios.yaml").write_text(yaml.safe_dump(src, sort_keys=False))
+    assert render.main([]) == 0  # re-rendered with the flag: meant, so accepted

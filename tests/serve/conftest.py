@@ -16,6 +16,7 @@ from helios_bench.harness import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 API_KEY = "test-key-123"
+ADMIN_KEY = "test-admin-456"
 
 
 def pytest_collection_modifyitems(config, items):
@@ -51,6 +52,7 @@ def cluster():
     os.environ["RAY_AUTH_MODE"] = "disabled"
     os.environ["RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S"] = "60"  # 2 loaded cores: the proxy can start slowly
     os.environ["HELIOS_TEST_API_KEY"] = API_KEY  # inherited by the cluster's workers (the Router reads it)
+    os.environ["HELIOS_TEST_ADMIN_KEY"] = ADMIN_KEY
     import ray
     from ray import serve
 
@@ -69,7 +71,7 @@ def cluster():
     # Same application as the YAML; test-sized knobs: a small breach window so a storm is quick to provoke,
     # starting at a shallow SmolLM2 depth where the logit lens is unconfident (a real, not simulated, storm).
     args.update({
-        "api_key_env": "HELIOS_TEST_API_KEY", "mirror_fraction": 0.0,
+        "api_key_env": "HELIOS_TEST_API_KEY", "admin_key_env": "HELIOS_TEST_ADMIN_KEY", "mirror_fraction": 0.0,
         # float32 on every host: the tests compare streams token for token (a resumed stream, two replicas on two
         # nodes), and bf16 greedy decoding - what `auto` picks on a CPU with AVX512-BF16 - depends on the batch.
         "dtype": "float32",
@@ -91,7 +93,9 @@ def cluster():
             pass
         time.sleep(1)
     yield {"base": base, "grpc": f"127.0.0.1:{grpc_port}", "metrics": f"http://127.0.0.1:{metrics_port}",
-           "headers": {"Authorization": f"Bearer {API_KEY}"}, "key": API_KEY, "app": app_cfg["name"]}
+           "headers": {"Authorization": f"Bearer {API_KEY}"}, "key": API_KEY, "app": app_cfg["name"],
+           "admin_headers": {"Authorization": f"Bearer {ADMIN_KEY}"}, "admin_key": ADMIN_KEY, "http_port": http_port,
+           "grpc_port": grpc_port}
     serve.shutdown()
     ray.shutdown()
     keep = os.environ.get("HELIOS_KEEP_RAY_LOGS")  # debugging a failed run: keep the cluster's logs there

@@ -1,5 +1,5 @@
 """Operators move the fleet over HTTP: ``POST /v1/helios/placements`` (and ``helios-ray fleet``), with the API key,
-clear 4xx for unknown groups, models and depths, and the change visible in the status and the metrics - live,
+the admin key (a user's key gets 403), clear 4xx for unknown groups, models and depths, and the change visible in the status and the metrics - live,
 while requests keep completing."""
 
 from __future__ import annotations
@@ -16,12 +16,13 @@ pytestmark = pytest.mark.slow
 
 
 def _post(c, path: str, body, headers=None) -> httpx.Response:
-    return httpx.post(f"{c['base']}{path}", headers=c["headers"] if headers is None else headers, timeout=60,
+    return httpx.post(f"{c['base']}{path}", headers=c["admin_headers"] if headers is None else headers, timeout=60,
                       **({"content": body} if isinstance(body, str) else {"json": body}))
 
 
 @pytest.mark.parametrize("body, headers, status, needle", [
-    ({"model": "smollm2-135m", "depth": 24}, {}, 401, "API key"),
+    ({"model": "smollm2-135m", "depth": 24}, {}, 401, "admin key"),
+    ({"model": "smollm2-135m", "depth": 24}, {"Authorization": "Bearer test-key-123"}, 403, "not a user API key"),
     ({"group": "chat", "model": "smollm2-135m"}, None, 404, "unknown group 'chat'"),
     ({"model": "nope"}, None, 404, "'nope' is not a candidate"),
     ({"model": "smollm2-135m", "depth": 99}, None, 400, "depth 99 is out of range"),
@@ -36,8 +37,9 @@ def test_bad_placement_requests_are_clear_4xx(cluster, body, headers, status, ne
 
 
 def _fleet(c, *args: str) -> subprocess.CompletedProcess:
+    admin = ["--admin-key", c["admin_key"]] if args[0] != "show" else []
     return subprocess.run([sys.executable, "-m", "helios_ray.cli", "fleet", *args, "--url", c["base"],
-                           "--api-key", c["key"]], capture_output=True, text=True, timeout=120)
+                           "--api-key", c["key"], *admin], capture_output=True, text=True, timeout=120)
 
 
 def test_moving_the_group_live_shows_in_status_and_metrics(cluster):

@@ -134,3 +134,45 @@ def test_plain_mode_batches_rows_that_stop_on_their_own(baselines):
     assert st["mode"] == "plain"
     ids, _, _ = _stream(url, CHAT, 4)  # still serving
     assert len(ids) >= 1
+
+
+def _this_hosts_address() -> str | None:
+    """A non-loopback address of this host (the one a default route leaves from), or None without one."""
+    import socket
+
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+    try:
+        s.connect(("192.0.2.123", 9))  # UDP: picks the route, sends nothing
+        ip = s.getsockname()[0]
+    except OSError:
+        return None
+    finally:
+        s.close()
+    return None if ip.startswith("127.") else ip
+
+
+def test_a_keyless_app_answers_only_this_host_even_where_grpc_listens_on_every_interface(cluster, baselines):
+    """Serve's gRPC proxy binds [::]:port whatever http_options.host says: a keyless application (the baselines
+    run with api_key_env None) must refuse a caller that comes from another address - here this host's own
+    non-loopback address, which the kernel reports as the peer - and answer the loopback; a keyed application
+    answers any address that brings its key."""
+    import grpc
+
+    from helios_proto import helios_pb2 as pb, helios_pb2_grpc as pbg
+
+    ip = _this_hosts_address()
+    if ip is None:
+        pytest.skip("this host has no non-loopback IPv4 address")
+    port = cluster["grpc_port"]
+
+    def call(host: str, app: str, key: str | None = None):
+        md = (("application", app),) + ((("authorization", f"Bearer {key}"),) if key else ())
+        with grpc.insecure_channel(f"{host}:{port}") as ch:
+            return pbg.HeliosServiceStub(ch).Generate(pb.GenerateRequest(model="helios", prompt="Hi", max_tokens=2),
+                                                     metadata=md, timeout=120)
+
+    assert call("127.0.0.1", "ee").text is not None
+    with pytest.raises(grpc.RpcError) as e:
+        call(ip, "ee")
+    assert e.value.code() == grpc.StatusCode.PERMISSION_DENIED and "only on its own host" in e.value.details()
+    assert call(ip, cluster["app"], cluster["key"]).usage.completion_tokens >= 1

@@ -36,7 +36,8 @@ def fleet(cluster):
 
     shipped = yaml.safe_load((ROOT / "deployments" / "helios-fleet.yaml").read_text())["applications"][0]["args"]
     groups = [{**g, "max_replicas": 2} for g in shipped["groups"]]  # the shipped groups, elastic for the plan
-    args = {**shipped, "groups": groups, "api_key_env": "HELIOS_TEST_API_KEY", "profiler": False,
+    args = {**shipped, "groups": groups, "api_key_env": "HELIOS_TEST_API_KEY",
+            "admin_key_env": "HELIOS_TEST_ADMIN_KEY", "profiler": False,
             "mirror_fraction": 0.0,
             "fleet_slots": 3,  # one slot for the group that serves more
             "engine": {**shipped["engine"], "max_num_seqs": 8, "torch_threads": 1},
@@ -198,7 +199,7 @@ def test_moving_a_group_under_load_shows_in_status_and_metrics(fleet):
     t = threading.Thread(target=load)
     t.start()
     try:
-        r = httpx.post(f"{fleet['base']}/v1/helios/placements", headers=fleet["headers"], timeout=60,
+        r = httpx.post(f"{fleet['base']}/v1/helios/placements", headers=fleet["admin_headers"], timeout=60,
                        json={"group": "coder", "model": "qwen2.5-coder-0.5b", "depth": 22})
         assert r.status_code == 200, r.text
         assert r.json()["placement"]["depth"] == 22
@@ -217,7 +218,7 @@ def test_moving_a_group_under_load_shows_in_status_and_metrics(fleet):
                                   r'[^}]*\} 22(\.0)?\b', text))
 
         wait_until(metric, 60, "helios_group_placement_depth for group coder at 22")
-        bad = httpx.post(f"{fleet['base']}/v1/helios/placements", headers=fleet["headers"], timeout=60,
+        bad = httpx.post(f"{fleet['base']}/v1/helios/placements", headers=fleet["admin_headers"], timeout=60,
                          json={"group": "coder", "model": "gemma3-270m"})
         assert bad.status_code == 404 and "not a candidate of group 'coder'" in bad.json()["error"]["message"]
     finally:

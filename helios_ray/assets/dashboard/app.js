@@ -108,6 +108,9 @@
     const ctl = doc.controller || {};
     setText("mode", doc.mode ? "mode " + doc.mode : "");
     setText("slo", doc.slo ? "SLO " + doc.slo : "");
+    const open = !!(doc.access && doc.access.open_to_other_hosts);
+    setText("access", open ? "no API key: open to every host" : "");
+    $("access").hidden = !open;
     renderPlacement(doc, now);
     renderBreaches(ctl.breaches || {});
     renderQuality(doc);
