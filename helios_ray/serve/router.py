@@ -15,7 +15,6 @@ string annotations would no longer resolve - FastAPI would then read ``request``
 import asyncio
 import json
 import math
-import os
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
