@@ -18,7 +18,7 @@ from helios_ray.dtypes import DTYPE_CHOICES
 from helios_ray.errors import HeliosError
 
 
-HELP = "benchmarks that print side-by-side ratios (engine, memory, mixed, serve)"
+HELP = "benchmarks that print side-by-side ratios (engine, memory, mixed, serve), and fuzz / soak runs"
 
 
 class _Parser(argparse.ArgumentParser):
@@ -114,6 +114,32 @@ def configure_parser(p: argparse.ArgumentParser) -> None:
     x.add_argument("--threads", type=int, default=1)
     x.add_argument("--seed", type=int, default=0)
     x.add_argument("--json", action="store_true")
+    f = sub.add_parser("fuzz", help="generated HTTP requests (from the server's OpenAPI schema) and gRPC messages: "
+                                    "every answer a 2xx or a clear 4xx, nothing hangs, no replica dies")
+    f.add_argument("config", nargs="?", default="deployments/helios.yaml",
+                   help="the Serve config file to fuzz on a private loopback cluster (default deployments/helios.yaml)")
+    f.add_argument("--http", type=int, default=5000, help="generated HTTP requests (default 5000)")
+    f.add_argument("--grpc", type=int, default=1000, help="generated gRPC messages (default 1000)")
+    f.add_argument("--workers", type=int, default=8, help="requests in flight at once (default 8)")
+    f.add_argument("--timeout", type=float, default=120.0, help="seconds before an answer counts as a hang")
+    f.add_argument("--max-model-len", type=int, default=256,
+                   help="the served context (default 256): larger token counts are refused by the server")
+    f.add_argument("--seed", type=int, default=0)
+    f.add_argument("--json", action="store_true")
+    k = sub.add_parser("soak", help="a deployment file at saturation for N minutes with replica kills and placement "
+                                    "changes on a schedule: requests lost, latency and every process's RSS over time")
+    k.add_argument("config", nargs="?", default="deployments/helios-fleet.yaml",
+                   help="the Serve config file (default deployments/helios-fleet.yaml)")
+    k.add_argument("--minutes", type=float, default=30.0, help="length of the run (default 30)")
+    k.add_argument("--clients", type=int, default=24, help="closed-loop streaming clients (default 24)")
+    k.add_argument("--kill-every", type=float, default=300.0, help="seconds between replica SIGKILLs (0 = none)")
+    k.add_argument("--place-every", type=float, default=120.0, help="seconds between placement changes (0 = none)")
+    k.add_argument("--max-tokens", type=int, default=64, help="tokens per answer (default 64)")
+    k.add_argument("--warmup", type=float, default=120.0,
+                   help="seconds of each process's life before its RSS counts (default 120)")
+    k.add_argument("--out", default="docs/data/soak", help="where the JSON and the picture go")
+    k.add_argument("--seed", type=int, default=0)
+    k.add_argument("--json", action="store_true")
     m = sub.add_parser("memory", help="max concurrent sequences the scheduler admits at each depth")
     m.add_argument("--model", default="smollm2-135m")
     m.add_argument("--budget-mb", type=int, default=1024)
@@ -208,6 +234,34 @@ def _run(a: argparse.Namespace) -> int:
 
     if a.bench == "serve":
         return _run_bench_serve(a)
+    if a.bench == "soak":
+        import contextlib
+        import json
+        from pathlib import Path
+
+        from helios_bench import soak
+
+        if a.minutes <= 0 or a.clients < 1:
+            raise HeliosError("--minutes must be positive and --clients at least 1")
+        with contextlib.redirect_stdout(sys.stderr):
+            res = soak.run_soak(a.config, a.minutes, a.clients, a.kill_every, a.place_every, a.max_tokens,
+                                a.warmup, seed=a.seed, log=lambda m: print(m, file=sys.stderr))
+        out = Path(a.out)
+        out.mkdir(parents=True, exist_ok=True)
+        res["plot"] = str(soak.plot(res, out / "soak.png"))
+        (out / "soak.json").write_text(json.dumps(res, indent=1))
+        _emit(res, a.json, soak.format_report)
+        return 0 if res["failed"] == 0 else 1
+    if a.bench == "fuzz":
+        import contextlib
+
+        from helios_bench import fuzz
+
+        with contextlib.redirect_stdout(sys.stderr):
+            res = fuzz.fuzz_file(a.config, a.http, a.grpc, a.seed, a.workers, a.timeout, a.max_model_len,
+                                 log=lambda m: print(m, file=sys.stderr))
+        _emit(res, a.json, fuzz.format_report)
+        return 0 if res["passed"] else 1
     if a.bench == "mixed":
         from helios_bench import mixed_bench
 

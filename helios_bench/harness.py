@@ -22,6 +22,7 @@ import socket
 import tempfile
 import time
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 from helios_ray.memory import Footprint
@@ -45,6 +46,10 @@ class LocalCluster:
     (the serve tests' cluster does the same).
     """
 
+    def __init__(self, grpc_servicers: list[str] | None = None):
+        self.grpc_servicers = grpc_servicers  # Serve's gRPC proxy too (fuzz, soak), on a free port
+        self.grpc_target: str | None = None
+
     def __enter__(self) -> LocalCluster:
         os.environ.setdefault("RAY_AUTH_MODE", "disabled")
         os.environ.setdefault("RAY_SERVE_PROXY_READY_CHECK_TIMEOUT_S", "60")
@@ -55,9 +60,31 @@ class LocalCluster:
         ray.init(num_cpus=max(4, os.cpu_count() or 1), _temp_dir=self.tmp, object_store_memory=100 * 2**20,
                  include_dashboard=False, logging_level="ERROR", log_to_driver=False)
         self.port = free_port()
-        serve.start(http_options={"host": "127.0.0.1", "port": self.port})
+        grpc: dict[str, Any] = {}
+        if self.grpc_servicers:
+            gport = free_port()
+            grpc = {"grpc_options": {"port": gport, "grpc_servicer_functions": self.grpc_servicers}}
+            self.grpc_target = f"127.0.0.1:{gport}"
+        serve.start(http_options={"host": "127.0.0.1", "port": self.port}, **grpc)
         self.base = f"http://127.0.0.1:{self.port}"
         return self
+
+    def deploy_file(self, path: str | Path, args: dict[str, Any] | None = None) -> str:
+        """Deploy a Serve config file's applications as ``serve run FILE`` would (``deployments:`` overrides and
+        all), the helios application's args updated with ``args``; returns the helios application's base URL (not
+        waited for: :func:`wait_ready`).  Its HTTP/gRPC options are this cluster's, not the file's."""
+        from ray.serve.context import _get_global_client
+
+        from helios_ray.serve.launch import BUILDER, load_deploy_config
+
+        config = load_deploy_config(Path(path))
+        apps = [a for a in config.applications if a.import_path == BUILDER]
+        if not apps:
+            raise ValueError(f"{path}: no application built by {BUILDER}")
+        apps[0].args = {**(apps[0].args or {}), **(args or {})}
+        _get_global_client().deploy_apps(config, _blocking=False)
+        self.app = apps[0].name
+        return self.base + (apps[0].route_prefix or "/").rstrip("/")
 
     def __exit__(self, *exc: object) -> None:
         import ray
@@ -71,11 +98,12 @@ class LocalCluster:
 
 
 # -------------------------------------------------------------------------------------------- readiness
-def status(base: str) -> dict[str, Any]:
+def status(base: str, api_key: str | None = None) -> dict[str, Any]:
     """The application's status document (``GET {base}/v1/helios/status``)."""
     import httpx
 
-    r = httpx.get(f"{base}/v1/helios/status", timeout=30, trust_env=False)  # loopback: never through a proxy
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    r = httpx.get(f"{base}/v1/helios/status", headers=headers, timeout=30, trust_env=False)  # loopback: no proxy
     r.raise_for_status()
     return r.json()
 
@@ -87,7 +115,7 @@ def on_current_placement(st: dict[str, Any]) -> bool:
 
 
 def wait_ready(base: str, timeout: float = 600, ready: Callable[[dict[str, Any]], bool] = on_current_placement,
-               what: str = "become ready") -> dict[str, Any]:
+               what: str = "become ready", api_key: str | None = None) -> dict[str, Any]:
     """Health, then a status for which ``ready(status)`` holds (default: :func:`on_current_placement`).
 
     ``/health`` answers once the Router is up, long before a replica has loaded its model, so health alone would
@@ -98,7 +126,7 @@ def wait_ready(base: str, timeout: float = 600, ready: Callable[[dict[str, Any]]
     while time.time() < deadline:
         try:
             if httpx.get(f"{base}/health", timeout=5, trust_env=False).status_code == 200:
-                st = status(base)
+                st = status(base, api_key)
                 if ready(st):
                     return st
         except httpx.HTTPError:

@@ -7,6 +7,9 @@ from torch import Tensor
 
 from helios_ray.engine.sequence import Sequence
 
+#: float32's smallest normal number: below it a temperature rounds to 0 (or loses precision) in the division.
+MIN_TEMPERATURE = float(torch.finfo(torch.float32).tiny)
+
 
 def _filter(logits: Tensor, top_k: int, top_p: float) -> Tensor:
     if top_k > 0 and top_k < logits.shape[-1]:
@@ -17,6 +20,7 @@ def _filter(logits: Tensor, top_k: int, top_p: float) -> Tensor:
         probs = sorted_logits.softmax(-1)
         # drop tokens once the mass *before* them already reaches top_p (the top token always stays)
         drop = probs.cumsum(-1) - probs >= top_p
+        drop[..., 0] = False  # kept explicitly: a top_p below float32's range (1e-300) compares as 0 >= 0
         sorted_logits = sorted_logits.masked_fill(drop, float("-inf"))
         logits = torch.empty_like(logits).scatter_(-1, idx, sorted_logits)
     return logits
@@ -32,7 +36,11 @@ def sample(logits: Tensor, seqs: list[Sequence], greedy: Tensor | None = None) -
         if p.greedy:
             out.append(int(picks[i]))
             continue
-        row = _filter(logits[i].float() / p.temperature, p.top_k, p.top_p)
+        # Shifted by the row's max first: with a tiny temperature (1e-30 is valid) logits / T overflows to +inf
+        # and softmax turns it into NaN; shifted, the best token stays 0 and the rest go to -inf (greedy's limit).
+        # And at least float32's smallest normal: a float64 temperature such as 5e-324 is 0 in float32 (0/0 = NaN).
+        row = logits[i].float()
+        row = _filter((row - row.max()) / max(p.temperature, MIN_TEMPERATURE), p.top_k, p.top_p)
         probs = row.softmax(-1)
         out.append(int(torch.multinomial(probs, 1, generator=seq.generator)))
     return out

@@ -153,6 +153,27 @@ class UnpinRequest(BaseModel):
     group: str = "default"
 
 
+def openapi_body(schema: type[BaseModel]) -> dict[str, Any]:
+    """The route's OpenAPI ``requestBody``: the routes read the body themselves (so a bad one gets OpenAI's error
+    body, not FastAPI's), so FastAPI cannot see the schema - this puts it in ``/openapi.json`` for clients and for
+    schema-driven fuzzing (``helios-ray bench fuzz``).  ``$defs`` are inlined: they would resolve against the
+    OpenAPI document's root, not the schema's."""
+    doc = schema.model_json_schema()
+    defs = doc.pop("$defs", {})
+
+    def inline(node: Any) -> Any:
+        if isinstance(node, dict):
+            ref = node.get("$ref", "")
+            if ref.startswith("#/$defs/"):
+                return inline(defs[ref.rsplit("/", 1)[1]])
+            return {k: inline(v) for k, v in node.items()}
+        if isinstance(node, list):
+            return [inline(v) for v in node]
+        return node
+
+    return {"requestBody": {"required": True, "content": {"application/json": {"schema": inline(doc)}}}}
+
+
 # ------------------------------------------------------------------------------------------------ errors
 class APIError(Exception):
     """A request that ends in an error response: HTTP status + OpenAI error body, or the gRPC status below."""
@@ -212,12 +233,21 @@ def to_call(req: Request, prefix: str | None = None) -> GenerateCall:
     return GenerateCall(request_id=new_id(prefix or "cmpl"), prompt=req.prompt, params=params, metadata=req.metadata)
 
 
+def check_decoded(request: Any) -> None:
+    """A gRPC request whose bytes did not decode (:class:`helios_proto.servicer.Undecodable`) is a 400."""
+    from helios_proto.servicer import Undecodable
+
+    if isinstance(request, Undecodable):
+        raise APIError(400, f"the request is not a valid helios.v1 message ({request.message})")
+
+
 def body_from_grpc(request: Any, default_model: str) -> tuple[dict[str, Any], bool]:
     """A helios.v1 ``GenerateRequest`` as the equivalent OpenAI body, and whether it is a chat.
 
     Proto3 scalars have no "unset": ``max_tokens`` 0 and the empty prompt mean "not given"; the ``optional``
     fields are copied only when present.  Everything else is validated by the same schema as HTTP.
     """
+    check_decoded(request)
     has_msgs = len(request.messages) > 0
     if bool(request.prompt) == has_msgs:
         raise APIError(400, "exactly one of prompt or messages is required")

@@ -92,6 +92,7 @@ class Relay:
         self.steering = Steering(self.cfg.slo, self.cfg.steering)
         self._rng = random.Random()  # which served chats are scored online
         self._inflight = {g: 0 for g in self.groups}
+        self.resumed_streams = 0  # streams this router resumed on a live replica after theirs died (status)
         self._viewed = asyncio.Event()
 
     async def _refresh(self, every_s: float = 1.0) -> None:
@@ -240,6 +241,7 @@ class Relay:
                                                               "in time; retry the request")
                         return
                     self.metrics.resumed.inc(tags={"model": start.model})
+                    self.resumed_streams += 1
                     gen = resumed
         finally:
             gen.cancel()  # a no-op once the stream ended; frees the replica's sequence when the client left
@@ -340,7 +342,8 @@ class Relay:
         if n > 1 and ttft is not None:
             self.metrics.tpot.observe((e2e - ttft) / (n - 1), tags=tags)
         self.metrics.e2e.observe(e2e, tags=tags)
-        self.metrics.tokens.inc(n, tags=tags)
+        if n:  # Ray's counters refuse 0: an answer that ended before its first token would turn into a 500
+            self.metrics.tokens.inc(n, tags=tags)
         if breaches:
             self.metrics.breaches.inc(breaches, tags=tags)
         fire(self.brain.observe_request.remote(model, depth, n, e2e, ttft, start.prompt_tokens, group=group))
@@ -372,7 +375,7 @@ class Relay:
         requests per group, and the predictor's split, prediction errors and recent routes."""
         return {"groups": [{**v.model_dump(), "version": self._versions.get(g), "inflight": self._inflight.get(g, 0)}
                            for g, v in self._views.items()],
-                "steering": self.steering.snapshot()}
+                "steering": self.steering.snapshot(), "resumed_streams": self.resumed_streams}
 
     async def complete(self, call: GenerateCall, requested: str) -> Completed:
         opened = await self.open(call, requested)

@@ -15,6 +15,7 @@ string annotations would no longer resolve - FastAPI would then read ``request``
 import asyncio
 import json
 import math
+import os
 from typing import Any, AsyncIterator
 
 from fastapi import FastAPI, Request
@@ -27,7 +28,9 @@ from helios_ray.serve.config import ServeConfig
 from helios_ray.serve import dashboard, grpc_api
 from helios_ray.serve.openai_format import ChunkWriter, completion_body, sse_stream
 from helios_ray.serve.protocol import (
-    APIError, PlacementRequest, UnpinRequest, body_from_grpc, parse_request, to_call, validate,
+    APIError, ChatCompletionRequest, CompletionRequest, PlacementRequest, UnpinRequest, body_from_grpc, check_decoded,
+    openapi_body,
+    parse_request, to_call, validate,
 )
 from helios_ray.serve.relay import Relay
 from helios_ray.serve.schemas import StreamEnd, StreamToken
@@ -113,6 +116,7 @@ class Router:
         st = await self.brain.status.remote()
         st["routing"] = self.relay.routing_status()
         st["access"] = self.access.summary()
+        st["router"] = {"pid": os.getpid()}  # with the brain's and the replicas' pids: what a soak watches
         if self.profiler is not None:
             try:
                 st["profiler"] = await asyncio.wait_for(self.profiler.stats.remote(), 5)
@@ -150,11 +154,11 @@ class Router:
         return {"object": "list", "data": [{"id": m, "object": "model", "created": 0, "owned_by": "helios-ray"}
                                            for m in self.relay.model_ids]}
 
-    @app.post("/v1/chat/completions")
+    @app.post("/v1/chat/completions", openapi_extra=openapi_body(ChatCompletionRequest))
     async def chat_completions(self, request: Request) -> Any:
         return await self._http_generate(request, chat=True)
 
-    @app.post("/v1/completions")
+    @app.post("/v1/completions", openapi_extra=openapi_body(CompletionRequest))
     async def completions(self, request: Request) -> Any:
         return await self._http_generate(request, chat=False)
 
@@ -183,13 +187,13 @@ class Router:
             return _error_response(e)
         return JSONResponse({"group": req.group, **out})
 
-    @app.post("/v1/helios/placements")
+    @app.post("/v1/helios/placements", openapi_extra=openapi_body(PlacementRequest))
     async def placements(self, request: Request) -> Any:
         """Move a group live (operators: the admin key, :mod:`.auth`)."""
         return await self._admin(request, PlacementRequest,
                                  lambda r: self.brain.place.remote(r.model, r.depth, pin=r.pin, group=r.group))
 
-    @app.post("/v1/helios/placements/unpin")
+    @app.post("/v1/helios/placements/unpin", openapi_extra=openapi_body(UnpinRequest))
     async def unpin(self, request: Request) -> Any:
         return await self._admin(request, UnpinRequest, lambda r: self.brain.unpin.remote(r.group))
 
@@ -241,6 +245,7 @@ class Router:
     async def Status(self, request: Any, grpc_context: Any = None) -> Any:  # noqa: N802
         try:
             self._check_grpc(grpc_context)
+            check_decoded(request)
         except APIError as e:
             grpc_api.fail(grpc_context, e)
             raise

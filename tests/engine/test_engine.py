@@ -112,6 +112,21 @@ def test_seeded_sampling_is_reproducible_and_top_k_1_is_greedy(tiny):
     assert g.output_ids == k1.output_ids
 
 
+@pytest.mark.parametrize("temperature, top_p", [(1e-30, 1.0), (5e-324, 1.0), (1e-6, 1.0), (1.0, 1e-300),
+                                                 (2.0, 5e-324)])
+def test_a_tiny_temperature_or_top_p_samples_greedily_instead_of_failing_the_batch(temperature, top_p):
+    """Found by the fuzz run: 5e-324 is a valid temperature, 0 in float32, and logits / T was 0/0 = NaN; a top_p of
+    1e-300 is 0 in float32 and dropped even the top token.  Either failed the whole batch's step, batch-mates
+    included.  The limit of sampling as T -> 0 (or top_p -> 0) is greedy."""
+    from helios_ray.engine.sampling import sample
+    from helios_ray.engine.sequence import Sequence
+
+    logits = torch.tensor([[0.1, 3.0, -2.0, 2.9], [1.0, 0.0, 5.0, 4.0]])
+    seqs = [Sequence(prompt_ids=[1], params=SamplingParams(temperature=temperature, top_p=top_p, seed=s))
+            for s in (1, 2)]
+    assert sample(logits, seqs) == [1, 2]
+
+
 def test_top_p_and_top_k_filters():
     logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
     kept = torch.isfinite(_filter(logits.clone(), 0, 0.7))

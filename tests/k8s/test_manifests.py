@@ -28,7 +28,7 @@ K8S = ROOT / "k8s"
 CRD_DIR = K8S / "crd"  # vendored, inside the checkout: k8s/crd/README.md says which KubeRay release
 CRD_PATH = CRD_DIR / "ray.io_rayservices.yaml"
 IMPORT_PATH = "helios_ray.serve.app:build_app"
-GRPC_SERVICER = "helios_proto.helios_pb2_grpc.add_HeliosServiceServicer_to_server"
+GRPC_SERVICER = "helios_proto.servicer.add_HeliosServiceServicer_to_server"
 SOURCE_ANNOTATION = "helios-ray/serve-config-source"
 # The only places a RayService's Serve config may differ from its deployments/*.yaml source (docs/kubernetes.md).
 POD_OVERRIDES = {("proxy_location",): "EveryNode", ("http_options", "host"): "0.0.0.0"}

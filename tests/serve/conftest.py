@@ -64,7 +64,7 @@ def cluster():
     # would share the port and take connections with it when that node dies.
     serve.start(proxy_location="HeadOnly", http_options={"host": "127.0.0.1", "port": http_port},
                 grpc_options={"port": grpc_port, "grpc_servicer_functions": [
-                    "helios_proto.helios_pb2_grpc.add_HeliosServiceServicer_to_server"]})
+                    "helios_proto.servicer.add_HeliosServiceServicer_to_server"]})
     cfg = yaml.safe_load((ROOT / "deployments" / "helios.yaml").read_text())
     app_cfg = cfg["applications"][0]
     args = dict(app_cfg["args"])
