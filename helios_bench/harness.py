@@ -230,5 +230,14 @@ def on_cuda() -> bool:
 
 
 def machine() -> dict[str, Any]:
-    """The machine a bench ran on, for its JSON: CPU count and ``cpu``/``cuda``."""
-    return {"cpus": os.cpu_count(), "device": "cuda" if on_cuda() else "cpu"}
+    """The machine a bench ran on, for its JSON: CPU count, the CPU's model name and the vector units that decide
+    the engine's speed (AVX2 / AVX-512 / bf16 / AMX), and ``cpu``/``cuda``."""
+    model, isa = None, []
+    try:
+        text = open("/proc/cpuinfo").read()
+        model = next((ln.split(":", 1)[1].strip() for ln in text.splitlines() if ln.startswith("model name")), None)
+        flags = set(next((ln.split(":", 1)[1].split() for ln in text.splitlines() if ln.startswith("flags")), []))
+        isa = [f for f in ("avx2", "avx512f", "avx512_bf16", "amx_bf16", "amx_int8") if f in flags]
+    except OSError:
+        pass
+    return {"cpus": os.cpu_count(), "cpu_model": model, "isa": isa, "device": "cuda" if on_cuda() else "cpu"}

@@ -33,10 +33,15 @@ from typing import Any, Callable
 from helios_bench.harness import LocalCluster, pct, status, wait_ready
 
 
+def groups_of(st: dict[str, Any]) -> list[dict[str, Any]]:
+    """The status's replica groups; an application without ``groups`` has one, ``default``."""
+    return st.get("groups") or [{"name": "default", "placement": st["placement"]}]
+
+
 def _workload(seed: int, max_tokens: int) -> list[Any]:
     from helios_bench.fleet_workload import mixed_requests
 
-    return mixed_requests(400, seed, chat_share_first=0.5, chat_share_second=0.5, max_prompt_tokens=256,
+    return mixed_requests(300, seed, chat_share_first=0.5, chat_share_second=0.5, max_prompt_tokens=256,
                           chat_output_cap=max_tokens, code_max_tokens=max_tokens)
 
 
@@ -83,7 +88,7 @@ class _Faults:
         self.base, self.user, self.admin, self.t0, self.log = base, user, admin, t0, log
         self.kill_every_s, self.place_every_s = kill_every_s, place_every_s
         st = status(base, user["Authorization"][7:])
-        self.groups = [(g["name"], g["placement"]["model"], g["placement"]["depth"]) for g in st["groups"]]
+        self.groups = [(g["name"], g["placement"]["model"], g["placement"]["depth"]) for g in groups_of(st)]
         self.events: list[dict[str, Any]] = []
         self.kills = self.places = 0
         self.moved: dict[str, bool] = {}
@@ -105,7 +110,11 @@ class _Faults:
             self.events.append({"t": round(t, 1), "kind": "kill", "group": name, "skipped": "no live replica"})
             return
         pid = reps[0]["pid"]
-        os.kill(pid, signal.SIGKILL)  # a replica process of this run's own cluster
+        try:
+            os.kill(pid, signal.SIGKILL)  # a replica process of this run's own cluster
+        except ProcessLookupError:  # it had just died (a stale report): nothing to kill this time
+            self.events.append({"t": round(t, 1), "kind": "kill", "group": name, "skipped": f"pid {pid} gone"})
+            return
         self.events.append({"t": round(t, 1), "kind": "kill", "group": name, "pid": pid})
         self.log(f"soak {t / 60:5.1f} min: SIGKILL replica pid {pid} of group {name}")
 
@@ -140,9 +149,9 @@ def run_soak(config: str, minutes: float, clients: int, kill_every_s: float, pla
     samples: list[dict[str, Any]] = []
     with LocalCluster() as c:
         base = c.deploy_file(config, {"api_key_env": "HELIOS_SOAK_API_KEY", "admin_key_env": "HELIOS_SOAK_ADMIN_KEY"})
-        st = wait_ready(base, ready=lambda s: bool(s.get("groups")) and all(
-            any(r.get("group", "default") == g["name"] for r in s.get("replicas") or []) for g in s["groups"]),
-            what="serve every group", api_key=keys["HELIOS_SOAK_API_KEY"])
+        wait_ready(base, ready=lambda s: all(any(r.get("group", "default") == g["name"] for r in s.get("replicas") or [])
+                                             for g in groups_of(s)),
+                   what="serve every group", api_key=keys["HELIOS_SOAK_API_KEY"])
         t0 = time.time()
         end = t0 + minutes * 60
         faults = _Faults(base, user, admin, kill_every_s, place_every_s, t0, log)
@@ -173,13 +182,15 @@ def run_soak(config: str, minutes: float, clients: int, kill_every_s: float, pla
                     st = status(base, keys["HELIOS_SOAK_API_KEY"])
                 except Exception:  # noqa: BLE001 - the router busy or restarting: the next sample will do
                     continue
-                procs = [("router", st.get("router", {}).get("pid")), ("brain", (st.get("brain") or {}).get("pid"))]
-                procs += [(f"replica:{r.get('group', 'default')}", r["pid"]) for r in st.get("replicas") or []]
-                samples.append({"t": round(now - t0, 1), "rss": [{"proc": n, "pid": p, "rss": _rss(p)}
-                                                                  for n, p in procs if p],
+                procs = [("router", st.get("router", {}).get("pid"), "-"),
+                         ("brain", (st.get("brain") or {}).get("pid"), "-")]
+                procs += [(f"replica:{r.get('group', 'default')}", r["pid"], f"{r.get('model')}@{r.get('depth')}")
+                          for r in st.get("replicas") or []]
+                samples.append({"t": round(now - t0, 1), "rss": [{"proc": n, "pid": p, "rss": _rss(p), "at": at}
+                                                                  for n, p, at in procs if p],
                                 "resumed": (st.get("routing") or {}).get("resumed_streams", 0),
                                 "placements": {g["name"]: f"{g['placement']['model']}@{g['placement']['depth']}"
-                                               for g in st.get("groups") or []}})
+                                               for g in groups_of(st)}})
             if now >= next_note:
                 next_note += 60
                 with lock:
@@ -195,18 +206,21 @@ def run_soak(config: str, minutes: float, clients: int, kill_every_s: float, pla
 
 
 def rss_drift(samples: list[dict[str, Any]], warmup_s: float) -> list[dict[str, Any]]:
-    """Per process (pid): RSS at its first sample ``warmup_s`` or more after its first sample, its last RSS, and
-    the drift between them; processes that did not live past their warm-up are listed without a drift."""
-    by_pid: dict[int, list[tuple[float, int, str]]] = {}
+    """Per process and placement: RSS at the process's first sample ``warmup_s`` or more into its life, against
+    its last sample *at that placement*, and the drift between them.  Per placement because a replica moved to
+    another depth holds other weights - a change of size, not a leak; a leak shows as growth at one placement
+    (a group moved away and back compares like with like).  Rows too short to judge carry no drift."""
+    by_key: dict[tuple[int, str], list[tuple[float, int, str]]] = {}
+    born: dict[int, float] = {}
     for s in samples:
         for p in s["rss"]:
             if p["rss"]:
-                by_pid.setdefault(p["pid"], []).append((s["t"], p["rss"], p["proc"]))
+                born.setdefault(p["pid"], s["t"])
+                by_key.setdefault((p["pid"], p.get("at", "-")), []).append((s["t"], p["rss"], p["proc"]))
     out = []
-    for pid, xs in by_pid.items():
-        first_t = xs[0][0]
-        after = [x for x in xs if x[0] >= first_t + warmup_s]
-        row: dict[str, Any] = {"proc": xs[0][2], "pid": pid, "from_t": first_t, "to_t": xs[-1][0],
+    for (pid, at), xs in by_key.items():
+        after = [x for x in xs if x[0] >= born[pid] + warmup_s]
+        row: dict[str, Any] = {"proc": xs[0][2], "pid": pid, "at": at, "from_t": xs[0][0], "to_t": xs[-1][0],
                                "samples": len(xs)}
         if len(after) >= 2:
             a, b = after[0][1], after[-1][1]
@@ -224,7 +238,7 @@ def summarize(records: list[dict[str, Any]], samples: list[dict[str, Any]], even
         lat = [r["latency_s"] for r in rs if r["ok"]]
         per_min.append({"minute": m, "completed": sum(r["ok"] for r in rs), "failed": sum(not r["ok"] for r in rs),
                         "tokens": sum(r["tokens"] for r in rs if r["ok"]),
-                        "latency_p50_s": pct(lat, 50), "latency_p99_s": pct(lat, 99)})
+                        "latency_p50_s": pct(lat, 0.5), "latency_p99_s": pct(lat, 0.99)})
     drift = rss_drift(samples, run["warmup_s"])
     measured = [d for d in drift if "drift" in d]
     failures = [r for r in records if not r["ok"]]
@@ -291,7 +305,8 @@ def plot(res: dict[str, Any], path: str | Path) -> Path:
 
 
 def format_report(res: dict[str, Any]) -> str:
-    lines = [f"soak {res['config']}: {res['minutes']:g} min, {res['clients']} clients on {res['machine'].get('cpu')}",
+    lines = [f"soak {res['config']}: {res['minutes']:g} min, {res['clients']} clients on "
+             f"{res['machine'].get('cpu_model') or res['machine']}",
              f"requests {res['requests']}: completed {res['completed']}, failed {res['failed']}, "
              f"resumed {res['resumed']}",
              f"faults: {sum(e['kind'] == 'kill' for e in res['events'])} replica kills, "
@@ -300,10 +315,10 @@ def format_report(res: dict[str, Any]) -> str:
     for m in res["per_minute"]:
         lines.append(f"{m['minute']:>6} {m['completed']:>5} {m['failed']:>7} {m['latency_p50_s'] or 0:>6.2f} "
                      f"{m['latency_p99_s'] or 0:>6.2f}")
-    lines.append("RSS after warm-up -> last (per process that lived past its warm-up):")
+    lines.append("RSS after warm-up -> last, per process and placement (those that lived past their warm-up):")
     for d in res["rss"]:
         if "drift" in d:
-            lines.append(f"  {d['proc']:<18} pid {d['pid']:<8} {d['rss_after_warmup_mb']:>8.1f} -> "
+            lines.append(f"  {d['proc']:<18} pid {d['pid']:<8} {d['at']:<24} {d['rss_after_warmup_mb']:>8.1f} -> "
                          f"{d['rss_last_mb']:>8.1f} MiB ({d['drift']:+.1%} over {d['span_s'] / 60:.1f} min)")
     for f in res["failures"][:10]:
         lines.append(f"  failed at {f['t']:.0f} s: {f['why']}")

@@ -78,6 +78,9 @@ def test_status_shows_placement_and_replicas(cluster):
     assert st["placement"] == {"version": st["placement"]["version"], "model": "smollm2-135m", "depth": 30}
     assert st["requests"] >= 1 and st["tokens_observed"] >= 1
     assert "pht" in st["controller"] and "breaches" in st["controller"]
+    assert st["access"] == {"user_key_required": True, "admin_key_configured": True, "allow_unauthenticated": False,
+                            "open_to_other_hosts": False}  # which keys are required - never the keys
+    assert cluster["key"] not in json.dumps(st) and cluster["admin_key"] not in json.dumps(st)
     deadline = time.time() + 15
     while not st["replicas"] and time.time() < deadline:
         time.sleep(1)
