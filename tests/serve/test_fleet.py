@@ -40,7 +40,8 @@ def fleet(cluster):
             "admin_key_env": "HELIOS_TEST_ADMIN_KEY", "profiler": False,
             "mirror_fraction": 0.0,
             "fleet_slots": 3,  # one slot for the group that serves more
-            "engine": {**shipped["engine"], "max_num_seqs": 8, "torch_threads": 1},
+            # prefault off: three replicas' whole 3 GiB budgets resident would crowd a CI host; the soak runs it on
+            "engine": {**shipped["engine"], "max_num_seqs": 8, "torch_threads": 1, "prefault_kv": False},
             # The test's budget: trust a (placement, kind) after 3 requests instead of 8.
             "steering": {"min_observations": 3, "max_uncertainty": 0.9},
             "policy": {**shipped.get("policy", {}), "reassess_every": 1000}}
