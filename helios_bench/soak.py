@@ -65,7 +65,7 @@ def _send(client: Any, base: str, headers: dict[str, str], req: Any, max_tokens:
                 obj = json.loads(line[6:])
                 if "error" in obj:
                     return False, f"error event: {obj['error'].get('message', '')[:200]}", tokens
-                tokens += 1
+                tokens += "helios" in obj  # a token chunk carries its exit info; role and finish chunks do not
     except Exception as e:  # noqa: BLE001 - a cut connection is a failed request
         return False, f"{type(e).__name__}: {e}"[:200], tokens
     return (True, "", tokens) if done else (False, "stream ended without [DONE]", tokens)
@@ -78,6 +78,16 @@ def _rss(pid: int) -> int | None:
         return psutil.Process(pid).memory_info().rss
     except Exception:  # noqa: BLE001 - a process that just died
         return None
+
+
+def _sample(st: dict[str, Any], t: float) -> dict[str, Any]:
+    """RSS of the router, the brain and every replica (with the placement it reports) from one status."""
+    procs = [("router", (st.get("router") or {}).get("pid"), "-"), ("brain", (st.get("brain") or {}).get("pid"), "-")]
+    procs += [(f"replica:{r.get('group', 'default')}", r["pid"], f"{r.get('model')}@{r.get('depth')}")
+              for r in st.get("replicas") or []]
+    return {"t": t, "rss": [{"proc": n, "pid": p, "rss": _rss(p), "at": at} for n, p, at in procs if p],
+            "resumed": (st.get("routing") or {}).get("resumed_streams", 0),
+            "placements": {g["name"]: f"{g['placement']['model']}@{g['placement']['depth']}" for g in groups_of(st)}}
 
 
 class _Faults:
@@ -95,12 +105,18 @@ class _Faults:
 
     def due(self, now: float) -> None:
         t = now - self.t0
-        if self.kill_every_s and t >= (self.kills + 1) * self.kill_every_s:
-            self.kills += 1
-            self._kill(t)
-        if self.place_every_s and t >= (self.places + 1) * self.place_every_s:
-            self.places += 1
-            self._place(t)
+        for kind, every, act in (("kill", self.kill_every_s, self._kill), ("placement", self.place_every_s, self._place)):
+            done = self.kills if kind == "kill" else self.places
+            if every and t >= (done + 1) * every:
+                if kind == "kill":
+                    self.kills += 1
+                else:
+                    self.places += 1
+                try:
+                    act(t)
+                except Exception as e:  # noqa: BLE001 - a busy server's timeout must not end the run
+                    self.events.append({"t": round(t, 1), "kind": kind, "skipped": f"{type(e).__name__}: {e}"[:200]})
+                    self.log(f"soak {t / 60:5.1f} min: {kind} skipped ({type(e).__name__})")
 
     def _kill(self, t: float) -> None:
         name = self.groups[(self.kills - 1) % len(self.groups)][0]
@@ -179,18 +195,9 @@ def run_soak(config: str, minutes: float, clients: int, kill_every_s: float, pla
             if now >= next_sample:
                 next_sample += sample_every_s
                 try:
-                    st = status(base, keys["HELIOS_SOAK_API_KEY"])
+                    samples.append(_sample(status(base, keys["HELIOS_SOAK_API_KEY"]), round(now - t0, 1)))
                 except Exception:  # noqa: BLE001 - the router busy or restarting: the next sample will do
-                    continue
-                procs = [("router", st.get("router", {}).get("pid"), "-"),
-                         ("brain", (st.get("brain") or {}).get("pid"), "-")]
-                procs += [(f"replica:{r.get('group', 'default')}", r["pid"], f"{r.get('model')}@{r.get('depth')}")
-                          for r in st.get("replicas") or []]
-                samples.append({"t": round(now - t0, 1), "rss": [{"proc": n, "pid": p, "rss": _rss(p), "at": at}
-                                                                  for n, p, at in procs if p],
-                                "resumed": (st.get("routing") or {}).get("resumed_streams", 0),
-                                "placements": {g["name"]: f"{g['placement']['model']}@{g['placement']['depth']}"
-                                               for g in groups_of(st)}})
+                    pass
             if now >= next_note:
                 next_note += 60
                 with lock:
@@ -200,7 +207,10 @@ def run_soak(config: str, minutes: float, clients: int, kill_every_s: float, pla
             time.sleep(0.5)
         for th in threads:
             th.join(timeout=320)
-        final = status(base, keys["HELIOS_SOAK_API_KEY"])
+        try:
+            final = status(base, keys["HELIOS_SOAK_API_KEY"])
+        except Exception:  # noqa: BLE001 - keep the run's records: the last sample's count stands in
+            final = {"routing": {"resumed_streams": samples[-1]["resumed"] if samples else 0}}
     return summarize(records, samples, faults.events, final, config=config, minutes=minutes, clients=clients,
                      warmup_s=warmup_s, max_tokens=max_tokens)
 
@@ -209,14 +219,20 @@ def rss_drift(samples: list[dict[str, Any]], warmup_s: float) -> list[dict[str, 
     """Per process and placement: RSS at the process's first sample ``warmup_s`` or more into its life, against
     its last sample *at that placement*, and the drift between them.  Per placement because a replica moved to
     another depth holds other weights - a change of size, not a leak; a leak shows as growth at one placement
-    (a group moved away and back compares like with like).  Rows too short to judge carry no drift."""
+    (a group moved away and back compares like with like).  The first sample after a move is skipped: it can land
+    between freeing the old KV pool and filling the new one.  Rows too short to judge carry no drift."""
     by_key: dict[tuple[int, str], list[tuple[float, int, str]]] = {}
     born: dict[int, float] = {}
+    last_at: dict[int, str] = {}
     for s in samples:
         for p in s["rss"]:
             if p["rss"]:
                 born.setdefault(p["pid"], s["t"])
-                by_key.setdefault((p["pid"], p.get("at", "-")), []).append((s["t"], p["rss"], p["proc"]))
+                at = p.get("at", "-")
+                settled = last_at.get(p["pid"], at) == at  # the first sample after a move is mid-reload
+                last_at[p["pid"]] = at
+                if settled:
+                    by_key.setdefault((p["pid"], at), []).append((s["t"], p["rss"], p["proc"]))
     out = []
     for (pid, at), xs in by_key.items():
         after = [x for x in xs if x[0] >= born[pid] + warmup_s]

@@ -46,10 +46,11 @@ class EngineConfig(BaseModel):
                     "steps, token-level exit models); prompt chunks always gather.")
     prefault_kv: bool = Field(
         default=False,
-        description="Zero-fill each KV pool when it is allocated, so the whole budget is resident at once: RSS is "
-                    "flat from the first request instead of creeping up as blocks are first written (which reads "
-                    "like a leak on a dashboard), and a host that cannot hold the budget fails at start, not hours "
-                    "later.  Off: pages become resident as tokens are written (tests, laptops).")
+        description="Zero-fill each layer's KV pool when it is allocated (at the first step after a start or a "
+                    "depth change), so the whole budget is resident from then on: RSS stays flat instead of creeping "
+                    "up as blocks are first written (which reads like a leak on a dashboard), and a host that "
+                    "cannot hold the budget shows it at the first request, not hours later.  Off: pages become "
+                    "resident as tokens are written (tests, laptops).")
     max_model_len: int | None = Field(default=2048, ge=2,
                                       description="Prompt + output cap; None = the model's context (max 8192).")
     torch_threads: int | None = Field(

@@ -28,7 +28,7 @@ from typing import AsyncIterator, Callable
 import torch
 from helios_ray.engine.config import EngineConfig
 from helios_ray.engine.detok import TextStream
-from helios_ray.engine.kv_cache import BlockManager, KVLayout, PagedKVCache
+from helios_ray.engine.kv_cache import BlockManager, KVLayout, PagedKVCache, trim_heap
 from helios_ray.engine import paged_attention
 from helios_ray.engine.packed import PackedKV
 from helios_ray.engine.sampling import sample
@@ -332,6 +332,7 @@ class LLMEngine:
         preempted = self.scheduler.preempt_all()
         load = self.model.set_depth(depth)
         self._setup_memory()
+        trim_heap()  # the old pools and layers are free now: give their memory back (kv_cache.trim_heap)
         # queued requests that no longer fit the smaller pool end with a clear error instead of blocking the queue
         dropped = []
         for s in list(self.scheduler.waiting):
@@ -349,6 +350,7 @@ class LLMEngine:
             raise HeliosError("swap_model() needs an idle engine; drain first")
         self.model = model
         self._setup_memory()
+        trim_heap()
 
 
 class AsyncEngine:

@@ -42,5 +42,8 @@ def sample(logits: Tensor, seqs: list[Sequence], greedy: Tensor | None = None) -
         row = logits[i].float()
         row = _filter((row - row.max()) / max(p.temperature, MIN_TEMPERATURE), p.top_k, p.top_p)
         probs = row.softmax(-1)
+        if not bool(torch.isfinite(probs).all()):  # a non-finite logit: greedy for this row, not a failed batch
+            out.append(int(picks[i]))
+            continue
         out.append(int(torch.multinomial(probs, 1, generator=seq.generator)))
     return out

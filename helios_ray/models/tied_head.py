@@ -5,9 +5,9 @@ Q8_0 and Q5_0), so the converted checkpoint says ``tie_word_embeddings: false`` 
 of a 1.26 GB bf16 replica for a matrix the original model does not have (it ties them).  Loading one matrix for
 both gives that memory back to the KV cache, i.e. to batch.
 
-**The rule** (used by the loader and by the memory model, through :func:`apply`): an untied checkpoint whose head
-and embedding have the same shape is loaded tied when their relative difference ``||head - embed|| / ||head||``
-is at most :data:`TOLERANCE` (0.10).  Why that number: two quantizations of one matrix differ by their rounding
+**The rule** (used by the loader and by the memory model, through :func:`apply`): an untied checkpoint converted
+from a GGUF file whose head and embedding have the same shape is loaded tied when their relative difference
+``||head - embed|| / ||head||`` is at most :data:`TOLERANCE` (0.10).  Why that number: two quantizations of one matrix differ by their rounding
 error only - 0.044 for Qwen2.5-Coder-0.5B's Q8_0 head against its Q5_0 embedding (every element within one Q5_0
 step of the other) - while two different matrices of that shape differ by more than 1 (1.24 for the same head
 against its embedding with rows shuffled).  0.10 sits far from the second and above the first with room for a
@@ -80,15 +80,24 @@ def record(ckpt_dir: Path) -> dict[str, Any] | None:
         names = set(ck.names)
         if HEAD not in names or EMBED not in names or ck.shape(HEAD) != ck.shape(EMBED):
             return None
-        head, embed = ck.read(HEAD).float(), ck.read(EMBED).float()
-    rel = float((head - embed).norm() / head.norm().clamp_min(1e-12))
+        head, embed = ck.read(HEAD), ck.read(EMBED)
+    diff2 = norm2 = 0.0
+    for i in range(0, head.shape[0], 8192):  # in row chunks: no third vocabulary-sized matrix in memory
+        h, e = head[i:i + 8192].double(), embed[i:i + 8192].double()
+        diff2 += float(((h - e) ** 2).sum())
+        norm2 += float((h ** 2).sum())
+    del head, embed
+    rel = (diff2 / max(norm2, 1e-24)) ** 0.5
     sizes = _source_sizes(ckpt_dir)
     keep = EMBED if sizes and sizes[EMBED] > sizes[HEAD] else HEAD
     rec = {"checkpoint": stamp, "relative_difference": round(rel, 5), "tolerance": TOLERANCE, "within": rel <= TOLERANCE, "keep": keep,
            "source_bytes": sizes or None}
-    tmp = path.with_suffix(f".tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(rec, indent=2))
-    tmp.replace(path)
+    try:
+        tmp = path.with_suffix(f".tmp-{os.getpid()}")
+        tmp.write_text(json.dumps(rec, indent=2))
+        tmp.replace(path)
+    except OSError:  # a read-only model volume: the measurement holds for this process anyway
+        pass
     return rec
 
 
@@ -99,6 +108,8 @@ def apply(spec: Any, ckpt_dir: Path, how: Mode | None = None) -> Any:
     if spec.tie_word_embeddings or how == "untied" or spec.family not in ("llama", "mistral", "qwen2", "gemma3_text"):
         return spec
     rec = record(ckpt_dir)
-    if rec is None or (how == "auto" and not rec["within"]):
+    # auto ties only what a quantized file split in two: a GGUF that stored the head beside its embedding (a
+    # safetensors model whose head drifted from a tied start is untied on purpose; `tied` forces it)
+    if rec is None or (how == "auto" and not (rec["within"] and rec.get("source_bytes"))):
         return spec
     return dataclasses.replace(spec, tie_word_embeddings=True, embed_source=rec["keep"])

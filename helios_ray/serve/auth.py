@@ -8,8 +8,9 @@ the caller's address, and :func:`exposure_problem` before it serves anything):
   this host only, unless the config says ``allow_unauthenticated: true``.
 * **Operators' endpoints** (``/v1/helios/placements`` and ``/unpin``: they move or pin the whole fleet) take only
   the admin key (``admin_key_env``); a users' key gets 403, so a leaked users' key cannot move the fleet.  With no
-  admin key configured they answer only on a server with no keys at all, and only to callers on this host (a
-  developer's laptop), never off it - ``allow_unauthenticated`` opens the users' endpoints, not these.
+  admin key configured they answer only on a server with no keys at all and without ``allow_unauthenticated``,
+  and only to callers on this host (a developer's laptop) - never off it, and never where the operator opened the
+  server (a forwarder on the host would make remote callers look local).
 * **Off the loopback without a key, refuse to start.**  An HTTP proxy bound to anything but a loopback address
   with no users' key is a public, free LLM (and, before the admin key, a public fleet controller); the router
   refuses to start unless ``allow_unauthenticated: true`` says the operator means it.  Serve's gRPC proxy always
@@ -19,6 +20,7 @@ the caller's address, and :func:`exposure_problem` before it serves anything):
 
 from __future__ import annotations
 
+import hashlib
 import hmac
 import ipaddress
 import os
@@ -41,7 +43,12 @@ def is_loopback(host: str | None) -> bool:
             if prefix == "unix:":
                 return True  # a Unix socket is local by construction
             h = h[len(prefix):]
-            h = h[1:h.index("]")] if h.startswith("[") else h.rsplit(":", 1)[0]
+            if h.startswith("["):
+                if "]" not in h:
+                    return False  # unparseable: not local
+                h = h[1:h.index("]")]
+            else:
+                h = h.rsplit(":", 1)[0]
             break
     h = h.strip("[]").split("%", 1)[0]
     if h.lower() in LOOPBACK_NAMES:
@@ -56,7 +63,18 @@ def is_loopback(host: str | None) -> bool:
 
 
 def _same(presented: str | None, key: str | None) -> bool:
-    return presented is not None and key is not None and hmac.compare_digest(presented.encode(), key.encode())
+    """Constant-time comparison of digests (comparing the keys themselves would leak the key's length)."""
+    if presented is None or key is None:
+        return False
+    return hmac.compare_digest(hashlib.sha256(presented.encode()).digest(), hashlib.sha256(key.encode()).digest())
+
+
+def _host_only(host: str) -> str:
+    """``127.0.0.1:8000`` / ``[::1]:8000`` / ``localhost`` -> the host part of a Host header."""
+    h = host.strip()
+    if h.startswith("["):
+        return h[1:h.index("]")] if "]" in h else h
+    return h.rsplit(":", 1)[0] if h.count(":") == 1 else h
 
 
 @dataclass(frozen=True)
@@ -71,8 +89,9 @@ class Access:
     def from_env(cls, api_key_env: str | None, admin_key_env: str | None, allow_unauthenticated: bool,
                  env: dict[str, str] | None = None) -> "Access":
         env = os.environ if env is None else env
-        user = (env.get(api_key_env) or None) if api_key_env else None
-        admin = (env.get(admin_key_env) or None) if admin_key_env else None
+        # stripped: a Secret made with --from-file ends in a newline, which no client sends
+        user = ((env.get(api_key_env) or "").strip() or None) if api_key_env else None
+        admin = ((env.get(admin_key_env) or "").strip() or None) if admin_key_env else None
         return cls(user, admin, allow_unauthenticated)
 
     def summary(self) -> dict[str, object]:
@@ -81,11 +100,18 @@ class Access:
                 "allow_unauthenticated": self.allow_unauthenticated,
                 "open_to_other_hosts": self.user_key is None and self.allow_unauthenticated}
 
-    def check(self, presented: str | None, peer: str | None, admin: bool = False) -> None:
-        """Raise the 401/403 :class:`APIError` a caller with this key at this address gets, or return."""
+    def check(self, presented: str | None, peer: str | None, admin: bool = False, host: str | None = None,
+              origin: str | None = None) -> None:
+        """Raise the 401/403 :class:`APIError` a caller with this key at this address gets, or return.
+
+        ``host`` / ``origin``: the HTTP request's Host and Origin headers.  Where access is granted only because
+        the caller is on this host (no key configured), a browser on this host must not be a way in: a page from
+        elsewhere can POST to 127.0.0.1 (its Origin is then not a loopback one), and a DNS-rebinding page reaches
+        it under its own name (the Host header is then not a loopback one)."""
         if _same(presented, self.admin_key):
             return
-        local = is_loopback(peer)
+        local = is_loopback(peer) and (host is None or is_loopback(_host_only(host))) and (
+            origin is None or _loopback_origin(origin))
         if admin:
             if self.admin_key is not None:
                 if _same(presented, self.user_key):
@@ -93,7 +119,7 @@ class Access:
                                    "permission_error", code="admin_key_required")
                 raise APIError(401, "invalid or missing admin key", "invalid_request_error",
                                code="invalid_admin_key")
-            if self.user_key is not None:
+            if self.user_key is not None or self.allow_unauthenticated:
                 raise APIError(403, "operator endpoints are disabled: the server has no admin key configured "
                                     "(set the environment variable named by admin_key_env, HELIOS_ADMIN_KEY by "
                                     "default)", "permission_error", code="admin_key_not_configured")
@@ -110,6 +136,16 @@ class Access:
             raise APIError(403, "this server has no API key configured and answers only on its own host: set one "
                                 "(HELIOS_API_KEY) or `allow_unauthenticated: true` in its config",
                            "permission_error", code="unauthenticated_remote")
+
+
+def _loopback_origin(origin: str) -> bool:
+    """An Origin header (``http://127.0.0.1:8000``) naming this host; ``null`` and anything else do not."""
+    from urllib.parse import urlsplit
+
+    try:
+        return is_loopback(urlsplit(origin).hostname)
+    except ValueError:
+        return False
 
 
 def exposure_problem(http_host: str | None, access: Access) -> str | None:

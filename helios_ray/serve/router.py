@@ -4,7 +4,8 @@ Both front ends map a request onto the same schema (:mod:`.protocol`), hand it t
 (which talks to the replicas and feeds telemetry) and format what comes back (:mod:`.openai_format`,
 :mod:`.grpc_api`).  The router holds no policy state; any number of router replicas can run.
 
-Errors: bad input -> 4xx with OpenAI's error body (gRPC: INVALID_ARGUMENT / NOT_FOUND / UNAUTHENTICATED);
+Errors: bad input -> 4xx with OpenAI's error body (gRPC: INVALID_ARGUMENT / NOT_FOUND / UNAUTHENTICATED /
+PERMISSION_DENIED);
 a replica dying mid-stream -> the stream ends with an error event (HTTP status is already 200 by then), and
 Serve restarts the replica.
 
@@ -73,7 +74,11 @@ def _http_host() -> str | None:
 
         controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
         return ray.get(controller.get_http_config.remote(), timeout=30).host
-    except Exception:  # noqa: BLE001 - a private API: a changed one must not stop the router
+    except Exception as e:  # noqa: BLE001 - a private API: a changed one must not stop the router
+        import logging
+
+        logging.getLogger("ray.serve").warning("helios router: cannot read Serve's HTTP host (%s): the start-time "
+                                               "exposure check is skipped; the per-request check still holds", e)
         return None
 
 
@@ -102,7 +107,8 @@ class Router:
                            model_ids=[self.cfg.served_model_name] + list(self.cfg.candidates))
 
     def _check_http(self, request: Request, admin: bool = False) -> None:
-        self.access.check(_key_from_headers(request.headers), request.client.host if request.client else None, admin)
+        self.access.check(_key_from_headers(request.headers), request.client.host if request.client else None, admin,
+                          host=request.headers.get("host"), origin=request.headers.get("origin"))
 
     def _check_grpc(self, grpc_context: Any) -> None:
         peer = grpc_context.peer() if grpc_context is not None else None

@@ -23,6 +23,10 @@ def test_qwen_is_listed_ready_generates_and_matches_transformers(capsys, monkeyp
     if not q["prepared"]:
         pytest.fail(f"{NAME} is not prepared: run the README's setup command (helios-ray prepare): {q['problem']}")
     assert (q["family"], q["num_layers"], q["chat_template"]) == ("qwen2", 24, True)
+    big = rows["qwen2.5-coder-1.5b"]  # the ladder's top rung: listed from its headers, not loaded here
+    assert big["prepared"], big["problem"]
+    assert (big["num_layers"], big["hidden_size"], big["num_heads"], big["num_kv_heads"], big["chat_template"],
+            big["tied_embeddings"]) == (28, 1536, 12, 2, True, True)
 
     from transformers import AutoModelForCausalLM
 

@@ -15,8 +15,25 @@ from helios_ray.models import tied_head
 from helios_ray.models.loading import load_decoder, param_bytes, read_spec
 
 
+def _gguf_source(d, head, embed) -> None:
+    """A GGUF beside the checkpoint, named as its source (helios.json), storing the head at more bits (f32) than
+    the embedding (f16) - the split a quantized file makes."""
+    import gguf
+    import numpy as np
+
+    w = gguf.GGUFWriter(str(d / "source.gguf"), "llama")
+    w.add_tensor("output.weight", head.numpy().astype(np.float32))
+    w.add_tensor("token_embd.weight", embed.numpy().astype(np.float16))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    (d / "helios.json").write_text(json.dumps({"converted_from": str(d / "source.gguf")}))
+
+
 def _checkpoint(tiny_dir, tmp_path, noise: float | None):
-    """The tiny untied llama, its head replaced by its embedding times (1 + noise) when ``noise`` is given."""
+    """The tiny untied llama, its head replaced by its embedding times (1 + noise) when ``noise`` is given, as if
+    converted from a GGUF that stored both."""
     src, _ = tiny_dir("llama")
     d = tmp_path / "ck"
     shutil.copytree(src, d)
@@ -26,6 +43,7 @@ def _checkpoint(tiny_dir, tmp_path, noise: float | None):
         e = sd["model.embed_tokens.weight"]
         sd["lm_head.weight"] = (e * (1 + noise * torch.randn(e.shape, generator=g))).contiguous()
     save_file(sd, str(d / "model.safetensors"), metadata={"format": "pt"})
+    _gguf_source(d, sd["lm_head.weight"], sd["model.embed_tokens.weight"])
     return d, sd
 
 
@@ -35,7 +53,7 @@ def test_a_head_equal_to_the_embedding_up_to_rounding_is_loaded_once(tiny_dir, t
     assert json.loads((d / "config.json").read_text())["tie_word_embeddings"] is False
     spec = read_spec(d)
     rec = json.loads((d / tied_head.RECORD).read_text())
-    assert rec["within"] and 0.02 < rec["relative_difference"] < 0.04 and rec["keep"] == tied_head.HEAD
+    assert rec["within"] and 0.02 < rec["relative_difference"] < 0.04 and rec["keep"] == tied_head.HEAD  # f32 copy
     assert spec.tie_word_embeddings and spec.embed_source == tied_head.HEAD
     lm, _ = load_decoder(d)
     assert lm.lm_head is None and torch.equal(lm.embed.weight, sd["lm_head.weight"])  # the kept copy, for both
@@ -51,6 +69,10 @@ def test_a_head_equal_to_the_embedding_up_to_rounding_is_loaded_once(tiny_dir, t
     assert tied_info.tied_embeddings and not untied_info.tied_embeddings
     assert untied_info.weight_bytes(5) - tied_info.weight_bytes(5) == vocab * hidden * 4
     assert tied_info.weight_bytes(5) == param_bytes(lm)
+    (d / "helios.json").unlink()  # a safetensors model (no GGUF source): auto never ties it, however close
+    (d / tied_head.RECORD).unlink()
+    monkeypatch.setenv("HELIOS_TIED_HEAD", "auto")
+    assert not read_spec(d).tie_word_embeddings
 
 
 def test_an_unrelated_head_stays_untied_unless_forced(tiny_dir, tmp_path, monkeypatch):

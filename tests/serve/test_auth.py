@@ -104,3 +104,27 @@ def test_a_public_host_is_accepted_with_a_key_or_when_allowed(tmp_path, monkeypa
     monkeypatch.setenv("HELIOS_ADMIN_KEY", "k")
     with pytest.raises(Exception, match="admin key equals"):
         load_deploy_config(_exposed_file(tmp_path))
+
+
+def test_a_browser_on_this_host_is_no_way_into_a_keyless_server():
+    """A page from elsewhere can POST to 127.0.0.1 (its Origin says where it is from) and a DNS-rebinding page
+    reaches 127.0.0.1 under its own name (the Host header says so): access granted for being local needs both to
+    be this host.  With a key, neither matters."""
+    a = Access()
+    assert _status(a, None, LOCAL) == 200
+    assert _status(a, None, LOCAL, admin=True) == 200
+    for host, origin in (("127.0.0.1:8000", "https://evil.example"), ("evil.example:8000", None),
+                         ("127.0.0.1:8000", "null")):
+        try:
+            a.check(None, LOCAL, admin=True, host=host, origin=origin)
+            raise AssertionError((host, origin))
+        except APIError as e:
+            assert e.status == 403
+    a.check(None, LOCAL, host="localhost:8000", origin="http://127.0.0.1:8000")  # the live page itself
+    a.check(None, LOCAL, host="[::1]:8000")
+    Access(user_key="u").check("u", REMOTE, host="evil.example", origin="https://evil.example")
+
+
+def test_keys_are_stripped_and_unparseable_peers_are_not_local():
+    assert Access.from_env("K", None, False, {"K": "secret\n"}).user_key == "secret"
+    assert is_loopback("ipv6:[::1") is False
