@@ -7,7 +7,6 @@ are never read, so both parameter bytes and resident memory scale with D (``heli
 
 from __future__ import annotations
 
-import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,7 +19,7 @@ from helios_ray.dtypes import serving_dtype, split_dtype
 from helios_ray.errors import HeliosError
 from helios_ray.models.checkpoint import Checkpoint
 from helios_ray.models.decoder import Block, DecoderLM
-from helios_ray.models.families import ArchSpec, global_names, layer_names, spec_from_config
+from helios_ray.models.families import ArchSpec, global_names, layer_names
 from helios_ray.models.prepack import enabled as prepack_enabled, prepack_block, prepack_decoder
 from helios_ray.models.quant import quantize_block, quantize_decoder
 from helios_ray.models.model_info import resolve_name
@@ -66,8 +65,7 @@ def read_spec(ckpt_dir: Path, tie: str | None = None) -> ArchSpec:
     it through here too."""
     from helios_ray.models import tied_head
 
-    spec = spec_from_config(json.loads((Path(ckpt_dir) / "config.json").read_text()))
-    return tied_head.apply(spec, Path(ckpt_dir), tie)  # type: ignore[arg-type]
+    return tied_head.spec_as_loaded(Path(ckpt_dir), tie)  # type: ignore[arg-type]
 
 
 def check_depth(depth: int | None, spec: ArchSpec, name: str = "model") -> int:

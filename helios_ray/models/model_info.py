@@ -66,9 +66,9 @@ def _static_info(d: str, name: str, description: str, source: str, dtype: str, e
     from helios_ray.dtypes import split_dtype
     from helios_ray.models import quant
 
-    from helios_ray.models.loading import read_spec
+    from helios_ray.models.tied_head import spec_as_loaded
 
-    spec = read_spec(Path(d), tie_mode)  # as loaded: a tied head counted once (models/tied_head.py)
+    spec = spec_as_loaded(Path(d), tie_mode)  # type: ignore[arg-type]  # as loaded: a tied head counted once
     ckpt = Checkpoint(Path(d))
     nbytes = memory.dtype_bytes(dtype)
     weights, _ = split_dtype(dtype)

@@ -113,3 +113,12 @@ def apply(spec: Any, ckpt_dir: Path, how: Mode | None = None) -> Any:
     if rec is None or (how == "auto" and not (rec["within"] and rec.get("source_bytes"))):
         return spec
     return dataclasses.replace(spec, tie_word_embeddings=True, embed_source=rec["keep"])
+
+
+def spec_as_loaded(ckpt_dir: Path, how: Mode | None = None) -> Any:
+    """The architecture a checkpoint is loaded with: its config's, with one LM head where the rule says so - the
+    one entry point for the loader (``loading.read_spec``) and the memory model (``model_info``)."""
+    from helios_ray.models.families import spec_from_config
+
+    return apply(spec_from_config(json.loads((Path(ckpt_dir) / "config.json").read_text())), Path(ckpt_dir), how)
+
