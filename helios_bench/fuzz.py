@@ -291,7 +291,7 @@ def run_fuzz(base: str, grpc_target: str | None, app: str, api_key: str | None, 
     from helios_bench.harness import machine
 
     res["machine"] = machine()
-    res["passed"] = not res["defects"] and alive_after and res["replicas_unchanged"]
+    res["passed"] = bool(cases) and not res["defects"] and alive_after and res["replicas_unchanged"]
     return res
 
 

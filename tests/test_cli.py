@@ -102,7 +102,7 @@ def test_real_entry_point_has_no_traceback():
     r = subprocess.run([sys.executable, "-m", "helios_ray.cli", "generate", "nope", "--prompt", "x"],
                        capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
-    assert r.stderr.strip() == "helios-ray generate: error: unknown model 'nope'; registered models: gemma3-270m, qwen2.5-coder-0.5b, smollm2-135m"
+    assert r.stderr.strip() == "helios-ray generate: error: unknown model 'nope'; registered models: gemma3-270m, qwen2.5-coder-0.5b, qwen2.5-coder-1.5b, smollm2-135m"
 
 
 @pytest.mark.slow

@@ -94,7 +94,7 @@ def test_dashboard_page_in_a_real_browser(cluster):
         want = f"{MODEL} @ {DEPTH} → {MODEL} @ {SHIFTED}"
         browser.wait_for(f"document.getElementById('placement-depth').textContent === '{SHIFTED}' && "
                          f"document.getElementById('placement-version').textContent === '{placed['version']}'",
-                         30, "the new placement on the page")
+                         60, "the new placement on the page")  # 60: the other test worker loads the host
         newest = browser.wait_for(
             "(() => { const li = document.querySelector('#events li[data-source=\"operator\"]');"
             "  return li && li.textContent; })()", 30, "the operator's decision in the timeline")
